@@ -1,0 +1,3 @@
+//! Metrics and calibration for OOD scores (ID is the positive class, higher = more ID).
+
+pub mod metrics;

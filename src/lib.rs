@@ -1,0 +1,12 @@
+//! oodgate: filter image streams for out-of-distribution content with CLIP and Outlier Label
+//! Exposure (OLE, arXiv 2406.01170).
+//!
+//! The modules follow the data flow:
+//! - [`model`] turns pixels and words into L2-normalised CLIP embeddings (ONNX Runtime).
+//! - [`detect`] is the method: label banks, outlier prototypes, every score, the bank file.
+//! - [`eval`] measures and calibrates scores (AUROC, FPR95, AUPR, thresholds).
+//! - [`stream`] is the NATS JetStream daemon that routes messages by decision.
+
+pub mod detect;
+pub mod eval;
+pub mod model;

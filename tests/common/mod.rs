@@ -1,0 +1,65 @@
+//! Shared test fixtures: the project root, the tiny random-weight model (generated on demand,
+//! cached in models/), and a real nats-server harness.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+
+pub mod nats;
+
+pub fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn fixture(rel: &str) -> PathBuf {
+    root().join("tests/fixtures").join(rel)
+}
+
+static MODEL_LOCK: Mutex<()> = Mutex::new(());
+
+/// The project's Python venv interpreter, created by deploy/setup/venv.sh when missing.
+pub fn python() -> PathBuf {
+    let py = root().join(".venv/bin/python");
+    if !py.exists() {
+        let st = Command::new("bash")
+            .arg(root().join("deploy/setup/venv.sh"))
+            .status()
+            .expect("run deploy/setup/venv.sh");
+        assert!(st.success(), "deploy/setup/venv.sh failed");
+    }
+    py
+}
+
+/// A random-weight model of the real CLIP architecture, generated once and cached in
+/// `models/<preset>-random` (so a cold cache costs a second, never a failure).
+pub fn test_model(preset: &str) -> PathBuf {
+    let _g = MODEL_LOCK.lock().unwrap_or_else(|e| e.into_inner());
+    let dir = root().join("models").join(format!("{preset}-random"));
+    if !dir.join("model.toml").exists() {
+        let st = Command::new(python())
+            .arg(root().join("deploy/model/make_test_model.py"))
+            .args(["--preset", preset, "-o"])
+            .arg(&dir)
+            .status()
+            .expect("run make_test_model.py");
+        assert!(st.success(), "make_test_model.py --preset {preset} failed");
+    }
+    dir
+}
+
+pub fn tiny_model() -> PathBuf {
+    test_model("tiny")
+}
+
+/// The oodgate binary built for this test run.
+pub fn oodgate() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_oodgate"));
+    c.env("NO_COLOR", "1").env("RUST_LOG", "warn");
+    c
+}
+
+/// Reads a uint8 .npy.
+pub fn read_u8_npy(path: &Path) -> ndarray::ArrayD<u8> {
+    ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
+}
