@@ -13,9 +13,14 @@ The graphs have exactly the operators and shapes of an OpenCLIP ViT export:
                -> prepend class embedding -> + positional embedding -> ln_pre
                -> L pre-norm residual blocks (multi-head self-attention, MLP 4W, GELU)
                -> ln_post on token 0 -> projection W x E -> embedding f32 [batch,E]
-  text tower:  tokens i64 [batch,77] -> token + positional embedding
-               -> Lt blocks with a causal mask -> ln_final -> row at ArgMax(tokens)
+  text tower:  tokens i64 [batch,seq] -> token + positional embedding[:seq]
+               -> Lt blocks with a causal mask [:seq,:seq] -> ln_final -> row at ArgMax(tokens)
                -> projection Wt x E -> embedding f32 [batch,E]
+
+The text input's sequence axis is dynamic (1 <= seq <= 77; the manifest says
+`dynamic_length = true`). The tower is causal and pools at the EOT position, so a batch cut
+after its longest EOT (seq = max EOT position + 1) gives the same embeddings as the full
+77-token rows, for a fraction of the work on short texts.
 
 Embeddings are NOT L2-normalised in the graph. Weights are N(0, 0.02^2) from
 numpy.random.default_rng(seed); LayerNorm gain 1, bias 0. Opset 18, IR version 9, one file
@@ -63,7 +68,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 GENERATOR = "deploy/model/make_test_model.py"
 # Bump whenever the graphs or the weight stream change, so that cached folders are rebuilt.
-GENERATOR_VERSION = 1
+# 2: dynamic text sequence length (same weights; image.onnx unchanged).
+GENERATOR_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -266,11 +272,19 @@ def build_text(p: Preset, rng: np.random.Generator, quick: bool,
     g = GraphBuilder(rng)
     w, t = p.text_width, CONTEXT_LENGTH
     x = g.op("Gather", [g.weight("token_embedding.weight", (VOCAB_SIZE, w)), "tokens"],
-             hint="tok_emb", axis=0)  # [B,77,W]
-    x = g.op("Add", [x, g.weight("positional_embedding", (t, w))], hint="pos")
+             hint="tok_emb", axis=0)  # [B,T,W], T = the input's length (<= 77)
+    # Dynamic length: the first T rows of the positional embedding, the top-left T x T block
+    # of the causal mask (the weights are drawn in the same order as with a fixed length).
+    seq = g.op("Shape", ["tokens"], hint="seq_len", start=1, end=2)  # [1] int64 = [T]
+    pos = g.op("Slice", [g.weight("positional_embedding", (t, w)), g.const([0], np.int64), seq,
+                         g.const([0], np.int64)], hint="pos_emb")  # [T,W]
+    x = g.op("Add", [x, pos], hint="pos")
     # additive causal mask, -inf above the diagonal (what OpenCLIP's attn_mask buffer holds)
     mask = np.triu(np.full((t, t), -np.inf, np.float32), k=1)
-    mask_name = g.tensor_const("attn_mask", mask)
+    mask_full = g.tensor_const("attn_mask", mask)
+    mask_end = g.op("Concat", [seq, seq], hint="mask_end", axis=0)  # [T,T]
+    mask_name = g.op("Slice", [mask_full, g.const([0, 0], np.int64), mask_end,
+                               g.const([0, 1], np.int64)], hint="causal_mask")  # [T,T]
     for i in range(p.text_layers):
         x = g.resblock(x, f"transformer.resblocks.{i}", w, p.text_heads, quick, mask_name)
     x = g.layer_norm(x, "ln_final", w)
@@ -280,7 +294,7 @@ def build_text(p: Preset, rng: np.random.Generator, quick: bool,
     eot = g.op("ArgMax", ["tokens"], hint="eot_pos", axis=-1, keepdims=1)  # [B,1] int64
     x = g.op("GatherND", [x, eot], hint="eot_feat", batch_dims=1)  # [B,W]
     g.op("MatMul", [x, g.weight("text_projection", (w, p.embed_dim))], out="embedding")
-    inp = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", t])
+    inp = helper.make_tensor_value_info("tokens", TensorProto.INT64, ["batch", "seq"])
     out = helper.make_tensor_value_info("embedding", TensorProto.FLOAT,
                                         ["batch", p.embed_dim])
     doc = "oodgate random-weight CLIP text tower (NOT a trained model)"
@@ -381,6 +395,7 @@ input = "tokens"
 output = "embedding"
 # attention_mask = "attention_mask"  # optional input name; when set oodgate feeds a 0/1 int64 mask
 context_length = {CONTEXT_LENGTH}
+dynamic_length = true            # the graph also takes [batch, L], L <= context_length
 tokenizer = "clip-bpe"
 pad_id = 0                       # OpenAI/OpenCLIP pad with 0; Hugging Face exports pad with 49407
 [source]                         # optional provenance, free-form keys
@@ -442,11 +457,12 @@ def already_present(out: Path, preset: str, seed: int, quick: bool) -> bool:
                for f in ("image.onnx", "text.onnx"))
 
 
-def fake_tokens(rng: np.random.Generator, batch: int) -> np.ndarray:
-    """Rows shaped like CLIP tokenizer output: SOT, some ids, EOT, zero padding."""
+def fake_tokens(rng: np.random.Generator, batch: int,
+                max_words: int = CONTEXT_LENGTH - 2) -> np.ndarray:
+    """Rows shaped like CLIP tokenizer output: SOT, 1..max_words ids, EOT, zero padding."""
     toks = np.zeros((batch, CONTEXT_LENGTH), np.int64)
     for i in range(batch):
-        n = int(rng.integers(1, CONTEXT_LENGTH - 1))  # words between SOT and EOT
+        n = int(rng.integers(1, max_words + 1))  # words between SOT and EOT
         toks[i, 0] = SOT_ID
         toks[i, 1:1 + n] = rng.integers(1, SOT_ID, size=n)
         toks[i, 1 + n] = EOT_ID
@@ -461,7 +477,7 @@ def check(out: Path, p: Preset, seed: int) -> str:
     rng = np.random.default_rng(seed + 1)
     so = ort.SessionOptions()
     so.log_severity_level = 3
-    worst = 0.0
+    worst = worst_cut = 0.0
     inputs = {
         "image": rng.standard_normal((3, 3, p.image_size, p.image_size), dtype=np.float32),
         "tokens": fake_tokens(rng, 3),
@@ -496,8 +512,19 @@ def check(out: Path, p: Preset, seed: int) -> str:
             if d >= 1e-4:
                 raise SystemExit(f"error: text tower is not causal (ids after EOT moved the "
                                  f"embedding by {d:.3g})")
+            # dynamic length: a batch cut after its longest EOT gives the same embeddings
+            for toks in (x, fake_tokens(rng, 4, max_words=12)):
+                want = full if toks is x else sess.run(["embedding"], {inp: toks})[0]
+                cut = int(np.max(np.argmax(toks, axis=1))) + 1
+                got = sess.run(["embedding"], {inp: np.ascontiguousarray(toks[:, :cut])})[0]
+                d = float(np.max(np.abs(got - want)))
+                worst_cut = max(worst_cut, d)
+                if got.shape != want.shape or d >= 1e-4:
+                    raise SystemExit(f"error: text tower on {cut} of {CONTEXT_LENGTH} tokens "
+                                     f"differs from the full rows by {d:.3g}")
         del sess
-    return f"check ok (onnxruntime {ort.__version__}): batch 1 vs 3 max |d| = {worst:.2e}"
+    return (f"check ok (onnxruntime {ort.__version__}): batch 1 vs 3 max |d| = {worst:.2e}, "
+            f"cut vs 77 tokens max |d| = {worst_cut:.2e}")
 
 
 def main() -> int:

@@ -1,3 +1,4 @@
 //! Metrics and calibration for OOD scores (ID is the positive class, higher = more ID).
 
+pub mod calibrate;
 pub mod metrics;

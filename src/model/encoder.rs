@@ -220,7 +220,25 @@ impl Encoder for OrtEncoder {
         if n == 0 {
             return Ok(Array2::zeros((0, dim)));
         }
-        let ids = tokens.as_standard_layout().into_owned();
+        let len = if spec.dynamic_length {
+            // Longest text in the batch, up to and including its end-of-text token.
+            tokens
+                .rows()
+                .into_iter()
+                .map(|r| {
+                    r.iter()
+                        .position(|&t| t == END_OF_TEXT)
+                        .map_or(r.len(), |p| p + 1)
+                })
+                .max()
+                .unwrap_or(spec.context_length)
+        } else {
+            spec.context_length
+        };
+        let ids = tokens
+            .slice(ndarray::s![.., ..len])
+            .as_standard_layout()
+            .into_owned();
         // Hugging Face exports take a 0/1 mask: 1 up to and including the end-of-text token.
         let mask = spec.attention_mask.as_ref().map(|_| {
             let mut m = Array2::<i64>::zeros(ids.raw_dim());

@@ -72,6 +72,11 @@ pub struct TextSpec {
     /// Padding id: 0 for OpenAI/OpenCLIP, 49407 for Hugging Face exports.
     #[serde(default)]
     pub pad_id: i64,
+    /// The graph accepts fewer than `context_length` tokens. The text tower is causal and pools
+    /// at the end-of-text token, so a batch can be cut after its longest text: same
+    /// embeddings, a fraction of the work for short labels.
+    #[serde(default)]
+    pub dynamic_length: bool,
 }
 
 /// The parsed `model.toml` / `model.json`.

@@ -46,7 +46,22 @@ impl ClipTokenizer {
     pub fn encode(&self, text: &str) -> Vec<i64> {
         let mut toks: Vec<Token> = Vec::with_capacity(self.context_length);
         toks.push(self.bpe.start_of_text());
-        self.bpe.encode(&clean(text), &mut toks);
+        // The reference pre-tokeniser matches the special tokens literally (after lower-casing).
+        let cleaned = clean(text).to_lowercase();
+        let mut rest = cleaned.as_str();
+        while let Some((pos, marker, id)) = [
+            ("<|startoftext|>", self.bpe.start_of_text()),
+            ("<|endoftext|>", self.bpe.end_of_text()),
+        ]
+        .into_iter()
+        .filter_map(|(m, id)| rest.find(m).map(|p| (p, m, id)))
+        .min_by_key(|(p, ..)| *p)
+        {
+            self.bpe.encode(&rest[..pos], &mut toks);
+            toks.push(id);
+            rest = &rest[pos + marker.len()..];
+        }
+        self.bpe.encode(rest, &mut toks);
         let mut ids: Vec<i64> = toks.into_iter().map(|t| t.to_u16() as i64).collect();
         ids.truncate(self.context_length - 1);
         ids.push(END_OF_TEXT);

@@ -1,0 +1,158 @@
+//! Decision thresholds from held-out ID scores (method.md §8 "Decision", §10).
+//!
+//! Decision rule: an image is **OOD iff S < λ**, so an ID image passes iff S ≥ λ.
+
+use serde::{Deserialize, Serialize};
+
+use super::metrics::{MetricError, check_scores};
+
+/// A calibrated threshold and what it achieves on the calibration set.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct TprThreshold {
+    /// λ: OOD iff S < λ. Always one of the calibration scores.
+    pub threshold: f64,
+    /// The TPR that was asked for.
+    pub target_tpr: f64,
+    /// #{S ≥ λ} / n on the calibration set (≥ `target_tpr`; larger only through ties at λ).
+    pub achieved_tpr: f64,
+    /// #{S ≥ λ}.
+    pub n_pass: usize,
+    /// Number of calibration scores.
+    pub n: usize,
+}
+
+/// The largest threshold λ that keeps at least a fraction `tpr` of the ID scores (S ≥ λ).
+///
+/// Precisely: let `k` be the smallest integer with `k / n ≥ tpr` (evaluated in f64, the same
+/// way `achieved_tpr` is), and s₍₁₎ ≤ … ≤ s₍ₙ₎ the sorted scores; then λ = s₍ₙ₋ₖ₊₁₎, the k-th
+/// largest score. Hence #{S ≥ λ} ≥ k, and any λ' > λ keeps at most k − 1 scores (< tpr).
+/// With `tpr = 0.95` this is the ID 5th percentile of method.md §8 (for n = 20: the 2nd smallest
+/// score).
+///
+/// Errors: empty set, a NaN score, or `tpr` outside (0, 1].
+pub fn threshold_for_tpr(id_scores: &[f64], tpr: f64) -> Result<TprThreshold, MetricError> {
+    check_scores("ID", id_scores)?;
+    if !(tpr > 0.0 && tpr <= 1.0) {
+        return Err(MetricError::InvalidTpr {
+            tpr,
+            range: "(0, 1]",
+        });
+    }
+    let n = id_scores.len();
+    let nf = n as f64;
+    // Smallest k in 1..=n with k/n ≥ tpr, robust to rounding of tpr·n.
+    let mut k = ((tpr * nf).ceil() as usize).clamp(1, n);
+    while k > 1 && (k - 1) as f64 / nf >= tpr {
+        k -= 1;
+    }
+    while k < n && (k as f64) / nf < tpr {
+        k += 1;
+    }
+    let mut sorted = id_scores.to_vec();
+    sorted.sort_unstable_by(f64::total_cmp);
+    let threshold = sorted[n - k];
+    let n_pass = id_scores.iter().filter(|&&s| s >= threshold).count();
+    Ok(TprThreshold {
+        threshold,
+        target_tpr: tpr,
+        achieved_tpr: n_pass as f64 / nf,
+        n_pass,
+        n,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The next distinct score above λ, if any.
+    fn next_above(scores: &[f64], lambda: f64) -> Option<f64> {
+        scores
+            .iter()
+            .copied()
+            .filter(|&s| s > lambda)
+            .min_by(f64::total_cmp)
+    }
+
+    fn pass_rate(scores: &[f64], lambda: f64) -> f64 {
+        scores.iter().filter(|&&s| s >= lambda).count() as f64 / scores.len() as f64
+    }
+
+    fn check_maximal(scores: &[f64], tpr: f64) -> TprThreshold {
+        let t = threshold_for_tpr(scores, tpr).unwrap();
+        assert!(t.achieved_tpr >= tpr, "{t:?}");
+        assert_eq!(t.achieved_tpr, pass_rate(scores, t.threshold));
+        assert!(scores.contains(&t.threshold));
+        if let Some(next) = next_above(scores, t.threshold) {
+            assert!(
+                pass_rate(scores, next) < tpr,
+                "{t:?}: raising λ to {next} still passes"
+            );
+        }
+        t
+    }
+
+    #[test]
+    fn fifth_percentile_of_twenty() {
+        let scores: Vec<f64> = (1..=20).map(f64::from).collect();
+        let t = check_maximal(&scores, 0.95);
+        assert_eq!(t.threshold, 2.0);
+        assert_eq!((t.n_pass, t.n), (19, 20));
+        assert_eq!(t.achieved_tpr, 0.95);
+        assert_eq!(check_maximal(&scores, 1.0).threshold, 1.0);
+        assert_eq!(check_maximal(&scores, 0.05).threshold, 20.0);
+        assert_eq!(check_maximal(&scores, 0.051).threshold, 19.0);
+    }
+
+    #[test]
+    fn ties_at_the_threshold() {
+        let scores = [0.1, 0.5, 0.5, 0.5, 0.9];
+        let t = check_maximal(&scores, 0.8);
+        assert_eq!(t.threshold, 0.5);
+        assert_eq!(t.achieved_tpr, 0.8);
+        let t = check_maximal(&scores, 0.3);
+        assert_eq!(t.threshold, 0.5);
+        assert_eq!(t.achieved_tpr, 0.8); // ties make it exceed the target
+        let all = [0.7; 6];
+        let t = check_maximal(&all, 0.5);
+        assert_eq!((t.threshold, t.achieved_tpr), (0.7, 1.0));
+    }
+
+    #[test]
+    fn maximal_on_many_sets() {
+        // Deterministic pseudo-random sets with and without ties.
+        let mut state = 0x1234_5678_9abc_def0u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for n in [1usize, 2, 3, 7, 19, 20, 21, 100, 1000, 1001] {
+            for levels in [3u64, 1 << 40] {
+                let scores: Vec<f64> = (0..n).map(|_| (next() % levels) as f64 / 7.0).collect();
+                for tpr in [0.01, 0.5, 0.9, 0.95, 0.99, 0.999, 1.0] {
+                    check_maximal(&scores, tpr);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn errors() {
+        assert_eq!(
+            threshold_for_tpr(&[], 0.95),
+            Err(MetricError::Empty { which: "ID" })
+        );
+        assert!(matches!(
+            threshold_for_tpr(&[0.1, f64::NAN], 0.95),
+            Err(MetricError::NaN { index: 1, .. })
+        ));
+        for bad in [0.0, -0.5, 1.01, f64::NAN, f64::INFINITY] {
+            assert!(matches!(
+                threshold_for_tpr(&[0.1, 0.2], bad),
+                Err(MetricError::InvalidTpr { .. })
+            ));
+        }
+    }
+}

@@ -1,0 +1,203 @@
+//! The ONNX Runtime encoder on the tiny random-weight CLIP (real architecture, real runtime).
+
+mod common;
+
+use ndarray::{Array4, Axis, s};
+use oodgate::model::encoder::EncoderOptions;
+use oodgate::model::preprocess::Limits;
+use oodgate::model::{ClipTokenizer, Device, Encoder, ModelManifest, OrtEncoder, Preprocessor};
+
+fn load(dir: &std::path::Path, load_text: bool) -> OrtEncoder {
+    let m = ModelManifest::load(dir).unwrap();
+    OrtEncoder::load(
+        m,
+        EncoderOptions {
+            device: Device::Cpu,
+            intra_threads: 1,
+            load_text,
+            ..Default::default()
+        },
+    )
+    .unwrap()
+}
+
+fn images(pre: &Preprocessor, names: &[&str]) -> Array4<f32> {
+    let s = pre.size() as usize;
+    let mut t = Array4::zeros((names.len(), 3, s, s));
+    for (i, n) in names.iter().enumerate() {
+        let bytes = std::fs::read(common::fixture("images").join(n)).unwrap();
+        t.slice_mut(s![i, .., .., ..])
+            .assign(&pre.preprocess(&bytes).unwrap());
+    }
+    t
+}
+
+#[test]
+fn image_embeddings_are_unit_norm_and_batch_independent() {
+    let dir = common::tiny_model();
+    let mut enc = load(&dir, false);
+    assert_eq!(enc.info().provider, "cpu");
+    let pre = Preprocessor::from_manifest(enc.manifest(), Limits::default());
+    let names = [
+        "chelsea.jpg",
+        "coffee.jpg",
+        "rocket.jpg",
+        "palette.png",
+        "tiny.png",
+    ];
+    let batch = images(&pre, &names);
+    let all = enc.embed_images(batch.view()).unwrap();
+    assert_eq!(all.shape(), &[5, 64]);
+    for row in all.rows() {
+        let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+        assert!((n - 1.0).abs() < 1e-5, "norm {n}");
+    }
+    for i in 0..names.len() {
+        let one = enc
+            .embed_images(batch.slice(s![i..i + 1, .., .., ..]))
+            .unwrap();
+        let d = (&one.index_axis(Axis(0), 0) - &all.index_axis(Axis(0), i))
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-5, "{}: alone vs in batch differ by {d}", names[i]);
+    }
+    // Different images give different embeddings; the same image the same one.
+    // (Random-weight towers map all images close together, so compare distances, not cosines.)
+    let dist: f32 = (&all.row(0) - &all.row(1))
+        .iter()
+        .map(|v| v * v)
+        .sum::<f32>()
+        .sqrt();
+    assert!(dist > 1e-3, "distinct images collapsed: distance {dist}");
+    let again = enc.embed_images(batch.view()).unwrap();
+    assert_eq!(again, all);
+}
+
+#[test]
+fn text_embeddings_follow_the_tokens() {
+    let dir = common::tiny_model();
+    let mut enc = load(&dir, true);
+    let tok = ClipTokenizer::default();
+    let ids = tok.encode_batch(&[
+        "a photo of a cat.",
+        "a photo of a dog.",
+        "a photo of a cat.",
+    ]);
+    let e = enc.embed_texts(ids.view()).unwrap();
+    assert_eq!(e.shape(), &[3, 64]);
+    let d: f32 = (&e.row(0) - &e.row(2)).iter().map(|v| v.abs()).sum();
+    assert!(d < 1e-5);
+    assert!(e.row(0).dot(&e.row(1)) < 0.9999);
+    let one = enc.embed_texts(ids.slice(s![1..2, ..])).unwrap();
+    let d: f32 = (&one.row(0) - &e.row(1))
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()));
+    assert!(d < 1e-5, "text alone vs batch differ by {d}");
+}
+
+#[test]
+fn hugging_face_layout_is_accepted_by_manifest_alone() {
+    let tiny = common::tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    // Rename the tensors to the Hugging Face CLIP export's names and add an attention mask input.
+    let script = r#"
+import sys, onnx
+src, dst = sys.argv[1], sys.argv[2]
+def rename(path, out, names, extra=None):
+    m = onnx.load(path)
+    for old, new in names.items():
+        for n in m.graph.node:
+            n.input[:] = [new if i == old else i for i in n.input]
+            n.output[:] = [new if o == old else o for o in n.output]
+        for io in list(m.graph.input) + list(m.graph.output):
+            if io.name == old: io.name = new
+    if extra:
+        m.graph.input.append(onnx.helper.make_tensor_value_info(extra, onnx.TensorProto.INT64, ["b", 77]))
+    onnx.save(m, out)
+rename(src + "/image.onnx", dst + "/vision_model.onnx", {"image": "pixel_values", "embedding": "image_embeds"})
+rename(src + "/text.onnx", dst + "/text_model.onnx", {"tokens": "input_ids", "embedding": "text_embeds"}, "attention_mask")
+"#;
+    let st = std::process::Command::new(common::python())
+        .args(["-c", script])
+        .arg(&tiny)
+        .arg(dir.path())
+        .status()
+        .unwrap();
+    assert!(st.success());
+    std::fs::write(
+        dir.path().join("model.json"),
+        r#"{"weights":"random","embed_dim":64,
+            "image":{"file":"vision_model.onnx","input":"pixel_values","output":"image_embeds"},
+            "text":{"file":"text_model.onnx","input":"input_ids","output":"text_embeds","attention_mask":"attention_mask","pad_id":49407}}"#,
+    )
+    .unwrap();
+    let mut ours = load(&tiny, true);
+    let mut hf = load(dir.path(), true);
+    let pre = Preprocessor::from_manifest(ours.manifest(), Limits::default());
+    let x = images(&pre, &["chelsea.jpg", "coffee.jpg"]);
+    let a = ours.embed_images(x.view()).unwrap();
+    let b = hf.embed_images(x.view()).unwrap();
+    assert!((&a - &b).iter().all(|v| v.abs() < 1e-6));
+    // HF pads with 49407; the causal model reads the EOT row, so embeddings agree.
+    let ids0 = ClipTokenizer::new(77, 0).encode_batch(&["a photo of a cat."]);
+    let ids1 = ClipTokenizer::new(77, 49407).encode_batch(&["a photo of a cat."]);
+    let ta = ours.embed_texts(ids0.view()).unwrap();
+    let tb = hf.embed_texts(ids1.view()).unwrap();
+    assert!((&ta - &tb).iter().all(|v| v.abs() < 1e-5));
+}
+
+#[test]
+fn wrong_tensor_names_are_reported_with_what_exists() {
+    let tiny = common::tiny_model();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny.join("image.onnx"), dir.path().join("image.onnx")).unwrap();
+    std::fs::write(
+        dir.path().join("model.toml"),
+        "weights = \"random\"\nembed_dim = 64\n[image]\nfile = \"image.onnx\"\ninput = \"pixel_values\"\n",
+    )
+    .unwrap();
+    let m = ModelManifest::load(dir.path()).unwrap();
+    let err = OrtEncoder::load(
+        m,
+        EncoderOptions {
+            device: Device::Cpu,
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("must fail")
+    .to_string();
+    assert!(
+        err.contains("pixel_values") && err.contains("image"),
+        "{err}"
+    );
+}
+
+#[test]
+fn cuda_on_a_cpu_library_fails_loudly_and_auto_falls_back() {
+    let tiny = common::tiny_model();
+    let m = ModelManifest::load(&tiny).unwrap();
+    let err = OrtEncoder::load(
+        m.clone(),
+        EncoderOptions {
+            device: Device::Cuda(0),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("cuda must fail on the CPU build")
+    .to_string();
+    assert!(
+        err.contains("cuda") && err.contains("without the CUDA"),
+        "{err}"
+    );
+    let enc = OrtEncoder::load(
+        m,
+        EncoderOptions {
+            device: Device::Auto,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(enc.info().provider, "cpu");
+}
