@@ -1,5 +1,9 @@
 //! The OLE method and its baselines: pure math on embeddings, no I/O beyond the bank file.
 
+pub mod bank;
+pub mod index;
+pub mod labels;
 pub mod prototypes;
 pub mod pyrandom;
 pub mod score;
+pub mod wordnet;

@@ -1,0 +1,464 @@
+//! The bank file (`.oodb`): one self-describing, versioned safetensors file holding the ID
+//! embeddings T with their labels, optional CLIPN "no" embeddings T̄, the outlier vectors Ô
+//! with their words, θ, every build parameter, the model fingerprint, a content hash as
+//! version, and calibrated thresholds per method. Metadata is canonical JSON under the single
+//! safetensors metadata key `oodgate`, so saving the same bank twice gives the same bytes.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use ndarray::{Array2, ArrayView2};
+use safetensors::{Dtype, SafeTensors, tensor::TensorView};
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::index::{IndexParams, VectorIndex};
+use super::score::{ScoreError, ScoreParams, Scorer};
+
+pub const BANK_FORMAT: u32 = 1;
+const META_KEY: &str = "oodgate";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BankError {
+    #[error("cannot read bank {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("cannot write bank {path}: {source}")]
+    Write {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a valid oodgate bank: {reason}")]
+    Invalid { path: PathBuf, reason: String },
+    #[error(
+        "bank was built with model {bank} but the loaded model is {model}; rebuild the bank for this model or force it (--force / detector.force_fingerprint)"
+    )]
+    FingerprintMismatch { bank: String, model: String },
+    #[error("bank contents are inconsistent: {0}")]
+    Inconsistent(String),
+    #[error(transparent)]
+    Score(#[from] ScoreError),
+}
+
+/// Where one outlier row came from, so it can be shown to a person.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct OutlierRow {
+    /// `prototype` (OPL cluster), `hard` (HOPG), `label` (a raw label embedding) or `imported`.
+    pub kind: String,
+    /// A short display label (the nearest word for prototypes).
+    pub label: String,
+    /// The outlier words nearest to this row, best first.
+    #[serde(default)]
+    pub words: Vec<String>,
+    /// Kind-specific provenance (cluster size, partner prototype, λ, …).
+    #[serde(default)]
+    pub detail: serde_json::Value,
+}
+
+/// A threshold calibrated on held-out ID data: OOD iff score < value.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Threshold {
+    pub value: f64,
+    /// The requested fraction of ID inputs kept.
+    pub tpr: f64,
+    /// The fraction actually kept on the calibration set.
+    pub achieved_tpr: f64,
+    pub n_id: usize,
+    #[serde(default)]
+    pub source: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BankMeta {
+    pub format: u32,
+    /// Content hash (first 16 hex digits of SHA-256 over metadata and matrices).
+    pub version: String,
+    pub created_by: String,
+    pub model_fingerprint: String,
+    #[serde(default)]
+    pub model_name: String,
+    /// "pretrained", "random" or "unknown" (imported without a model).
+    pub model_weights: String,
+    pub dim: usize,
+    pub id_labels: Vec<String>,
+    #[serde(default)]
+    pub id_wnids: Vec<Option<String>>,
+    pub outliers: Vec<OutlierRow>,
+    pub theta: Option<f64>,
+    /// Every build parameter, as given.
+    #[serde(default)]
+    pub build: serde_json::Value,
+    /// How many outlier words each cleaning rule removed.
+    #[serde(default)]
+    pub cleaning: serde_json::Value,
+    #[serde(default)]
+    pub thresholds: BTreeMap<String, Threshold>,
+}
+
+/// A loaded bank.
+#[derive(Debug, Clone)]
+pub struct Bank {
+    pub meta: BankMeta,
+    pub id: Array2<f32>,
+    pub no: Option<Array2<f32>>,
+    pub outliers: Array2<f32>,
+}
+
+fn f32_bytes(a: &Array2<f32>) -> Vec<u8> {
+    a.iter().flat_map(|v| v.to_le_bytes()).collect()
+}
+
+impl Bank {
+    /// Assembles a bank, checks shapes, re-normalises rows and computes the version.
+    pub fn new(
+        mut meta: BankMeta,
+        mut id: Array2<f32>,
+        mut no: Option<Array2<f32>>,
+        mut outliers: Array2<f32>,
+    ) -> Result<Bank, BankError> {
+        let d = id.ncols();
+        if id.nrows() == 0 || d == 0 {
+            return Err(BankError::Inconsistent(
+                "the bank needs at least one ID embedding".into(),
+            ));
+        }
+        if meta.id_labels.len() != id.nrows() {
+            return Err(BankError::Inconsistent(format!(
+                "{} ID labels for {} ID embeddings",
+                meta.id_labels.len(),
+                id.nrows()
+            )));
+        }
+        if let Some(n) = &no
+            && n.dim() != id.dim()
+        {
+            return Err(BankError::Inconsistent(format!(
+                "no-embeddings have shape {:?}, ID embeddings {:?}",
+                n.dim(),
+                id.dim()
+            )));
+        }
+        if outliers.nrows() > 0 && outliers.ncols() != d {
+            return Err(BankError::Inconsistent(format!(
+                "outlier vectors have dimension {}, ID embeddings {d}",
+                outliers.ncols()
+            )));
+        }
+        if outliers.nrows() == 0 {
+            outliers = Array2::zeros((0, d));
+        }
+        if meta.outliers.len() != outliers.nrows() {
+            return Err(BankError::Inconsistent(format!(
+                "{} outlier descriptions for {} outlier vectors",
+                meta.outliers.len(),
+                outliers.nrows()
+            )));
+        }
+        if meta.id_wnids.is_empty() {
+            meta.id_wnids = vec![None; id.nrows()];
+        }
+        for (name, m) in [
+            ("ID", Some(&mut id)),
+            ("no", no.as_mut()),
+            ("outlier", Some(&mut outliers)),
+        ] {
+            if let Some(m) = m {
+                if m.iter().any(|v| !v.is_finite()) {
+                    return Err(BankError::Inconsistent(format!(
+                        "{name} embeddings contain non-finite values"
+                    )));
+                }
+                super::score::normalize_rows(m);
+            }
+        }
+        meta.format = BANK_FORMAT;
+        meta.dim = d;
+        let mut bank = Bank {
+            meta,
+            id,
+            no,
+            outliers,
+        };
+        bank.refresh_version();
+        Ok(bank)
+    }
+
+    /// Recomputes the content hash (after changing thresholds, for example).
+    pub fn refresh_version(&mut self) {
+        let mut meta = self.meta.clone();
+        meta.version = String::new();
+        let mut h = Sha256::new();
+        h.update(serde_json::to_vec(&meta).unwrap_or_default());
+        h.update(f32_bytes(&self.id));
+        if let Some(n) = &self.no {
+            h.update(f32_bytes(n));
+        }
+        h.update(f32_bytes(&self.outliers));
+        self.meta.version = hex::encode(&h.finalize()[..8]);
+    }
+
+    pub fn version(&self) -> &str {
+        &self.meta.version
+    }
+
+    /// Serialises to bytes (deterministic).
+    pub fn to_bytes(&self) -> Result<Vec<u8>, BankError> {
+        let id = f32_bytes(&self.id);
+        let no = self.no.as_ref().map(f32_bytes);
+        let out = f32_bytes(&self.outliers);
+        let inv = |e: safetensors::SafeTensorError| BankError::Inconsistent(e.to_string());
+        let mut tensors: Vec<(&str, TensorView<'_>)> = vec![(
+            "id",
+            TensorView::new(Dtype::F32, vec![self.id.nrows(), self.id.ncols()], &id)
+                .map_err(inv)?,
+        )];
+        if let (Some(n), Some(nb)) = (&self.no, &no) {
+            tensors.push((
+                "no",
+                TensorView::new(Dtype::F32, vec![n.nrows(), n.ncols()], nb).map_err(inv)?,
+            ));
+        }
+        if self.outliers.nrows() > 0 {
+            tensors.push((
+                "outliers",
+                TensorView::new(
+                    Dtype::F32,
+                    vec![self.outliers.nrows(), self.outliers.ncols()],
+                    &out,
+                )
+                .map_err(inv)?,
+            ));
+        }
+        let meta = serde_json::to_string(&self.meta)
+            .map_err(|e| BankError::Inconsistent(e.to_string()))?;
+        let info = std::collections::HashMap::from([(META_KEY.to_string(), meta)]);
+        safetensors::serialize(tensors, Some(info)).map_err(inv)
+    }
+
+    /// Writes atomically (temporary file, then rename).
+    pub fn save(&self, path: &Path) -> Result<(), BankError> {
+        let bytes = self.to_bytes()?;
+        let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
+        let werr = |source| BankError::Write {
+            path: path.to_path_buf(),
+            source,
+        };
+        std::fs::write(&tmp, &bytes).map_err(werr)?;
+        std::fs::rename(&tmp, path).map_err(werr)
+    }
+
+    pub fn load(path: &Path) -> Result<Bank, BankError> {
+        let bytes = std::fs::read(path).map_err(|source| BankError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Bank::from_bytes(&bytes).map_err(|reason| BankError::Invalid {
+            path: path.to_path_buf(),
+            reason,
+        })
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Result<Bank, String> {
+        let (_, header) = SafeTensors::read_metadata(bytes).map_err(|e| e.to_string())?;
+        let meta_json = header
+            .metadata()
+            .as_ref()
+            .and_then(|m| m.get(META_KEY))
+            .ok_or("no oodgate metadata")?;
+        let meta: BankMeta =
+            serde_json::from_str(meta_json).map_err(|e| format!("metadata: {e}"))?;
+        if meta.format != BANK_FORMAT {
+            return Err(format!(
+                "bank format {} is not supported (expected {BANK_FORMAT})",
+                meta.format
+            ));
+        }
+        let st = SafeTensors::deserialize(bytes).map_err(|e| e.to_string())?;
+        let read = |name: &str| -> Result<Option<Array2<f32>>, String> {
+            let Ok(t) = st.tensor(name) else {
+                return Ok(None);
+            };
+            if t.dtype() != Dtype::F32 || t.shape().len() != 2 {
+                return Err(format!("tensor {name} must be 2-D float32"));
+            }
+            let v: Vec<f32> = t
+                .data()
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect();
+            Array2::from_shape_vec((t.shape()[0], t.shape()[1]), v)
+                .map(Some)
+                .map_err(|e| e.to_string())
+        };
+        let id = read("id")?.ok_or("missing tensor id")?;
+        let no = read("no")?;
+        let outliers = read("outliers")?.unwrap_or_else(|| Array2::zeros((0, id.ncols())));
+        let stored_version = meta.version.clone();
+        let bank = Bank::new(meta, id, no, outliers).map_err(|e| e.to_string())?;
+        if bank.meta.version != stored_version {
+            return Err(format!(
+                "content hash {} does not match the stored version {stored_version} (file modified or corrupt)",
+                bank.meta.version
+            ));
+        }
+        Ok(bank)
+    }
+
+    /// Refuses a bank built with another model unless forced.
+    pub fn check_model(&self, fingerprint: &str, force: bool) -> Result<(), BankError> {
+        if self.meta.model_fingerprint == fingerprint || force {
+            return Ok(());
+        }
+        Err(BankError::FingerprintMismatch {
+            bank: self.meta.model_fingerprint.clone(),
+            model: fingerprint.to_string(),
+        })
+    }
+
+    pub fn scorer(&self, params: &ScoreParams) -> Result<Scorer, BankError> {
+        Ok(Scorer::new(
+            self.id.view(),
+            self.no.as_ref().map(|n| n.view()),
+            self.outliers.view(),
+            params,
+        )?)
+    }
+
+    /// HNSW indexes over the ID rows and the outlier rows (explanations, large banks).
+    pub fn indexes(&self, params: IndexParams) -> BankIndex {
+        BankIndex {
+            id: VectorIndex::build(self.id.view(), params),
+            outliers: VectorIndex::build(self.outliers.view(), params),
+        }
+    }
+
+    pub fn outlier_view(&self) -> ArrayView2<'_, f32> {
+        self.outliers.view()
+    }
+
+    /// Display name of outlier row `i`: its words, or its label.
+    pub fn outlier_words(&self, i: usize, n: usize) -> Vec<String> {
+        match self.meta.outliers.get(i) {
+            Some(r) if !r.words.is_empty() => r.words.iter().take(n).cloned().collect(),
+            Some(r) => vec![r.label.clone()],
+            None => Vec::new(),
+        }
+    }
+}
+
+/// The bank's HNSW indexes.
+pub struct BankIndex {
+    pub id: VectorIndex,
+    pub outliers: VectorIndex,
+}
+
+/// One image's explanation: the nearest ID labels and outlier words.
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub top_labels: Vec<(String, f32)>,
+    pub nearest_outliers: Vec<(String, f32)>,
+}
+
+impl BankIndex {
+    pub fn explain(&self, bank: &Bank, x: &[f32], k: usize) -> Explanation {
+        let top_labels = self
+            .id
+            .search(x, k)
+            .into_iter()
+            .map(|(i, c)| (bank.meta.id_labels.get(i).cloned().unwrap_or_default(), c))
+            .collect();
+        let nearest_outliers = self
+            .outliers
+            .search(x, k)
+            .into_iter()
+            .map(|(i, c)| (bank.outlier_words(i, 3).join("/"), c))
+            .collect();
+        Explanation {
+            top_labels,
+            nearest_outliers,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn toy() -> Bank {
+        let meta = BankMeta {
+            format: BANK_FORMAT,
+            version: String::new(),
+            created_by: "test".into(),
+            model_fingerprint: "abc".into(),
+            model_name: "toy".into(),
+            model_weights: "random".into(),
+            dim: 3,
+            id_labels: vec!["cat".into(), "dog".into()],
+            id_wnids: vec![],
+            outliers: vec![OutlierRow {
+                kind: "label".into(),
+                label: "rock".into(),
+                words: vec!["rock".into(), "stone".into()],
+                detail: serde_json::Value::Null,
+            }],
+            theta: Some(0.25),
+            build: serde_json::json!({"k": 500}),
+            cleaning: serde_json::Value::Null,
+            thresholds: BTreeMap::new(),
+        };
+        Bank::new(
+            meta,
+            ndarray::array![[1.0, 0.0, 0.0], [0.0, 2.0, 0.0]],
+            None,
+            ndarray::array![[0.0, 0.0, 1.0]],
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn round_trip_is_byte_stable() {
+        let b = toy();
+        assert_eq!(b.id[[1, 1]], 1.0, "rows are normalised");
+        let bytes = b.to_bytes().unwrap();
+        let back = Bank::from_bytes(&bytes).unwrap();
+        assert_eq!(back.meta, b.meta);
+        assert_eq!(back.id, b.id);
+        assert_eq!(back.outliers, b.outliers);
+        assert_eq!(back.to_bytes().unwrap(), bytes);
+        assert_eq!(b.version().len(), 16);
+    }
+
+    #[test]
+    fn tampering_and_fingerprints_are_detected() {
+        let b = toy();
+        let mut bytes = b.to_bytes().unwrap();
+        // Rename a label inside the stored metadata ("rock" -> "rack").
+        let at = bytes.windows(4).position(|w| w == b"rock").unwrap();
+        bytes[at + 1] = b'a';
+        let err = Bank::from_bytes(&bytes).unwrap_err();
+        assert!(err.contains("content hash"), "{err}");
+        let e = b.check_model("zzz", false).unwrap_err().to_string();
+        assert!(e.contains("abc") && e.contains("zzz"), "{e}");
+        assert!(b.check_model("zzz", true).is_ok());
+    }
+
+    #[test]
+    fn version_changes_with_content() {
+        let a = toy();
+        let mut b = toy();
+        b.meta.thresholds.insert(
+            "ole".into(),
+            Threshold {
+                value: 0.5,
+                tpr: 0.95,
+                achieved_tpr: 0.95,
+                n_id: 10,
+                source: String::new(),
+            },
+        );
+        b.refresh_version();
+        assert_ne!(a.version(), b.version());
+    }
+}

@@ -1,0 +1,176 @@
+//! HNSW index (hnsw_rs) over the rows of a bank matrix: nearest labels for explanations, and
+//! the candidate set for approximate scoring of banks beyond the exact limit.
+//!
+//! hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
+//! Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
+//! dumped; insert and search never overlap (the index is built once, then only searched).
+
+use hnsw_rs::prelude::{DistDot, Hnsw};
+use ndarray::ArrayView2;
+
+/// HNSW parameters (M, ef_construction, ef_search).
+#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+pub struct IndexParams {
+    pub max_connections: usize,
+    pub ef_construction: usize,
+    pub ef_search: usize,
+}
+
+impl Default for IndexParams {
+    fn default() -> Self {
+        IndexParams {
+            max_connections: 16,
+            ef_construction: 200,
+            ef_search: 64,
+        }
+    }
+}
+
+/// An HNSW graph over unit-norm rows; search returns (row, cosine), best first.
+pub struct VectorIndex {
+    hnsw: Hnsw<'static, f32, DistDot>,
+    len: usize,
+    params: IndexParams,
+}
+
+impl VectorIndex {
+    /// Builds the index over the rows of `rows` (which must be unit-norm).
+    pub fn build(rows: ArrayView2<'_, f32>, params: IndexParams) -> VectorIndex {
+        let n = rows.nrows();
+        let hnsw = Hnsw::<f32, DistDot>::new(
+            params.max_connections.clamp(2, 256),
+            n.max(1),
+            16,
+            params.ef_construction.max(params.max_connections),
+            DistDot {},
+        );
+        let data: Vec<Vec<f32>> = rows.rows().into_iter().map(|r| r.to_vec()).collect();
+        let items: Vec<(&Vec<f32>, usize)> = data.iter().zip(0..).collect();
+        if !items.is_empty() {
+            hnsw.parallel_insert(&items);
+        }
+        let mut hnsw = hnsw;
+        hnsw.set_searching_mode(true);
+        VectorIndex {
+            hnsw,
+            len: n,
+            params,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The `k` nearest rows to the unit vector `q` as (row index, cosine), best first.
+    pub fn search(&self, q: &[f32], k: usize) -> Vec<(usize, f32)> {
+        self.search_ef(q, k, self.params.ef_search)
+    }
+
+    pub fn search_ef(&self, q: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
+        if self.len == 0 || k == 0 {
+            return Vec::new();
+        }
+        let k = k.min(self.len);
+        let mut hits: Vec<(usize, f32)> = self
+            .hnsw
+            .search(q, k, ef.max(k))
+            .into_iter()
+            .map(|n| (n.d_id, 1.0 - n.distance))
+            .collect();
+        hits.sort_by(|a, b| b.1.total_cmp(&a.1));
+        hits
+    }
+}
+
+/// Exact top-k by brute force (one dot per row): the reference for recall measurements.
+pub fn exact_top_k(rows: ArrayView2<'_, f32>, q: &[f32], k: usize) -> Vec<(usize, f32)> {
+    let q = ndarray::ArrayView1::from(q);
+    let sims = rows.dot(&q);
+    let mut idx: Vec<(usize, f32)> = sims.iter().copied().enumerate().collect();
+    let k = k.min(idx.len());
+    if k == 0 {
+        return Vec::new();
+    }
+    idx.select_nth_unstable_by(k - 1, |a, b| b.1.total_cmp(&a.1));
+    idx.truncate(k);
+    idx.sort_by(|a, b| b.1.total_cmp(&a.1));
+    idx
+}
+
+/// recall@k of the index against exact search over `queries` (fraction of exact neighbours found).
+pub fn recall_at_k(
+    index: &VectorIndex,
+    rows: ArrayView2<'_, f32>,
+    queries: ArrayView2<'_, f32>,
+    k: usize,
+) -> f64 {
+    let (mut found, mut total) = (0usize, 0usize);
+    for q in queries.rows() {
+        let q = q.to_vec();
+        let exact: Vec<usize> = exact_top_k(rows, &q, k).into_iter().map(|x| x.0).collect();
+        let approx: Vec<usize> = index.search(&q, k).into_iter().map(|x| x.0).collect();
+        found += exact.iter().filter(|e| approx.contains(e)).count();
+        total += exact.len();
+    }
+    if total == 0 {
+        1.0
+    } else {
+        found as f64 / total as f64
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::Array2;
+
+    fn clustered(n: usize, d: usize, seed: u64) -> Array2<f32> {
+        // Deterministic pseudo-random clustered unit vectors (splitmix64).
+        let mut s = seed;
+        let mut next = || {
+            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
+            let mut z = s;
+            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+            ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
+        };
+        let centers: Vec<Vec<f32>> = (0..20).map(|_| (0..d).map(|_| next()).collect()).collect();
+        let mut a = Array2::<f32>::zeros((n, d));
+        for (i, mut row) in a.rows_mut().into_iter().enumerate() {
+            let c = &centers[i % 20];
+            for (j, v) in row.iter_mut().enumerate() {
+                *v = c[j] + 0.3 * next();
+            }
+            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
+            row.mapv_inplace(|v| v / norm);
+        }
+        a
+    }
+
+    #[test]
+    fn self_queries_find_themselves_and_recall_is_high() {
+        let rows = clustered(1200, 64, 1);
+        let idx = VectorIndex::build(rows.view(), IndexParams::default());
+        for i in [0usize, 17, 599, 1199] {
+            let hit = idx.search(&rows.row(i).to_vec(), 1);
+            assert_eq!(hit[0].0, i);
+            assert!((hit[0].1 - 1.0).abs() < 1e-4);
+        }
+        let queries = clustered(100, 64, 2);
+        let r = recall_at_k(&idx, rows.view(), queries.view(), 10);
+        assert!(r >= 0.95, "recall@10 {r}");
+    }
+
+    #[test]
+    fn exact_top_k_orders_by_cosine() {
+        let rows = ndarray::array![[1.0f32, 0.0], [0.0, 1.0], [0.6, 0.8]];
+        let top = exact_top_k(rows.view(), &[0.8, 0.6], 2);
+        assert_eq!(top[0].0, 2);
+        assert_eq!(top[1].0, 0);
+    }
+}
