@@ -7,6 +7,8 @@
 //! - [`eval`] measures and calibrates scores (AUROC, FPR95, AUPR, thresholds).
 //! - [`stream`] is the NATS JetStream daemon that routes messages by decision.
 
+pub mod config;
 pub mod detect;
 pub mod eval;
 pub mod model;
+pub mod stream;

@@ -4,7 +4,15 @@
 Writes DIR/image.onnx, DIR/text.onnx and DIR/model.toml (README "Model folder contract"):
 
   image.onnx  input `image`  f32 [batch, 3, S, S]  ->  output `embedding` f32 [batch, E]
-  text.onnx   input `tokens` i64 [batch, 77]       ->  output `embedding` f32 [batch, E]
+  text.onnx   input `tokens` i64 [batch, seq]      ->  output `embedding` f32 [batch, E]
+
+The text tower is exported with a dynamic sequence axis (seq <= 77): a wrapper slices the
+positional embedding to positional_embedding[:seq] and the model's 77 x 77 causal mask buffer
+(`attn_mask`) to attn_mask[:seq, :seq]. The tower is causal and pools at the EOT token, so a
+batch cut after its longest EOT gives the same embeddings as full 77-token rows; the manifest
+then says `dynamic_length = true` (checked with onnxruntime on full and cut rows). Text
+towers that are not causal, pool elsewhere or append a class token (CoCa) keep the sequence
+axis dynamic in the graph but get `dynamic_length = false`, and oodgate feeds 77 tokens.
 
 Embeddings are NOT L2-normalised (encode_image / encode_text with normalize=False); oodgate
 normalises them itself.
@@ -33,6 +41,7 @@ Check the weights' licence before redistributing an exported folder.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import inspect
 import json
@@ -115,7 +124,7 @@ def toml_value(v) -> str:
 
 
 def write_manifest(path: Path, name: str, weights: str, embed_dim: int, pp: dict,
-                   context_length: int, source: dict) -> None:
+                   context_length: int, dynamic_length: bool, source: dict) -> None:
     mean = ", ".join(repr(v) for v in pp["mean"])
     std = ", ".join(repr(v) for v in pp["std"])
     src = "\n".join(f"{k} = {toml_value(v)}" for k, v in source.items())
@@ -137,6 +146,7 @@ input = "tokens"
 output = "embedding"
 # attention_mask = "attention_mask"  # optional input name; when set oodgate feeds a 0/1 int64 mask
 context_length = {context_length}
+dynamic_length = {toml_value(dynamic_length)}{"           # the graph also takes [batch, L], L <= context_length" if dynamic_length else "          # feed full context_length rows"}
 tokenizer = "clip-bpe"
 pad_id = 0                       # OpenAI/OpenCLIP pad with 0; Hugging Face exports pad with 49407
 [source]                         # optional provenance, free-form keys
@@ -144,16 +154,18 @@ pad_id = 0                       # OpenAI/OpenCLIP pad with 0; Hugging Face expo
 """, encoding="utf-8")
 
 
-def export_tower(torch, onnx, module, example, path: Path, input_name: str, opset: int):
+def export_tower(torch, onnx, module, example, path: Path, input_name: str, opset: int,
+                 seq_axis: bool = False):
+    in_axes = {0: "batch", 1: "seq"} if seq_axis else {0: "batch"}
     kwargs = dict(
         input_names=[input_name],
         output_names=["embedding"],
-        dynamic_axes={input_name: {0: "batch"}, "embedding": {0: "batch"}},
+        dynamic_axes={input_name: in_axes, "embedding": {0: "batch"}},
         opset_version=opset,
         do_constant_folding=True,
         export_params=True,
     )
-    # The TorchScript exporter writes one self-contained file with a plain `batch` axis.
+    # The TorchScript exporter writes one self-contained file with plain named axes.
     # torch >= 2.9 defaults to the dynamo exporter; ask for the classic one explicitly.
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
@@ -176,6 +188,60 @@ def to_fp16(onnx, path: Path) -> None:
     model = float16.convert_float_to_float16(model, keep_io_types=True)
     onnx.checker.check_model(model)
     onnx.save(model, str(path))
+
+
+def text_module(model):
+    """The module that holds the text tower's state: CLIP keeps it on the model itself,
+    CustomTextCLIP in `model.text` (a TextTransformer)."""
+    text = getattr(model, "text", None)
+    if text is not None and hasattr(text, "positional_embedding"):
+        return text
+    return model
+
+
+def dynamic_length_support(torch, text, context_length: int) -> str | None:
+    """None when cutting the token rows after the longest EOT cannot change the embeddings,
+    else the reason why it can."""
+    pos = getattr(text, "positional_embedding", None)
+    if not isinstance(pos, torch.Tensor) or pos.ndim != 2 or pos.shape[0] != context_length:
+        return "no [context_length, width] positional_embedding"
+    mask = getattr(text, "attn_mask", None)
+    if not isinstance(mask, torch.Tensor) or tuple(mask.shape) != (context_length,
+                                                                   context_length):
+        return "no [context_length, context_length] causal attn_mask buffer"
+    upper = torch.ones_like(mask, dtype=torch.bool).triu(1)
+    if not (bool(torch.all(mask[~upper] == 0)) and bool(torch.all(mask[upper] < -1e4))):
+        return "attn_mask is not a causal mask"
+    if getattr(text, "cls_emb", None) is not None:
+        return "the text tower appends a class token (CoCa)"
+    pool = getattr(text, "text_pool_type", None) or getattr(text, "pool_type", None) \
+        or "argmax"  # open_clip before text_pool_type pooled at argmax(text)
+    if pool not in ("argmax", "eos", "first"):
+        return f"text pooling {pool!r} depends on the padded length"
+    return None
+
+
+@contextlib.contextmanager
+def sliced_text_state(text, length):
+    """While active, text.positional_embedding is its first `length` rows and text.attn_mask
+    its top-left length x length block, so the model's own encode_text runs on `length` tokens.
+
+    `length` comes from tokens.shape[1], which the tracer records as a Shape op, so the
+    exported graph slices for whatever length it is fed. The entries are swapped in the
+    module's _parameters/_buffers dicts (a Parameter cannot be assigned a plain tensor via
+    setattr) and restored afterwards.
+    """
+    saved = []
+    try:
+        for name, cut in (("positional_embedding", lambda t: t[:length]),
+                          ("attn_mask", lambda t: t[:length, :length])):
+            store = text._parameters if name in text._parameters else text._buffers
+            saved.append((store, name, store[name]))
+            store[name] = cut(store[name])
+        yield
+    finally:
+        for store, name, value in reversed(saved):
+            store[name] = value
 
 
 def parity(torch, ref, path: Path, input_name: str, x) -> dict | None:
@@ -265,23 +331,41 @@ def main() -> int:
         def forward(self, image):
             return self.clip.encode_image(image, normalize=False)
 
+    text = text_module(model)
+    why_fixed = dynamic_length_support(torch, text, context_length)
+    dynamic_length = why_fixed is None
+    if not dynamic_length:
+        print(f"note: dynamic_length = false ({why_fixed})")
+
     class TextTower(torch.nn.Module):
-        def __init__(self, clip):
+        """encode_text on a [batch, seq] input, seq <= context_length (see sliced_text_state)."""
+
+        def __init__(self, clip, text, dynamic: bool):
             super().__init__()
             self.clip = clip
+            self.text = text
+            self.dynamic = dynamic
 
         def forward(self, tokens):
-            return self.clip.encode_text(tokens, normalize=False)
+            if not self.dynamic:
+                return self.clip.encode_text(tokens, normalize=False)
+            with sliced_text_state(self.text, tokens.shape[1]):
+                return self.clip.encode_text(tokens, normalize=False)
 
-    image_tower, text_tower = ImageTower(model).eval(), TextTower(model).eval()
+    image_tower = ImageTower(model).eval()
+    text_tower = TextTower(model, text, dynamic_length).eval()
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch, 3, pp["size"], pp["size"], generator=gen)
     captions = ["a photo of a cat.", "a diagram", "a blurry photo of a red car.",
                 "an origami dog"]
     tokens = tokenizer([captions[i % len(captions)] for i in range(args.batch)]).long()
+    # The rows up to and including the longest EOT (the largest id, 49407): what oodgate
+    # feeds a dynamic-length tower. The export traces these cut rows, so a length baked in
+    # by mistake would fail the full-length check below.
+    tokens_cut = tokens[:, :int(tokens.argmax(dim=-1).max()) + 1].contiguous()
     with torch.no_grad():
         ref_image = image_tower(images)
-        ref_text = text_tower(tokens)
+        ref_text = model.encode_text(tokens, normalize=False)  # unwrapped, full 77 tokens
     embed_dim = int(ref_image.shape[-1])
     if ref_text.shape[-1] != embed_dim:
         die(f"image and text embeddings differ in width ({embed_dim} vs {ref_text.shape[-1]})")
@@ -292,7 +376,8 @@ def main() -> int:
         print(f"exporting the image tower (opset {args.opset}) ...")
         export_tower(torch, onnx, image_tower, images, tmp / "image.onnx", "image", args.opset)
         print(f"exporting the text tower (opset {args.opset}) ...")
-        export_tower(torch, onnx, text_tower, tokens, tmp / "text.onnx", "tokens", args.opset)
+        export_tower(torch, onnx, text_tower, tokens_cut if dynamic_length else tokens,
+                     tmp / "text.onnx", "tokens", args.opset, seq_axis=dynamic_length)
         if args.fp16:
             print("converting to float16 (inputs and outputs stay float32) ...")
             to_fp16(onnx, tmp / "image.onnx")
@@ -303,12 +388,20 @@ def main() -> int:
             "image": parity(torch, ref_image, tmp / "image.onnx", "image", images),
             "text": parity(torch, ref_text, tmp / "text.onnx", "tokens", tokens),
         }
+        if dynamic_length:  # cut rows against the full-length torch reference
+            checks["text_cut"] = parity(torch, ref_text, tmp / "text.onnx", "tokens",
+                                        tokens_cut)
         for tower, c in checks.items():
             if c is None:
                 continue
             print(f"  {tower}: max |d| = {c['max_abs']:.3g}, min cosine = {c['min_cos']:.7f}")
             if c["min_cos"] < (0.999 if args.fp16 else 0.99999):
                 print(f"warning: the {tower} tower's onnxruntime output deviates from torch")
+        if dynamic_length and checks.get("text_cut") and checks["text"] and \
+                checks["text_cut"]["min_cos"] < checks["text"]["min_cos"] - 1e-6:
+            die(f"text.onnx on {tokens_cut.shape[1]} tokens disagrees with the full rows "
+                f"(min cosine {checks['text_cut']['min_cos']:.7f}); the dynamic-length "
+                f"export is broken")
 
         logit_scale = float(model.logit_scale.exp().item()) if hasattr(model, "logit_scale") \
             else None
@@ -321,6 +414,7 @@ def main() -> int:
             "opset": args.opset,
             "precision": "fp16" if args.fp16 else "fp32",
             "quick_gelu": quick_gelu,
+            "text_cut_length_checked": int(tokens_cut.shape[1]) if dynamic_length else 0,
         }
         if logit_scale is not None:
             source["logit_scale"] = logit_scale
@@ -339,7 +433,7 @@ def main() -> int:
         if args.fp16:
             name += "-fp16"
         write_manifest(tmp / "model.toml", name, "pretrained" if pretrained else "random",
-                       embed_dim, pp, context_length, source)
+                       embed_dim, pp, context_length, dynamic_length, source)
 
         umask = os.umask(0)
         os.umask(umask)

@@ -647,7 +647,7 @@ mod tests {
             ("a\nn01440764\tn01443537\n", 2, "both"),
             ("a\nb\tn01440764\tx\n", 2, "3 TAB-separated"),
             ("a\nn01440764\n", 2, "only a WordNet id"),
-            ("a\n\tn01440764\n", 2, "empty class name"),
+            ("a\n\tn01440764\n", 2, "only a WordNet id"),
         ];
         for (text, line, needle) in cases {
             let err = IdLabels::parse("f.txt", text).unwrap_err();

@@ -1,0 +1,143 @@
+//! One in-flight input: its acker, identity and back-pressure permit. Dropping it without
+//! `ack`/`nak` NAKs the message, so forgetting one can never look like success. A tracker keeps
+//! every unfinished input's reply subject for progress acks (+WPI) and for the final NAK on a
+//! shutdown that runs out of time.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::Subject;
+use async_nats::jetstream::{self, AckKind, message::Acker};
+use tokio::sync::OwnedSemaphorePermit;
+
+#[derive(Default)]
+pub struct Tracker {
+    next: AtomicU64,
+    open: Mutex<HashMap<u64, (Instant, Subject)>>,
+}
+
+impl Tracker {
+    fn register(&self, reply: Subject) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(id, (Instant::now(), reply));
+        }
+        id
+    }
+
+    fn finish(&self, id: u64) {
+        if let Ok(mut m) = self.open.lock() {
+            m.remove(&id);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Reply subjects of inputs in flight for longer than `age`.
+    pub fn older_than(&self, age: Duration) -> Vec<Subject> {
+        let now = Instant::now();
+        self.open
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|(t, _)| now.duration_since(*t) >= age)
+                    .map(|(_, s)| s.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Takes every unfinished input (used to NAK them all when the drain times out).
+    pub fn take_all(&self) -> Vec<Subject> {
+        self.open
+            .lock()
+            .map(|mut m| m.drain().map(|(_, (_, s))| s).collect())
+            .unwrap_or_default()
+    }
+}
+
+/// The identity of an input message.
+#[derive(Debug, Clone)]
+pub struct Source {
+    pub stream: String,
+    pub sequence: u64,
+    pub delivered: i64,
+}
+
+impl Source {
+    pub fn label(&self) -> String {
+        format!("{}:{}", self.stream, self.sequence)
+    }
+}
+
+pub struct InFlight {
+    acker: Option<Acker>,
+    pub source: Source,
+    pub received: Instant,
+    tracker: Arc<Tracker>,
+    id: u64,
+    // Drop may run on the inference thread, outside the runtime: keep a handle to spawn the NAK.
+    runtime: tokio::runtime::Handle,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl InFlight {
+    pub fn new(
+        context: jetstream::Context,
+        reply: Subject,
+        source: Source,
+        tracker: Arc<Tracker>,
+        permit: OwnedSemaphorePermit,
+    ) -> InFlight {
+        let id = tracker.register(reply.clone());
+        InFlight {
+            acker: Some(Acker::new(context, Some(reply))),
+            source,
+            received: Instant::now(),
+            tracker,
+            id,
+            runtime: tokio::runtime::Handle::current(),
+            _permit: permit,
+        }
+    }
+
+    /// Acks after the output is durably stored: a double ack waits for the server's confirmation.
+    pub async fn ack(mut self) -> Result<(), async_nats::Error> {
+        if let Some(a) = self.acker.take() {
+            self.tracker.finish(self.id);
+            a.double_ack().await?;
+        }
+        Ok(())
+    }
+
+    /// Asks for redelivery after `delay` (transient failure).
+    pub async fn nak(mut self, delay: Option<Duration>) {
+        if let Some(a) = self.acker.take() {
+            self.tracker.finish(self.id);
+            if let Err(e) = a.ack_with(AckKind::Nak(delay)).await {
+                tracing::warn!(source = %self.source.label(), error = %e, "NAK failed; the input will be redelivered after ack_wait");
+            }
+        }
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        if let Some(a) = self.acker.take() {
+            self.tracker.finish(self.id);
+            let source = self.source.label();
+            self.runtime.spawn(async move {
+                tracing::debug!(%source, "in-flight input dropped unfinished; NAK");
+                let _ = a.ack_with(AckKind::Nak(None)).await;
+            });
+        }
+    }
+}

@@ -1,0 +1,143 @@
+//! The message contract: what an input payload may be, and the headers of every output.
+
+use async_nats::HeaderMap;
+use serde::Deserialize;
+
+pub const H_DECISION: &str = "Oodgate-Decision";
+pub const H_SCORE: &str = "Oodgate-Score";
+pub const H_METHOD: &str = "Oodgate-Method";
+pub const H_THRESHOLD: &str = "Oodgate-Threshold";
+pub const H_TOP_LABEL: &str = "Oodgate-Top-Label";
+pub const H_NEAREST_OUTLIERS: &str = "Oodgate-Nearest-Outliers";
+pub const H_BANK: &str = "Oodgate-Bank";
+pub const H_MODEL: &str = "Oodgate-Model";
+pub const H_SOURCE: &str = "Oodgate-Source";
+pub const H_ERROR: &str = "Oodgate-Error";
+pub const H_ERROR_KIND: &str = "Oodgate-Error-Kind";
+pub const H_MSG_ID: &str = "Nats-Msg-Id";
+
+/// A claim check: the image lives in a NATS Object Store bucket.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct Envelope {
+    #[serde(default)]
+    pub id: serde_json::Value,
+    pub object: ObjectRef,
+    #[serde(default)]
+    pub meta: serde_json::Value,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+pub struct ObjectRef {
+    pub bucket: String,
+    pub name: String,
+}
+
+/// What an input payload holds. The kind is sniffed from the bytes: no image format starts
+/// with `{`, so a payload that does must be a valid envelope.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Payload {
+    Image,
+    Envelope(Envelope),
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum PayloadError {
+    #[error(
+        "bad envelope: {0} (expected {{\"id\": ..., \"object\": {{\"bucket\": ..., \"name\": ...}}, \"meta\": {{...}}}})"
+    )]
+    BadEnvelope(String),
+}
+
+pub fn classify(bytes: &[u8]) -> Result<Payload, PayloadError> {
+    let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+    if first != Some(&b'{') {
+        return Ok(Payload::Image);
+    }
+    let env: Envelope =
+        serde_json::from_slice(bytes).map_err(|e| PayloadError::BadEnvelope(e.to_string()))?;
+    if env.object.bucket.is_empty() || env.object.name.is_empty() {
+        return Err(PayloadError::BadEnvelope(
+            "object.bucket and object.name must not be empty".into(),
+        ));
+    }
+    Ok(Payload::Envelope(env))
+}
+
+/// `Nats-Msg-Id` of an output: input stream, stream sequence and bank version. A redelivered
+/// input maps to the same id, so the output stream drops the second copy inside its window.
+pub fn output_msg_id(stream: &str, sequence: u64, bank_version: &str) -> String {
+    format!("{stream}:{sequence}:{bank_version}")
+}
+
+/// Header values may not contain CR/LF; long explanations are capped.
+pub fn header_value(s: &str) -> String {
+    let clean: String = s
+        .chars()
+        .map(|c| if c.is_control() { ' ' } else { c })
+        .collect();
+    if clean.len() > 512 {
+        let mut end = 512;
+        while !clean.is_char_boundary(end) {
+            end -= 1;
+        }
+        clean[..end].to_string()
+    } else {
+        clean
+    }
+}
+
+/// The input's headers minus NATS control headers (`Nats-*`: message id, expectations), which
+/// must not leak into the output stream.
+pub fn carry_headers(input: Option<&HeaderMap>) -> HeaderMap {
+    let mut out = HeaderMap::new();
+    if let Some(h) = input {
+        for (name, values) in h.iter() {
+            if name.to_string().to_ascii_lowercase().starts_with("nats-") {
+                continue;
+            }
+            for v in values {
+                out.append(name.clone(), v.clone());
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn payloads_are_sniffed() {
+        assert_eq!(classify(b"\xff\xd8\xff\xe0rest").unwrap(), Payload::Image);
+        assert_eq!(classify(b"").unwrap(), Payload::Image);
+        let env = classify(
+            br#" {"id": 7, "object": {"bucket": "b", "name": "n.jpg"}, "meta": {"k": 1}}"#,
+        )
+        .unwrap();
+        match env {
+            Payload::Envelope(e) => {
+                assert_eq!(e.object.bucket, "b");
+                assert_eq!(e.object.name, "n.jpg");
+                assert_eq!(e.id, serde_json::json!(7));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(classify(b"{not json").is_err());
+        assert!(classify(br#"{"object": {"bucket": "", "name": "x"}}"#).is_err());
+    }
+
+    #[test]
+    fn msg_id_and_headers() {
+        assert_eq!(output_msg_id("IMAGES", 42, "abcd"), "IMAGES:42:abcd");
+        assert_eq!(header_value("a\r\nb"), "a  b");
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", "x");
+        h.insert("Nats-Expected-Stream", "y");
+        h.insert("X-Custom", "keep");
+        let out = carry_headers(Some(&h));
+        assert!(out.get("Nats-Msg-Id").is_none());
+        assert!(out.get("Nats-Expected-Stream").is_none());
+        assert_eq!(out.get("X-Custom").map(|v| v.as_str()), Some("keep"));
+    }
+}

@@ -1,0 +1,62 @@
+//! Prometheus metrics of the daemon (metrics facade + metrics-exporter-prometheus).
+//! Names are part of the user contract (dashboards and alerts).
+
+use metrics::{describe_counter, describe_gauge, describe_histogram};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const IN: &str = "oodgate_messages_in_total";
+pub const OUT: &str = "oodgate_messages_out_total";
+pub const DLQ: &str = "oodgate_dlq_total";
+pub const NAKS: &str = "oodgate_naks_total";
+pub const BATCH_SIZE: &str = "oodgate_batch_size";
+pub const STAGE_SECONDS: &str = "oodgate_stage_seconds";
+pub const SCORE: &str = "oodgate_score";
+pub const IN_FLIGHT: &str = "oodgate_in_flight";
+pub const QUEUE_DEPTH: &str = "oodgate_queue_depth";
+pub const PROVIDER: &str = "oodgate_execution_provider";
+pub const PENDING: &str = "oodgate_consumer_pending";
+pub const READY: &str = "oodgate_ready";
+
+/// Installs the global recorder once and returns its render handle.
+pub fn install() -> Result<PrometheusHandle, String> {
+    static HANDLE: std::sync::OnceLock<PrometheusHandle> = std::sync::OnceLock::new();
+    if let Some(h) = HANDLE.get() {
+        return Ok(h.clone());
+    }
+    let seconds: Vec<f64> = (0..16).map(|i| 0.0005 * 2f64.powi(i)).collect();
+    let sizes: Vec<f64> = (0..10).map(|i| 2f64.powi(i)).collect();
+    let scores: Vec<f64> = (0..=20).map(|i| i as f64 / 20.0).collect();
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(STAGE_SECONDS.into()), &seconds)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(BATCH_SIZE.into()), &sizes))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(SCORE.into()), &scores))
+        .map_err(|e| e.to_string())?
+        .install_recorder()
+        .map_err(|e| e.to_string())?;
+    describe_counter!(IN, "Input messages received from JetStream");
+    describe_counter!(OUT, "Messages published, by decision (id, ood, dlq)");
+    describe_counter!(DLQ, "Dead-lettered inputs by error kind");
+    describe_counter!(NAKS, "Inputs NAKed for redelivery, by reason");
+    describe_histogram!(BATCH_SIZE, "Images per encoder batch");
+    describe_histogram!(
+        STAGE_SECONDS,
+        "Latency per stage (fetch, decode, queue, infer, score, publish, total)"
+    );
+    describe_histogram!(SCORE, "Scores of routed images");
+    describe_gauge!(IN_FLIGHT, "Inputs received and not yet acked or NAKed");
+    describe_gauge!(QUEUE_DEPTH, "Decoded images waiting for the encoder");
+    describe_gauge!(
+        PROVIDER,
+        "Active execution provider (label provider), 1 when active"
+    );
+    describe_gauge!(
+        PENDING,
+        "Messages pending on the durable consumer (read every 15 s)"
+    );
+    describe_gauge!(
+        READY,
+        "1 when model and bank are loaded and NATS is connected"
+    );
+    let _ = HANDLE.set(handle.clone());
+    Ok(handle)
+}

@@ -1,0 +1,201 @@
+//! Connecting to NATS and declaring the input stream, the durable pull consumer and the
+//! output stream (ID, OOD and dead-letter subjects in one stream, so deduplication covers all).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, consumer::pull, stream};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SetupError {
+    #[error("cannot connect to NATS at {servers}: {reason}")]
+    Connect { servers: String, reason: String },
+    #[error("JetStream {what}: {reason}")]
+    JetStream { what: String, reason: String },
+}
+
+/// How to reach NATS.
+#[derive(Debug, Clone, Default)]
+pub struct NatsOptions {
+    pub servers: Vec<String>,
+    pub name: String,
+    pub user: Option<String>,
+    pub password: Option<String>,
+    pub token: Option<String>,
+    pub nkey: Option<String>,
+    pub creds_file: Option<PathBuf>,
+    pub tls_ca: Option<PathBuf>,
+    pub tls_cert: Option<PathBuf>,
+    pub tls_key: Option<PathBuf>,
+    pub tls_required: bool,
+    pub connect_timeout: Duration,
+}
+
+/// Connects with unlimited reconnects; reconnection events are logged.
+pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> {
+    let servers = o.servers.join(",");
+    let err = |reason: String| SetupError::Connect {
+        servers: servers.clone(),
+        reason,
+    };
+    let mut opts = async_nats::ConnectOptions::new()
+        .name(if o.name.is_empty() {
+            "oodgate"
+        } else {
+            &o.name
+        })
+        .max_reconnects(None)
+        .retry_on_initial_connect()
+        .connection_timeout(if o.connect_timeout.is_zero() {
+            Duration::from_secs(5)
+        } else {
+            o.connect_timeout
+        })
+        .event_callback(|ev| async move {
+            match ev {
+                async_nats::Event::Disconnected => {
+                    tracing::warn!("NATS disconnected; reconnecting")
+                }
+                async_nats::Event::Connected => tracing::info!("NATS connected"),
+                async_nats::Event::SlowConsumer(n) => {
+                    tracing::warn!(subscription = n, "NATS slow consumer")
+                }
+                other => tracing::info!(event = %other, "NATS event"),
+            }
+        });
+    if let (Some(u), Some(p)) = (&o.user, &o.password) {
+        opts = opts.user_and_password(u.clone(), p.clone());
+    }
+    if let Some(t) = &o.token {
+        opts = opts.token(t.clone());
+    }
+    if let Some(seed) = &o.nkey {
+        opts = opts.nkey(seed.clone());
+    }
+    if let Some(c) = &o.creds_file {
+        opts = opts
+            .credentials_file(c)
+            .await
+            .map_err(|e| err(format!("credentials file {}: {e}", c.display())))?;
+    }
+    if let Some(ca) = &o.tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(c), Some(k)) = (&o.tls_cert, &o.tls_key) {
+        opts = opts.add_client_certificate(c.clone(), k.clone());
+    }
+    if o.tls_required {
+        opts = opts.require_tls(true);
+    }
+    let urls: Vec<async_nats::ServerAddr> = o
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse::<async_nats::ServerAddr>()
+                .map_err(|e| err(format!("bad server address {s}: {e}")))
+        })
+        .collect::<Result<_, _>>()?;
+    // With retry_on_initial_connect, connect returns at once and connects in the background;
+    // wait (bounded) for the first connection so start-up errors are reported.
+    let client = opts.connect(urls).await.map_err(|e| err(e.to_string()))?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() > deadline {
+            return Err(err("no connection within 30 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = client.server_info();
+    tracing::info!(server = %info.server_name, version = %info.version, jetstream = info.jetstream, "connected to NATS");
+    if !info.jetstream {
+        return Err(err(
+            "the server does not have JetStream enabled (start it with -js)".into(),
+        ));
+    }
+    Ok(client)
+}
+
+/// Stream and consumer settings.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    pub input_stream: String,
+    pub input_subjects: Vec<String>,
+    pub create_input: bool,
+    pub filter_subject: String,
+    pub durable: String,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub max_ack_pending: i64,
+    pub output_stream: String,
+    pub output_subjects: [String; 3],
+    pub create_output: bool,
+    pub duplicate_window: Duration,
+}
+
+/// Declares (or looks up) the streams and the durable consumer.
+pub async fn declare(
+    js: &jetstream::Context,
+    t: &Topology,
+) -> Result<jetstream::consumer::PullConsumer, SetupError> {
+    let je = |what: &str, e: &dyn std::fmt::Display| SetupError::JetStream {
+        what: what.to_string(),
+        reason: e.to_string(),
+    };
+    let input = if t.create_input {
+        js.get_or_create_stream(stream::Config {
+            name: t.input_stream.clone(),
+            subjects: t.input_subjects.clone(),
+            storage: stream::StorageType::File,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| je(&format!("input stream {}", t.input_stream), &e))?
+    } else {
+        js.get_stream(&t.input_stream).await.map_err(|e| {
+            je(
+                &format!(
+                    "input stream {} (create_if_missing = false)",
+                    t.input_stream
+                ),
+                &e,
+            )
+        })?
+    };
+    if t.create_output {
+        js.get_or_create_stream(stream::Config {
+            name: t.output_stream.clone(),
+            subjects: t.output_subjects.to_vec(),
+            storage: stream::StorageType::File,
+            duplicate_window: t.duplicate_window,
+            ..Default::default()
+        })
+        .await
+        .map_err(|e| je(&format!("output stream {}", t.output_stream), &e))?;
+    }
+    let consumer: jetstream::consumer::PullConsumer = input
+        .get_or_create_consumer(
+            &t.durable,
+            pull::Config {
+                durable_name: Some(t.durable.clone()),
+                filter_subject: t.filter_subject.clone(),
+                ack_policy: jetstream::consumer::AckPolicy::Explicit,
+                ack_wait: t.ack_wait,
+                max_deliver: t.max_deliver,
+                max_ack_pending: t.max_ack_pending,
+                ..Default::default()
+            },
+        )
+        .await
+        .map_err(|e| je(&format!("consumer {}", t.durable), &e))?;
+    // The API takes nanoseconds and unit bugs are common: log what the server holds.
+    let mut c = consumer.clone();
+    if let Ok(info) = c.info().await {
+        let cfg = &info.config;
+        tracing::info!(
+            stream = %t.input_stream, durable = %t.durable, filter = %cfg.filter_subject,
+            ack_wait = ?cfg.ack_wait, max_deliver = cfg.max_deliver, max_ack_pending = cfg.max_ack_pending,
+            "effective consumer configuration"
+        );
+    }
+    Ok(consumer)
+}
