@@ -10,5 +10,6 @@
 pub mod config;
 pub mod detect;
 pub mod eval;
+pub mod http;
 pub mod model;
 pub mod stream;

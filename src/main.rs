@@ -6,7 +6,10 @@ use clap::Parser;
 
 fn main() -> std::process::ExitCode {
     let args = cli::Cli::parse();
-    cli::logging::init(&args.log);
+    // serve configures logging from its settings (log.level / log.format).
+    if !matches!(args.command, cli::Command::Serve(_)) {
+        cli::logging::init(&args.log);
+    }
     match cli::run(args) {
         Ok(code) => code,
         Err(e) => {

@@ -198,7 +198,7 @@ fn wordnet_dog() {
     assert_eq!(wn.first_noun_sense("dog"), Some(2_084_071));
 
     let below = wn.hyponyms_closure(2_084_071);
-    for breed in ["poodle", "beagle", "dalmatian"] {
+    for breed in ["poodle", "beagle", "basenji"] {
         let sense = wn.first_noun_sense(breed).unwrap();
         assert!(below.contains(&sense), "{breed} ({sense:08}) not below dog");
     }

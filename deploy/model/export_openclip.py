@@ -10,9 +10,11 @@ The text tower is exported with a dynamic sequence axis (seq <= 77): a wrapper s
 positional embedding to positional_embedding[:seq] and the model's 77 x 77 causal mask buffer
 (`attn_mask`) to attn_mask[:seq, :seq]. The tower is causal and pools at the EOT token, so a
 batch cut after its longest EOT gives the same embeddings as full 77-token rows; the manifest
-then says `dynamic_length = true` (checked with onnxruntime on full and cut rows). Text
-towers that are not causal, pool elsewhere or append a class token (CoCa) keep the sequence
-axis dynamic in the graph but get `dynamic_length = false`, and oodgate feeds 77 tokens.
+then says `dynamic_length = true` (checked with onnxruntime on full and cut rows). For the
+export the text transformer's nn.MultiheadAttention modules are swapped for an equivalent
+plain implementation, because torch's traces a constant sequence length into them. Text
+towers that are not causal, pool elsewhere or append a class token (CoCa) are exported with
+a fixed [batch, 77] input and `dynamic_length = false`.
 
 Embeddings are NOT L2-normalised (encode_image / encode_text with normalize=False); oodgate
 normalises them itself.
@@ -146,7 +148,7 @@ input = "tokens"
 output = "embedding"
 # attention_mask = "attention_mask"  # optional input name; when set oodgate feeds a 0/1 int64 mask
 context_length = {context_length}
-dynamic_length = {toml_value(dynamic_length)}{"           # the graph also takes [batch, L], L <= context_length" if dynamic_length else "          # feed full context_length rows"}
+dynamic_length = {toml_value(dynamic_length)}{"            # the graph also takes [batch, L], L <= context_length" if dynamic_length else "           # feed full context_length rows"}
 tokenizer = "clip-bpe"
 pad_id = 0                       # OpenAI/OpenCLIP pad with 0; Hugging Face exports pad with 49407
 [source]                         # optional provenance, free-form keys
@@ -169,6 +171,12 @@ def export_tower(torch, onnx, module, example, path: Path, input_name: str, opse
     # torch >= 2.9 defaults to the dynamo exporter; ask for the classic one explicitly.
     if "dynamo" in inspect.signature(torch.onnx.export).parameters:
         kwargs["dynamo"] = False
+    # In eval mode under no_grad, nn.MultiheadAttention takes a fused "fast path"
+    # (aten::_native_multi_head_attention) that the TorchScript exporter cannot translate;
+    # switch it off so the plain attention ops are traced.
+    mha = getattr(getattr(torch, "backends", None), "mha", None)
+    if mha is not None and hasattr(mha, "set_fastpath_enabled"):
+        mha.set_fastpath_enabled(False)
     with torch.no_grad():
         torch.onnx.export(module, (example,), str(path), **kwargs)
     model = onnx.load(str(path))
@@ -242,6 +250,59 @@ def sliced_text_state(text, length):
     finally:
         for store, name, value in reversed(saved):
             store[name] = value
+
+
+def traceable_attention(torch, text) -> int:
+    """Swap the text transformer's nn.MultiheadAttention modules for a plain implementation.
+
+    torch.nn.functional.multi_head_attention_forward reads the sequence length into a Python
+    number that the TorchScript tracer records as a constant (the batch axis stays dynamic),
+    so an exported text tower would only take the traced length. The replacement computes
+    the same self-attention with the module's own weights through ops whose shapes the
+    tracer keeps symbolic. Only the export sees it: the torch references are computed before.
+    Returns how many modules were swapped.
+    """
+    import torch.nn.functional as F
+
+    class SelfAttention(torch.nn.Module):
+        def __init__(self, mha):
+            super().__init__()
+            self.mha = mha
+
+        def forward(self, query, key=None, value=None, key_padding_mask=None,
+                    need_weights=False, attn_mask=None, **kwargs):
+            m = self.mha
+            if (key is not None and key is not query) or (value is not None and
+                                                          value is not query) \
+                    or key_padding_mask is not None or kwargs.get("is_causal"):
+                return m(query, key, value, key_padding_mask=key_padding_mask,
+                         need_weights=need_weights, attn_mask=attn_mask, **kwargs)
+            x = query if m.batch_first else query.transpose(0, 1)  # [B, T, W]
+            b, t = x.shape[0], x.shape[1]
+            h = m.num_heads
+            d = m.embed_dim // h
+            qkv = F.linear(x, m.in_proj_weight, m.in_proj_bias).reshape(b, t, 3, h, d)
+            qkv = qkv.permute(2, 0, 3, 1, 4)  # [3, B, H, T, D]
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            att = (q * (1.0 / math.sqrt(d))) @ k.transpose(-2, -1)  # [B, H, T, T]
+            if attn_mask is not None:
+                if attn_mask.dtype == torch.bool:
+                    attn_mask = torch.zeros_like(attn_mask, dtype=att.dtype).masked_fill(
+                        attn_mask, float("-inf"))
+                att = att + attn_mask.to(att.dtype)
+            out = (att.softmax(dim=-1) @ v).transpose(1, 2).reshape(b, t, m.embed_dim)
+            out = F.linear(out, m.out_proj.weight, m.out_proj.bias)
+            return (out if m.batch_first else out.transpose(0, 1)), None
+
+    n = 0
+    for block in getattr(getattr(text, "transformer", None), "resblocks", []):
+        m = getattr(block, "attn", None)
+        if isinstance(m, torch.nn.MultiheadAttention) and m._qkv_same_embed_dim \
+                and m.in_proj_weight is not None and m.bias_k is None \
+                and not m.add_zero_attn:
+            block.attn = SelfAttention(m)
+            n += 1
+    return n
 
 
 def parity(torch, ref, path: Path, input_name: str, x) -> dict | None:
@@ -376,6 +437,8 @@ def main() -> int:
         print(f"exporting the image tower (opset {args.opset}) ...")
         export_tower(torch, onnx, image_tower, images, tmp / "image.onnx", "image", args.opset)
         print(f"exporting the text tower (opset {args.opset}) ...")
+        if dynamic_length:
+            traceable_attention(torch, text)
         export_tower(torch, onnx, text_tower, tokens_cut if dynamic_length else tokens,
                      tmp / "text.onnx", "tokens", args.opset, seq_axis=dynamic_length)
         if args.fp16:

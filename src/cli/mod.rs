@@ -1,10 +1,16 @@
 //! Subcommands. Only this module knows about terminals, progress bars and exit codes.
 
+pub mod bank;
+pub mod calibrate;
 pub mod common;
 pub mod debug;
 pub mod embed;
+pub mod eval;
 pub mod info;
 pub mod logging;
+pub mod publish;
+pub mod score;
+pub mod serve;
 
 use std::process::ExitCode;
 
@@ -29,6 +35,19 @@ pub enum Command {
     Debug(debug::DebugCommand),
     /// Embed image files/folders or texts into an [N, D] float32 .npy.
     Embed(embed::EmbedArgs),
+    /// Run the filter: JetStream in, ID/OOD/DLQ subjects out.
+    Serve(serve::ServeArgs),
+    /// Push image files/folders into the input stream (Object Store above a size limit).
+    Publish(publish::PublishArgs),
+    /// Build, import and inspect label banks (.oodb).
+    #[command(subcommand)]
+    Bank(bank::BankCommand),
+    /// Score images or embeddings against a bank: one JSON line per input.
+    Score(score::ScoreArgs),
+    /// AUROC, FPR95 and AUPR of several methods on ID vs OOD sets.
+    Eval(eval::EvalArgs),
+    /// Calibrate a decision threshold on held-out ID inputs (optionally store it in the bank).
+    Calibrate(calibrate::CalibrateArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -36,5 +55,11 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Info(a) => info::run(a),
         Command::Debug(c) => debug::run(c),
         Command::Embed(a) => embed::run(a),
+        Command::Serve(a) => serve::run(a),
+        Command::Publish(a) => publish::run(a),
+        Command::Bank(c) => bank::run(c),
+        Command::Score(a) => score::run(a),
+        Command::Eval(a) => eval::run(a),
+        Command::Calibrate(a) => calibrate::run(a),
     }
 }

@@ -22,8 +22,8 @@ use super::bank::{BANK_FORMAT, Bank, BankError, BankMeta, OutlierRow};
 use super::embed_cache::{CacheError, EmbedCache};
 use super::labels::{IdLabels, Templates};
 use super::prototypes::{
-    self, HopgParams, KMeansParams, OplCounts, OplParams, ProtoError, hard_prototypes, kmeans,
-    nearest_words, outlier_prototypes, refine,
+    self, KMeansParams, OplCounts, OplParams, ProtoError, hard_prototypes, kmeans, nearest_words,
+    outlier_prototypes, refine,
 };
 use crate::model::tokenizer::END_OF_TEXT;
 use crate::model::{ClipTokenizer, Encoder, EncoderError};
@@ -366,7 +366,10 @@ pub struct Timings {
 }
 
 mod secs {
-    pub fn serialize<S: serde::Serializer>(d: &std::time::Duration, s: S) -> Result<S::Ok, S::Error> {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         s.serialize_f64(d.as_secs_f64())
     }
 }
@@ -398,8 +401,8 @@ pub struct BuildReport {
     pub timings: Timings,
 }
 
-/// Where label embeddings are cached: the cache root, and the model fingerprint the folders
-/// are keyed by.
+/// Where label embeddings are cached (folders are keyed by the encoder's fingerprint and each
+/// template set's fingerprint).
 #[derive(Debug, Clone)]
 pub struct CacheSpec {
     /// Root folder (one subfolder per model and template set).
@@ -560,7 +563,6 @@ pub fn build_bank(
     // Text embeddings.
     let t0 = Instant::now();
     let mut main_cache = open_cache(cache, &fingerprint, &req.templates, dim);
-    let mut phase = |p: &mut dyn Progress, name: &str| Phase::new(p, name);
     let id_emb = embed_labels(
         encoder,
         tokenizer,
@@ -568,7 +570,7 @@ pub fn build_bank(
         &req.id.names,
         main_cache.as_mut(),
         req.batch,
-        &mut phase(progress, "ID labels"),
+        &mut Phase::new(progress, "ID labels"),
     )?;
     tally(&id_emb);
     let t = id_emb.vectors;
@@ -604,7 +606,6 @@ pub fn build_bank(
 
     let n_words;
     match &req.mode {
-        OutlierMode::Prototypes(p) | OutlierMode::Raw if false => unreachable_mode(p),
         OutlierMode::Prototypes(p) => {
             let w = embed_labels(
                 encoder,
@@ -613,7 +614,7 @@ pub fn build_bank(
                 words,
                 main_cache.as_mut(),
                 req.batch,
-                &mut phase(progress, "outlier labels"),
+                &mut Phase::new(progress, "outlier labels"),
             )?;
             tally(&w);
             timings.text_embedding = t0.elapsed();
@@ -641,7 +642,10 @@ pub fn build_bank(
                 let ws: Vec<String> = list.iter().map(|&(i, _)| words[i].clone()).collect();
                 rows.push(OutlierRow {
                     kind: "prototype".into(),
-                    label: ws.first().cloned().unwrap_or_else(|| format!("cluster {k}")),
+                    label: ws
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| format!("cluster {k}")),
                     words: ws,
                     detail: serde_json::json!({
                         "cluster": k,
@@ -660,7 +664,10 @@ pub fn build_bank(
                     for hard in &h.accepted {
                         let partner = rows.get(hard.partner).cloned();
                         let id_label = req.id.names.get(hard.id_class).cloned().unwrap_or_default();
-                        let partner_label = partner.as_ref().map(|r| r.label.clone()).unwrap_or_default();
+                        let partner_label = partner
+                            .as_ref()
+                            .map(|r| r.label.clone())
+                            .unwrap_or_default();
                         rows.push(OutlierRow {
                             kind: "hard".into(),
                             label: format!("{id_label} ~ {partner_label}"),
@@ -714,7 +721,7 @@ pub fn build_bank(
                 words,
                 main_cache.as_mut(),
                 req.batch,
-                &mut phase(progress, "outlier labels"),
+                &mut Phase::new(progress, "outlier labels"),
             )?;
             tally(&w);
             timings.text_embedding = t0.elapsed();
@@ -758,7 +765,7 @@ pub fn build_bank(
                     list,
                     c.as_mut(),
                     req.batch,
-                    &mut phase(progress, name),
+                    &mut Phase::new(progress, name),
                 )?;
                 tally(&w);
                 embedded.push(w.vectors);
@@ -772,8 +779,8 @@ pub fn build_bank(
                 let eta = percentile_cos(e.view(), t.view(), params.percentile);
                 let mut order: Vec<usize> = (0..eta.len()).collect();
                 order.sort_by(|&a, &b| eta[a].total_cmp(&eta[b]).then(a.cmp(&b)));
-                let n_keep = ((eta.len() as f64 * params.keep).floor() as usize)
-                    .clamp(1, eta.len());
+                let n_keep =
+                    ((eta.len() as f64 * params.keep).floor() as usize).clamp(1, eta.len());
                 order.truncate(n_keep);
                 kept_counts.insert(pos.to_string(), (n_keep, eta.len()));
                 for &i in &order {
@@ -853,9 +860,6 @@ pub fn build_bank(
         },
     ))
 }
-
-#[inline]
-fn unreachable_mode(_: &OplParams) {}
 
 /// "pretrained" / "random" for a [`crate::model::Weights`].
 pub fn weights_name(w: &crate::model::Weights) -> String {
@@ -1023,9 +1027,7 @@ fn parse_npy(bytes: &[u8]) -> Result<Array2<f32>, String> {
         }
         v => return Err(format!("unsupported .npy version {v}")),
     };
-    let header = bytes
-        .get(start..start + hlen)
-        .ok_or("truncated header")?;
+    let header = bytes.get(start..start + hlen).ok_or("truncated header")?;
     let header = std::str::from_utf8(header).map_err(|_| "header is not text")?;
     let field = |key: &str| -> Option<&str> {
         let k = format!("'{key}':");
@@ -1049,7 +1051,10 @@ fn parse_npy(bytes: &[u8]) -> Result<Array2<f32>, String> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| format!("bad shape entry {s:?}")))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| format!("bad shape entry {s:?}"))
+        })
         .collect::<Result<_, _>>()?;
     let (rows, cols) = match shape.as_slice() {
         [n, d] => (*n, *d),
@@ -1085,9 +1090,7 @@ fn parse_npy(bytes: &[u8]) -> Result<Array2<f32>, String> {
             .collect(),
         _ => data[..n * 8]
             .chunks_exact(8)
-            .map(|c| {
-                f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32
-            })
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) as f32)
             .collect(),
     };
     let arr = if fortran {
@@ -1121,6 +1124,7 @@ pub fn normalize_embeddings(m: &mut Array2<f32>) -> Result<(), usize> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::prototypes::HopgParams;
     use crate::model::Weights;
     use crate::model::encoder::EncoderInfo;
     use ndarray::ArrayView4;
@@ -1156,7 +1160,10 @@ mod tests {
         fn embed_images(&mut self, _: ArrayView4<'_, f32>) -> Result<Array2<f32>, EncoderError> {
             Err(EncoderError::NoTextEncoder)
         }
-        fn embed_texts(&mut self, tokens: ArrayView2<'_, i64>) -> Result<Array2<f32>, EncoderError> {
+        fn embed_texts(
+            &mut self,
+            tokens: ArrayView2<'_, i64>,
+        ) -> Result<Array2<f32>, EncoderError> {
             self.calls.push(tokens.dim());
             let d = self.info.embed_dim;
             let mut out = Array2::<f32>::zeros((tokens.nrows(), d));
@@ -1207,7 +1214,11 @@ mod tests {
     fn embed_labels_matches_direct_ensemble_and_uses_cache() {
         let mut enc = FakeEncoder::new(16);
         let tok = ClipTokenizer::default();
-        let t = tpl(&["a photo of a {}.", "{}", "a very very long prompt about the {} here"]);
+        let t = tpl(&[
+            "a photo of a {}.",
+            "{}",
+            "a very very long prompt about the {} here",
+        ]);
         let labels: Vec<String> = ["cat", "dog", "cat", "sea lion"].map(String::from).to_vec();
         let got = embed_labels(&mut enc, &tok, &t, &labels, None, 2, &mut NoProgress).unwrap();
         assert_eq!((got.cached, got.encoded, got.prompts), (0, 3, 9));
@@ -1231,16 +1242,32 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let open = || EmbedCache::open(tmp.path(), "fp", &t.fingerprint(), &t.name, 16).unwrap();
         let mut cache = open();
-        let a = embed_labels(&mut enc, &tok, &t, &labels, Some(&mut cache), 256, &mut NoProgress)
-            .unwrap();
+        let a = embed_labels(
+            &mut enc,
+            &tok,
+            &t,
+            &labels,
+            Some(&mut cache),
+            256,
+            &mut NoProgress,
+        )
+        .unwrap();
         assert_eq!((a.cached, a.encoded), (0, 3));
         drop(cache);
         let mut cache = open();
         assert_eq!(cache.len(), 3);
         enc.calls.clear();
         let more: Vec<String> = ["dog", "cat", "emu"].map(String::from).to_vec();
-        let b = embed_labels(&mut enc, &tok, &t, &more, Some(&mut cache), 256, &mut NoProgress)
-            .unwrap();
+        let b = embed_labels(
+            &mut enc,
+            &tok,
+            &t,
+            &more,
+            Some(&mut cache),
+            256,
+            &mut NoProgress,
+        )
+        .unwrap();
         assert_eq!((b.cached, b.encoded, b.prompts), (2, 1, 3));
         assert_eq!(b.vectors.row(0), a.vectors.row(1));
         assert_eq!(b.vectors.row(1), a.vectors.row(0));
@@ -1251,7 +1278,10 @@ mod tests {
     fn prompts_are_sorted_by_length() {
         struct Lengths(FakeEncoder, Vec<Vec<usize>>);
         impl Encoder for Lengths {
-            fn embed_images(&mut self, b: ArrayView4<'_, f32>) -> Result<Array2<f32>, EncoderError> {
+            fn embed_images(
+                &mut self,
+                b: ArrayView4<'_, f32>,
+            ) -> Result<Array2<f32>, EncoderError> {
                 self.0.embed_images(b)
             }
             fn embed_texts(&mut self, t: ArrayView2<'_, i64>) -> Result<Array2<f32>, EncoderError> {
@@ -1314,8 +1344,16 @@ mod tests {
         };
         let req = request(OutlierMode::Prototypes(p.clone()), 300);
         let (bank, report) = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap();
-        let e = embed_labels(&mut enc, &tok, &req.templates, &req.outlier_words, None, 64, &mut NoProgress)
-            .unwrap();
+        let e = embed_labels(
+            &mut enc,
+            &tok,
+            &req.templates,
+            &req.outlier_words,
+            None,
+            64,
+            &mut NoProgress,
+        )
+        .unwrap();
         let set = prototypes::build_outliers(e.vectors.view(), bank.id.view(), &p).unwrap();
         assert_eq!(bank.outliers.dim(), set.vectors.dim());
         for (a, b) in bank.outliers.iter().zip(set.vectors.iter()) {
@@ -1335,7 +1373,10 @@ mod tests {
         assert_eq!(bank.meta.model_weights, "random");
         assert_eq!(bank.meta.model_fingerprint, "fakefingerprint0123456789");
         if set.counts.accepted > 0 {
-            assert_eq!(bank.meta.outliers.last().map(|r| r.kind.as_str()), Some("hard"));
+            assert_eq!(
+                bank.meta.outliers.last().map(|r| r.kind.as_str()),
+                Some("hard")
+            );
         }
     }
 
@@ -1343,9 +1384,14 @@ mod tests {
     fn raw_and_neglabel_modes() {
         let mut enc = FakeEncoder::new(32);
         let tok = ClipTokenizer::default();
-        let (bank, r) =
-            build_bank(&mut enc, &tok, &request(OutlierMode::Raw, 50), None, &mut NoProgress)
-                .unwrap();
+        let (bank, r) = build_bank(
+            &mut enc,
+            &tok,
+            &request(OutlierMode::Raw, 50),
+            None,
+            &mut NoProgress,
+        )
+        .unwrap();
         assert_eq!((bank.outliers.nrows(), r.n_outliers), (50, 50));
         assert_eq!(bank.meta.outliers[3].kind, "label");
         assert_eq!(bank.meta.theta, None);
@@ -1424,7 +1470,10 @@ mod tests {
             a.iter().copied().collect::<Vec<_>>(),
             vec![1.0, -2.0, 0.5, 65504.0, 2f32.powi(-24), 0.0]
         );
-        let d: Vec<u8> = [0.25f64, -1.0].iter().flat_map(|v| v.to_le_bytes()).collect();
+        let d: Vec<u8> = [0.25f64, -1.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
         assert_eq!(
             parse_npy(&npy("<f8", "(2,)", false, &d)).unwrap(),
             ndarray::array![[0.25f32, -1.0]]

@@ -207,10 +207,7 @@ impl EmbedCache {
                     path: dir,
                     reason: format!(
                         "meta.json says format {}, dim {}, model {}, templates {}; wanted format {CACHE_FORMAT}, dim {dim}, model {model_fingerprint}, templates {templates_fingerprint}",
-                        have.format,
-                        have.dim,
-                        have.model_fingerprint,
-                        have.templates_fingerprint
+                        have.format, have.dim, have.model_fingerprint, have.templates_fingerprint
                     ),
                 });
             }
@@ -413,7 +410,14 @@ mod tests {
     use ndarray::array;
 
     fn open(root: &Path, dim: usize) -> EmbedCache {
-        EmbedCache::open(root, "m0123456789abcdefXX", "t0123456789abcdefYY", "test", dim).unwrap()
+        EmbedCache::open(
+            root,
+            "m0123456789abcdefXX",
+            "t0123456789abcdefYY",
+            "test",
+            dim,
+        )
+        .unwrap()
     }
 
     fn s(v: &[&str]) -> Vec<String> {
@@ -430,7 +434,10 @@ mod tests {
             "m0123456789abcde-t0123456789abcde"
         );
         let n = c
-            .insert(&s(&["cat", "dog"]), array![[1.0f32, 0.0], [0.0, 1.0]].view())
+            .insert(
+                &s(&["cat", "dog"]),
+                array![[1.0f32, 0.0], [0.0, 1.0]].view(),
+            )
             .unwrap();
         assert_eq!(n, 2);
         // Already present and repeated labels are skipped, line breaks are never stored.
@@ -451,7 +458,9 @@ mod tests {
         let all = c.get_all(&s(&["rock", "cat"])).unwrap();
         assert_eq!(all, array![[0.5f32, 0.5], [1.0, 0.0]]);
         assert!(c.get_all(&s(&["cat", "bird"])).is_none());
-        let size = std::fs::metadata(c.dir().join("vectors.f32")).unwrap().len();
+        let size = std::fs::metadata(c.dir().join("vectors.f32"))
+            .unwrap()
+            .len();
         assert_eq!(size, 3 * 2 * 4);
     }
 

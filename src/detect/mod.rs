@@ -1,6 +1,8 @@
 //! The OLE method and its baselines: pure math on embeddings, no I/O beyond the bank file.
 
 pub mod bank;
+pub mod build;
+pub mod embed_cache;
 pub mod index;
 pub mod labels;
 pub mod prototypes;

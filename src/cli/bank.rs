@@ -1,0 +1,707 @@
+//! `oodgate bank build | import | inspect`.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
+use indicatif::ProgressBar;
+use oodgate::detect::bank::Bank;
+use oodgate::detect::build::{
+    self, BuildReport, BuildRequest, CacheSpec, DEFAULT_BATCH, DEFAULT_WORDS_PER_ROW,
+    ImportRequest, NegLabelParams, OutlierMode, Progress, read_npy,
+};
+use oodgate::detect::embed_cache;
+use oodgate::detect::labels::{
+    self, CORPUS_WORDNET, CleanOptions, CleanReport, CorpusOptions, IdLabels, clean_outliers,
+    outlier_words,
+};
+use oodgate::detect::prototypes::{HopgParams, OplParams};
+use oodgate::detect::wordnet::{self, WordNet};
+use oodgate::model::{ClipTokenizer, ModelManifest, RANDOM_WEIGHTS_WARNING};
+
+use super::common::{ModelArgs, progress};
+use super::score::{load_bank, short};
+
+#[derive(Debug, clap::Subcommand)]
+pub enum BankCommand {
+    /// Build a bank from labels with the model's text encoder (OPL + refinement + HOPG by
+    /// default; --raw-outliers or --neglabel for the alternatives).
+    Build(BuildArgs),
+    /// Pack precomputed embedding matrices (.npy) into a bank.
+    Import(ImportArgs),
+    /// Show a bank's sizes, parameters, prototypes and thresholds.
+    Inspect(InspectArgs),
+}
+
+pub fn run(c: BankCommand) -> anyhow::Result<ExitCode> {
+    match c {
+        BankCommand::Build(a) => run_build(a),
+        BankCommand::Import(a) => run_import(a),
+        BankCommand::Inspect(a) => run_inspect(a),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// build
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, clap::Args)]
+pub struct BuildArgs {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// ID classes: a preset (imagenet1k, cifar10, cifar100) or a label file.
+    #[arg(long)]
+    pub id: String,
+    /// Outlier-label corpus: wordnet, ole-reference or a word file (one per line).
+    #[arg(long, default_value = CORPUS_WORDNET)]
+    pub outliers: String,
+    /// Prompt templates: openai-imagenet, ole, mcm, neglabel-noun, neglabel-adj or a file
+    /// (default openai-imagenet; neglabel-noun with --neglabel).
+    #[arg(long)]
+    pub templates: Option<String>,
+    /// CLIPN "no" embeddings T̄ ([C, D] .npy, rows in ID-label order), computed elsewhere.
+    #[arg(long)]
+    pub no_embeddings: Option<PathBuf>,
+    /// Number of outlier prototypes K.
+    #[arg(long, default_value_t = 500)]
+    pub k: usize,
+    /// Refinement quantile q: keep prototypes below the q-quantile of their max ID cosine.
+    #[arg(long, default_value_t = 0.1)]
+    pub quantile: f64,
+    /// Seed of the k-means++ initialisation.
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Lloyd iterations at most.
+    #[arg(long, default_value_t = 100)]
+    pub max_iter: usize,
+    /// Skip Hard Outlier Prototype Generation.
+    #[arg(long)]
+    pub no_hopg: bool,
+    /// HOPG: components of the ID embeddings.
+    #[arg(long, default_value_t = 5)]
+    pub hopg_clusters: usize,
+    /// HOPG: boundary ID embeddings per component.
+    #[arg(long, default_value_t = 30)]
+    pub hopg_per_cluster: usize,
+    /// HOPG: λ (the ID side's weight) is drawn from [0, this).
+    #[arg(long, default_value_t = 0.5)]
+    pub hopg_lambda_max: f64,
+    /// HOPG: seed of its k-means and of the λ draws.
+    #[arg(long, default_value_t = 42)]
+    pub hopg_seed: u64,
+    /// Keep every outlier-label embedding as an outlier row (the "raw OLE" ablation).
+    #[arg(long, conflicts_with = "neglabel")]
+    pub raw_outliers: bool,
+    /// NegLabel negative mining instead of prototypes (for --method neglabel).
+    #[arg(long)]
+    pub neglabel: bool,
+    /// NegLabel: adjective candidates: wordnet, none or a word file (default: wordnet when
+    /// --outliers is wordnet, else none).
+    #[arg(long)]
+    pub adjectives: Option<String>,
+    /// NegLabel: percentile η of a candidate's cosines to the ID labels.
+    #[arg(long, default_value_t = 0.95)]
+    pub neglabel_percentile: f64,
+    /// NegLabel: fraction of candidates kept (lowest η), nouns and adjectives separately.
+    #[arg(long, default_value_t = 0.15)]
+    pub neglabel_keep: f64,
+    /// NegLabel: templates of the noun candidates.
+    #[arg(long, default_value = "neglabel-noun")]
+    pub noun_templates: String,
+    /// NegLabel: templates of the adjective candidates.
+    #[arg(long, default_value = "neglabel-adj")]
+    pub adj_templates: String,
+    /// Keep multi-word WordNet lemmas ("great white shark").
+    #[arg(long)]
+    pub multiword: bool,
+    /// WordNet dictionary folder (for the wordnet corpus and the synonym/hyponym cleaning).
+    #[arg(long)]
+    pub wordnet: Option<PathBuf>,
+    /// Do not drop outlier words equal to an ID class name.
+    #[arg(long)]
+    pub keep_id_names: bool,
+    /// Do not drop lemmas of ID synsets.
+    #[arg(long)]
+    pub keep_synonyms: bool,
+    /// Do not drop hyponyms of ID synsets.
+    #[arg(long)]
+    pub keep_hyponyms: bool,
+    /// Also drop hyponyms of the first noun sense of ID classes without a WordNet id.
+    #[arg(long)]
+    pub first_sense_hyponyms: bool,
+    /// Outlier words stored per outlier row.
+    #[arg(long, default_value_t = DEFAULT_WORDS_PER_ROW)]
+    pub words_per_row: usize,
+    /// Prompts per text-encoder call.
+    #[arg(long, default_value_t = DEFAULT_BATCH)]
+    pub batch: usize,
+    /// Label-embedding cache folder (default: $OODGATE_CACHE, else .cache/labels).
+    #[arg(long)]
+    pub cache: Option<PathBuf>,
+    /// Do not read or write the label-embedding cache.
+    #[arg(long, conflicts_with = "cache")]
+    pub no_cache: bool,
+    /// Print the summary as JSON.
+    #[arg(long)]
+    pub json: bool,
+    /// Output bank file (.oodb).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+/// indicatif bars for the text-embedding phases (hidden when stderr is not a terminal).
+struct Bars(Option<ProgressBar>);
+
+impl Progress for Bars {
+    fn start(&mut self, phase: &str, total: usize) {
+        self.0 = Some(progress(total, &format!("embedding {phase}")));
+    }
+    fn advance(&mut self, n: usize) {
+        if let Some(pb) = &self.0 {
+            pb.inc(n as u64);
+        }
+    }
+    fn finish(&mut self) {
+        if let Some(pb) = self.0.take() {
+            pb.finish_and_clear();
+        }
+    }
+}
+
+/// Loads and cleans one word list; returns the words and the cleaning report.
+fn load_words(
+    spec: &str,
+    wordnet_dir: Option<&Path>,
+    corpus: &CorpusOptions,
+    id: &IdLabels,
+    wn: Option<&WordNet>,
+    clean: &CleanOptions,
+) -> anyhow::Result<(Vec<String>, CleanReport)> {
+    let words = outlier_words(spec, wordnet_dir, corpus)
+        .with_context(|| format!("loading outlier words {spec}"))?;
+    Ok(clean_outliers(words, id, wn, clean))
+}
+
+fn wordnet_adjectives(dir: Option<&Path>, multiword: bool) -> anyhow::Result<Vec<String>> {
+    let dir = match dir {
+        Some(d) => d.to_path_buf(),
+        None => WordNet::default_dir().ok_or(labels::LabelError::NoWordNet)?,
+    };
+    let mut words: Vec<String> = wordnet::read_index(&dir.join("index.adj"))?
+        .into_iter()
+        .map(|e| e.lemma)
+        .filter(|l| multiword || !l.contains(' '))
+        .collect();
+    words.sort_unstable();
+    words.dedup();
+    Ok(words)
+}
+
+fn report_json(r: &CleanReport) -> serde_json::Value {
+    serde_json::json!({
+        "exact": r.exact, "synonyms": r.synonyms, "hyponyms": r.hyponyms,
+        "kept": r.kept, "removed": r.removed(),
+    })
+}
+
+fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let id = IdLabels::load(&a.id).with_context(|| format!("loading ID labels {}", a.id))?;
+    let tpl_spec = a.templates.clone().unwrap_or_else(|| {
+        if a.neglabel {
+            "neglabel-noun".into()
+        } else {
+            labels::DEFAULT_TEMPLATES.into()
+        }
+    });
+    let templates =
+        labels::templates(&tpl_spec).with_context(|| format!("loading templates {tpl_spec}"))?;
+    let clean = CleanOptions {
+        exact: !a.keep_id_names,
+        synonyms: !a.keep_synonyms,
+        hyponyms: !a.keep_hyponyms,
+        hyponyms_of_first_sense: a.first_sense_hyponyms,
+    };
+    let corpus = CorpusOptions {
+        adjectives: false,
+        multiword: a.multiword,
+    };
+    // WordNet for the synonym / hyponym rules, if any dictionary is there.
+    let wn = if clean.synonyms || clean.hyponyms {
+        match a.wordnet.clone().or_else(WordNet::default_dir) {
+            Some(dir) => Some(
+                WordNet::open(&dir)
+                    .with_context(|| format!("opening WordNet in {}", dir.display()))?,
+            ),
+            None => {
+                eprintln!(
+                    "warning: no WordNet dictionary found; only exact ID names are removed from \
+                     the outlier words (run deploy/setup/fetch-wordnet.sh or pass --wordnet DIR)"
+                );
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let (words, report) = load_words(
+        &a.outliers,
+        a.wordnet.as_deref(),
+        &corpus,
+        &id,
+        wn.as_ref(),
+        &clean,
+    )?;
+    let adj_spec = match (&a.adjectives, a.neglabel) {
+        (_, false) => None,
+        (Some(s), true) if s == "none" => None,
+        (Some(s), true) => Some(s.clone()),
+        (None, true) if a.outliers == CORPUS_WORDNET => Some(CORPUS_WORDNET.to_string()),
+        (None, true) => None,
+    };
+    let (adjectives, adj_report) = match &adj_spec {
+        None => (Vec::new(), None),
+        Some(s) => {
+            let raw = if s == CORPUS_WORDNET {
+                wordnet_adjectives(a.wordnet.as_deref(), a.multiword)?
+            } else {
+                outlier_words(s, None, &corpus)
+                    .with_context(|| format!("loading adjectives {s}"))?
+            };
+            let (w, r) = clean_outliers(raw, &id, wn.as_ref(), &clean);
+            (w, Some(r))
+        }
+    };
+    let mode = if a.neglabel {
+        OutlierMode::NegLabel {
+            params: NegLabelParams {
+                percentile: a.neglabel_percentile,
+                keep: a.neglabel_keep,
+            },
+            noun_templates: labels::templates(&a.noun_templates)
+                .with_context(|| format!("loading templates {}", a.noun_templates))?,
+            adj_templates: labels::templates(&a.adj_templates)
+                .with_context(|| format!("loading templates {}", a.adj_templates))?,
+        }
+    } else if a.raw_outliers {
+        OutlierMode::Raw
+    } else {
+        OutlierMode::Prototypes(OplParams {
+            k: a.k,
+            quantile: a.quantile,
+            seed: a.seed,
+            max_iter: a.max_iter,
+            hopg: (!a.no_hopg).then_some(HopgParams {
+                clusters: a.hopg_clusters,
+                per_cluster: a.hopg_per_cluster,
+                lambda_max: a.hopg_lambda_max,
+                seed: a.hopg_seed,
+                max_iter: a.max_iter,
+            }),
+            nearest_words: a.words_per_row,
+        })
+    };
+    let no_embeddings = match &a.no_embeddings {
+        Some(p) => Some(read_npy(p)?),
+        None => None,
+    };
+    let mut cleaning = serde_json::json!({
+        "options": clean,
+        "wordnet": wn.as_ref().map(|w| w.dir().display().to_string()),
+        "outliers": report_json(&report),
+    });
+    if let Some(r) = &adj_report {
+        cleaning["adjectives"] = report_json(r);
+    }
+    let params = serde_json::json!({
+        "id": a.id,
+        "outliers": a.outliers,
+        "adjectives": adj_spec,
+        "corpus": corpus,
+        "no_embeddings_file": a.no_embeddings.as_ref().map(|p| p.display().to_string()),
+        "model_dir": a.model.model.display().to_string(),
+    });
+    let req = BuildRequest {
+        id,
+        templates,
+        outlier_words: words,
+        adjectives,
+        mode,
+        no_embeddings,
+        words_per_row: a.words_per_row,
+        batch: a.batch,
+        params,
+        cleaning,
+    };
+    // Fail on impossible parameters before loading the model and encoding anything.
+    build::check_request(&req)?;
+
+    let mut enc = a.model.load(true)?;
+    let spec = enc.manifest().text.clone().context(
+        "this model folder has no text encoder ([text] in model.toml); it cannot build banks",
+    )?;
+    let tok = ClipTokenizer::new(spec.context_length, spec.pad_id);
+    let cache = (!a.no_cache).then(|| CacheSpec {
+        root: a.cache.clone().unwrap_or_else(embed_cache::default_root),
+    });
+    let mut bars = Bars(None);
+    let (bank, rep) = build::build_bank(&mut enc, &tok, &req, cache.as_ref(), &mut bars)?;
+    bank.save(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    let random = enc.manifest().is_random();
+    if a.json {
+        let out = serde_json::json!({
+            "bank": a.output,
+            "version": bank.version(),
+            "model_fingerprint": bank.meta.model_fingerprint,
+            "random_weights": random,
+            "report": rep,
+            "cleaning": bank.meta.cleaning,
+            "cache": cache.as_ref().map(|c| c.root.display().to_string()),
+            "seconds": started.elapsed().as_secs_f64(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        print_summary(&a, &bank, &rep, &report, cache.as_ref(), started);
+    }
+    if random {
+        eprintln!("{RANDOM_WEIGHTS_WARNING}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn print_summary(
+    a: &BuildArgs,
+    bank: &Bank,
+    rep: &BuildReport,
+    clean: &CleanReport,
+    cache: Option<&CacheSpec>,
+    started: Instant,
+) {
+    let m = &bank.meta;
+    println!(
+        "wrote {} (version {}): {} ID classes, {} outlier rows, dim {}",
+        a.output.display(),
+        m.version,
+        m.id_labels.len(),
+        bank.outliers.nrows(),
+        m.dim
+    );
+    println!(
+        "model: {} ({}), fingerprint {}",
+        m.model_name,
+        m.model_weights,
+        short(&m.model_fingerprint)
+    );
+    println!(
+        "outlier words: {} from {} (cleaning removed {}: {} exact, {} synonyms, {} hyponyms)",
+        clean.kept,
+        a.outliers,
+        clean.removed(),
+        clean.exact,
+        clean.synonyms,
+        clean.hyponyms
+    );
+    println!(
+        "text embedding: {} labels, {} cached, {} encoded ({} prompts) in {:.2} s{}",
+        rep.cached + rep.encoded,
+        rep.cached,
+        rep.encoded,
+        rep.prompts,
+        rep.timings.text_embedding.as_secs_f64(),
+        cache
+            .map(|c| format!(" (cache {})", c.root.display()))
+            .unwrap_or_default()
+    );
+    match rep.mode.as_str() {
+        "prototypes" => {
+            if let (Some(c), Some(theta)) = (rep.counts, rep.theta) {
+                let (it, conv) = rep.kmeans.unwrap_or((0, false));
+                println!(
+                    "clustering: K = {}, {it} Lloyd iterations{} in {:.2} s",
+                    c.k,
+                    if conv {
+                        " (converged)"
+                    } else {
+                        " (not converged)"
+                    },
+                    rep.timings.clustering.as_secs_f64()
+                );
+                println!(
+                    "refinement: θ = {theta:.6}, kept {} of {} prototypes in {:.2} s",
+                    c.kept,
+                    c.k,
+                    rep.timings.refinement.as_secs_f64()
+                );
+                if a.no_hopg {
+                    println!("HOPG: off");
+                } else {
+                    println!(
+                        "HOPG: {} of {} hard prototypes accepted in {:.2} s",
+                        c.accepted,
+                        c.boundary,
+                        rep.timings.hopg.as_secs_f64()
+                    );
+                }
+            }
+        }
+        "raw" => println!("outliers: every label embedding kept (raw)"),
+        _ => println!(
+            "NegLabel mining: {} negatives from {} candidates in {:.2} s",
+            rep.n_outliers,
+            rep.n_outlier_words,
+            rep.timings.mining.as_secs_f64()
+        ),
+    }
+    println!("total {:.2} s", started.elapsed().as_secs_f64());
+}
+
+// ---------------------------------------------------------------------------------------------
+// import
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, clap::Args)]
+pub struct ImportArgs {
+    /// ID embeddings T ([C, D] .npy, float16/32/64).
+    #[arg(long)]
+    pub id_embeddings: PathBuf,
+    /// ID class names: a preset (imagenet1k, cifar10, cifar100) or a label file, in row order.
+    #[arg(long)]
+    pub id_labels: String,
+    /// CLIPN "no" embeddings T̄ ([C, D] .npy).
+    #[arg(long)]
+    pub no_embeddings: Option<PathBuf>,
+    /// Outlier rows Ô ([M, D] .npy).
+    #[arg(long)]
+    pub outliers: Option<PathBuf>,
+    /// One label per outlier row (plain lines).
+    #[arg(long, requires = "outliers")]
+    pub outlier_labels: Option<PathBuf>,
+    /// θ of the refinement, if known.
+    #[arg(long)]
+    pub theta: Option<f64>,
+    /// Fingerprint of the model the matrices come from.
+    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
+    pub model_fingerprint: Option<String>,
+    /// The model folder the matrices come from (its fingerprint is recorded).
+    #[arg(long)]
+    pub model: Option<PathBuf>,
+    /// Output bank file (.oodb).
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<String> = text
+        .lines()
+        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
+        .collect();
+    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
+        bail!("{}:{}: empty label", path.display(), i + 1);
+    }
+    Ok(lines)
+}
+
+fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
+    let id = read_npy(&a.id_embeddings)?;
+    let id_labels = IdLabels::load(&a.id_labels)
+        .with_context(|| format!("loading ID labels {}", a.id_labels))?;
+    let no = match &a.no_embeddings {
+        Some(p) => Some(read_npy(p)?),
+        None => None,
+    };
+    let outliers = match &a.outliers {
+        Some(p) => {
+            let m = read_npy(p)?;
+            let labels = match &a.outlier_labels {
+                Some(l) => Some(read_lines(l)?),
+                None => None,
+            };
+            Some((m, labels))
+        }
+        None => None,
+    };
+    let (fingerprint, name, weights) = match (&a.model, &a.model_fingerprint) {
+        (Some(dir), _) => {
+            let m = ModelManifest::load(dir)
+                .with_context(|| format!("reading model {}", dir.display()))?;
+            let fp = m.fingerprint()?;
+            let name = if m.name.is_empty() {
+                dir.display().to_string()
+            } else {
+                m.name.clone()
+            };
+            (fp, name, build::weights_name(&m.weights))
+        }
+        (None, Some(fp)) => (fp.trim().to_string(), String::new(), "unknown".to_string()),
+        (None, None) => bail!("give --model DIR or --model-fingerprint HASH"),
+    };
+    let params = serde_json::json!({
+        "mode": "import",
+        "id_embeddings": a.id_embeddings.display().to_string(),
+        "id_labels": a.id_labels,
+        "no_embeddings": a.no_embeddings.as_ref().map(|p| p.display().to_string()),
+        "outliers": a.outliers.as_ref().map(|p| p.display().to_string()),
+        "outlier_labels": a.outlier_labels.as_ref().map(|p| p.display().to_string()),
+    });
+    let bank = build::import_bank(ImportRequest {
+        id,
+        id_labels,
+        no,
+        outliers,
+        model_fingerprint: fingerprint,
+        model_name: name,
+        model_weights: weights,
+        theta: a.theta,
+        params,
+    })?;
+    bank.save(&a.output)
+        .with_context(|| format!("writing {}", a.output.display()))?;
+    println!(
+        "wrote {} (version {}): {} ID classes, {} outlier rows, dim {}, no-embeddings: {}, model {}",
+        a.output.display(),
+        bank.version(),
+        bank.id.nrows(),
+        bank.outliers.nrows(),
+        bank.meta.dim,
+        if bank.no.is_some() { "yes" } else { "no" },
+        short(&bank.meta.model_fingerprint)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// inspect
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, clap::Args)]
+pub struct InspectArgs {
+    /// The bank file (.oodb).
+    pub bank: PathBuf,
+    /// Outlier rows shown.
+    #[arg(long, default_value_t = 10)]
+    pub samples: usize,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
+    let bank = load_bank(&a.bank)?;
+    let m = &bank.meta;
+    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
+    for r in &m.outliers {
+        *kinds.entry(r.kind.clone()).or_default() += 1;
+    }
+    let samples: Vec<serde_json::Value> = m
+        .outliers
+        .iter()
+        .enumerate()
+        .take(a.samples)
+        .map(|(i, r)| {
+            serde_json::json!({
+                "row": i, "kind": r.kind, "label": r.label, "words": r.words, "detail": r.detail,
+            })
+        })
+        .collect();
+    let file_bytes = std::fs::metadata(&a.bank).map(|x| x.len()).unwrap_or(0);
+    if a.json {
+        let out = serde_json::json!({
+            "path": a.bank,
+            "file_bytes": file_bytes,
+            "format": m.format,
+            "version": m.version,
+            "created_by": m.created_by,
+            "model_fingerprint": m.model_fingerprint,
+            "model_name": m.model_name,
+            "model_weights": m.model_weights,
+            "dim": m.dim,
+            "n_id": bank.id.nrows(),
+            "n_outliers": bank.outliers.nrows(),
+            "has_no_embeddings": bank.no.is_some(),
+            "theta": m.theta,
+            "outlier_kinds": kinds,
+            "id_labels_sample": m.id_labels.iter().take(a.samples).collect::<Vec<_>>(),
+            "outliers_sample": samples,
+            "build": m.build,
+            "cleaning": m.cleaning,
+            "thresholds": m.thresholds,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!("bank {} ({file_bytes} bytes)", a.bank.display());
+    println!(
+        "  version {} (format {}), {}",
+        m.version, m.format, m.created_by
+    );
+    println!(
+        "  model {} ({} weights), fingerprint {}",
+        if m.model_name.is_empty() {
+            "?"
+        } else {
+            &m.model_name
+        },
+        m.model_weights,
+        m.model_fingerprint
+    );
+    println!(
+        "  {} ID classes (e.g. {}), dim {}, no-embeddings: {}",
+        bank.id.nrows(),
+        m.id_labels
+            .iter()
+            .take(5)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", "),
+        m.dim,
+        if bank.no.is_some() { "yes" } else { "no" }
+    );
+    println!(
+        "  {} outlier rows ({}), θ = {}",
+        bank.outliers.nrows(),
+        kinds
+            .iter()
+            .map(|(k, n)| format!("{n} {k}"))
+            .collect::<Vec<_>>()
+            .join(", "),
+        m.theta.map_or("-".into(), |t| format!("{t:.6}"))
+    );
+    if let Some(c) = m.cleaning.get("outliers") {
+        println!(
+            "  cleaning removed {} outlier words ({} exact, {} synonyms, {} hyponyms), kept {}",
+            c["removed"], c["exact"], c["synonyms"], c["hyponyms"], c["kept"]
+        );
+    }
+    println!("  build parameters: {}", m.build);
+    if m.thresholds.is_empty() {
+        println!("  thresholds: none (run `oodgate calibrate ... --write`)");
+    } else {
+        for (method, t) in &m.thresholds {
+            println!(
+                "  threshold {method}: {:.8} (TPR {} asked, {:.4} achieved on {} ID inputs; {})",
+                t.value, t.tpr, t.achieved_tpr, t.n_id, t.source
+            );
+        }
+    }
+    for s in &samples {
+        println!(
+            "  #{:<4} {:<10} {:<24} {}",
+            s["row"],
+            s["kind"].as_str().unwrap_or(""),
+            s["label"].as_str().unwrap_or(""),
+            s["words"]
+                .as_array()
+                .map(|w| w
+                    .iter()
+                    .filter_map(|x| x.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", "))
+                .unwrap_or_default()
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

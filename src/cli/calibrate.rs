@@ -1,0 +1,129 @@
+//! `oodgate calibrate --bank BANK [--model DIR] [--method M...] --id INPUT... --tpr 0.95 [--write]`
+//!
+//! The decision threshold λ (OOD iff S < λ) that keeps a fraction `tpr` of held-out ID inputs,
+//! per method; `--write` stores it in the bank (`BankMeta.thresholds[method]`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use oodgate::detect::bank::Threshold;
+use oodgate::detect::score::Method;
+use oodgate::eval::calibrate::threshold_for_tpr;
+
+use super::score::{ModelCtx, OptModelArgs, load_bank, params_for, score_rows, short};
+
+#[derive(Debug, clap::Args)]
+pub struct CalibrateArgs {
+    /// The bank file (.oodb).
+    #[arg(long)]
+    pub bank: PathBuf,
+    #[command(flatten)]
+    pub model: OptModelArgs,
+    /// Score method(s) to calibrate (repeat or comma-separate).
+    #[arg(long, value_delimiter = ',', default_value = "ole")]
+    pub method: Vec<Method>,
+    /// Held-out ID inputs: image files, folders or .npy embeddings.
+    #[arg(long, num_args = 1.., required = true)]
+    pub id: Vec<PathBuf>,
+    /// Fraction of ID inputs that must pass (score ≥ threshold).
+    #[arg(long, default_value_t = 0.95)]
+    pub tpr: f64,
+    /// Logit scale override (cannot be combined with --write: stored thresholds are for the
+    /// method's default scale).
+    #[arg(long)]
+    pub scale: Option<f32>,
+    /// Store the thresholds in the bank file.
+    #[arg(long)]
+    pub write: bool,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
+    if a.write && a.scale.is_some() {
+        bail!(
+            "--write stores thresholds for each method's default scale, which `score` uses; drop \
+             --scale (or calibrate without --write and pass --threshold to score)"
+        );
+    }
+    let mut bank = load_bank(&a.bank)?;
+    let inputs: Vec<&PathBuf> = a.id.iter().collect();
+    let mut ctx = ModelCtx::open(&a.model, &bank, &inputs)?;
+    let emb = ctx.embed(&a.id, bank.meta.dim, "calibrating")?;
+    if emb.x.nrows() == 0 {
+        bail!("none of the ID inputs could be embedded");
+    }
+    let mut results = Vec::new();
+    for &method in &a.method {
+        let params = params_for(method, a.scale);
+        let scores: Vec<f64> = score_rows(&bank, &emb.x, method, &params)?
+            .iter()
+            .map(|r| r.score)
+            .collect();
+        let t =
+            threshold_for_tpr(&scores, a.tpr).with_context(|| format!("calibrating {method}"))?;
+        results.push((method, params.scale, t));
+    }
+    if a.write {
+        for (method, scale, t) in &results {
+            bank.meta.thresholds.insert(
+                method.as_str().to_string(),
+                Threshold {
+                    value: t.threshold,
+                    tpr: t.target_tpr,
+                    achieved_tpr: t.achieved_tpr,
+                    n_id: t.n,
+                    source: format!(
+                        "oodgate calibrate: {} ID inputs, scale {scale}, model {}",
+                        t.n,
+                        ctx.fingerprint
+                            .as_deref()
+                            .map(short)
+                            .unwrap_or("unverified (.npy without --model)")
+                    ),
+                },
+            );
+        }
+        bank.refresh_version();
+        bank.save(&a.bank)
+            .with_context(|| format!("writing {}", a.bank.display()))?;
+    }
+    if a.json {
+        let out = serde_json::json!({
+            "bank": a.bank,
+            "bank_version": bank.version(),
+            "written": a.write,
+            "random_weights": ctx.random_weights(&bank),
+            "thresholds": results.iter().map(|(m, scale, t)| serde_json::json!({
+                "method": m, "scale": scale, "threshold": t.threshold, "tpr": t.target_tpr,
+                "achieved_tpr": t.achieved_tpr, "n_pass": t.n_pass, "n_id": t.n,
+            })).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        println!(
+            "{:<12} {:>14} {:>8} {:>12} {:>6}",
+            "method", "threshold", "tpr", "achieved", "n_id"
+        );
+        for (m, _, t) in &results {
+            println!(
+                "{:<12} {:>14.8} {:>8.4} {:>12.4} {:>6}",
+                m.as_str(),
+                t.threshold,
+                t.target_tpr,
+                t.achieved_tpr,
+                t.n
+            );
+        }
+        if a.write {
+            println!(
+                "stored in {} (version {})",
+                a.bank.display(),
+                bank.version()
+            );
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,389 @@
+//! `oodgate eval --bank BANK [--model DIR] [--method M...] --id INPUT... --ood NAME=INPUT...
+//! [--json] [--plot OUT.png]`
+//!
+//! AUROC, FPR95, AUPR-In and AUPR-Out (method.md §10) per OOD set and averaged over the sets,
+//! for several methods side by side. The table is in percent; `--json` gives fractions.
+//! `--plot` draws ROC curves (one panel per OOD set, one curve per method) above score
+//! histograms (one panel per method: ID vs all OOD sets pooled). The plot has no text: the
+//! colours and the panel order are printed on the terminal.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, bail};
+use oodgate::detect::bank::Bank;
+use oodgate::detect::score::Method;
+use oodgate::eval::metrics::{Metrics, evaluate, roc_curve};
+use oodgate::model::RANDOM_WEIGHTS_WARNING;
+use serde::Serialize;
+
+use super::score::{ModelCtx, OptModelArgs, load_bank, params_for, score_rows};
+
+#[derive(Debug, clap::Args)]
+pub struct EvalArgs {
+    /// The bank file (.oodb).
+    #[arg(long)]
+    pub bank: PathBuf,
+    #[command(flatten)]
+    pub model: OptModelArgs,
+    /// Methods to compare (repeat or comma-separate; default: every method the bank supports).
+    #[arg(long, value_delimiter = ',')]
+    pub method: Vec<Method>,
+    /// ID inputs: image files, folders or .npy embeddings.
+    #[arg(long, num_args = 1.., required = true)]
+    pub id: Vec<PathBuf>,
+    /// An OOD set as NAME=INPUT (file, folder or .npy); repeat for more sets or more inputs of
+    /// one set.
+    #[arg(long, required = true)]
+    pub ood: Vec<String>,
+    /// Logit scale override, applied to every method.
+    #[arg(long)]
+    pub scale: Option<f32>,
+    /// Print JSON (fractions) instead of the table (percent).
+    #[arg(long)]
+    pub json: bool,
+    /// Draw ROC curves and score histograms into this PNG.
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Average {
+    auroc: f64,
+    fpr95: f64,
+    aupr_in: f64,
+    aupr_out: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct MethodResult {
+    method: Method,
+    scale: f32,
+    sets: BTreeMap<String, Metrics>,
+    average: Average,
+    #[serde(skip)]
+    id_scores: Vec<f64>,
+    #[serde(skip)]
+    ood_scores: Vec<(String, Vec<f64>)>,
+}
+
+/// Every method that can run on this bank.
+fn default_methods(bank: &Bank) -> Vec<Method> {
+    let neglabel_bank = bank.meta.build.get("mode").and_then(|m| m.as_str()) == Some("neglabel");
+    Method::ALL
+        .into_iter()
+        .filter(|m| !m.requires_no_embeddings() || bank.no.is_some())
+        .filter(|m| *m != Method::NegLabel || (neglabel_bank && bank.outliers.nrows() > 0))
+        .collect()
+}
+
+fn parse_ood(specs: &[String]) -> anyhow::Result<Vec<(String, Vec<PathBuf>)>> {
+    let mut sets: Vec<(String, Vec<PathBuf>)> = Vec::new();
+    for s in specs {
+        let Some((name, input)) = s.split_once('=') else {
+            bail!("--ood {s:?}: expected NAME=INPUT, e.g. --ood textures=data/dtd");
+        };
+        let name = name.trim();
+        if name.is_empty() || input.is_empty() {
+            bail!("--ood {s:?}: expected NAME=INPUT with a non-empty name and input");
+        }
+        match sets.iter_mut().find(|(n, _)| n == name) {
+            Some((_, v)) => v.push(PathBuf::from(input)),
+            None => sets.push((name.to_string(), vec![PathBuf::from(input)])),
+        }
+    }
+    Ok(sets)
+}
+
+pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    let bank = load_bank(&a.bank)?;
+    let sets = parse_ood(&a.ood)?;
+    let methods = if a.method.is_empty() {
+        default_methods(&bank)
+    } else {
+        let mut m = a.method.clone();
+        m.dedup();
+        m
+    };
+    let all_inputs: Vec<&PathBuf> =
+        a.id.iter()
+            .chain(sets.iter().flat_map(|(_, v)| v))
+            .collect();
+    let mut ctx = ModelCtx::open(&a.model, &bank, &all_inputs)?;
+    let random = ctx.random_weights(&bank);
+    let id = ctx.embed(&a.id, bank.meta.dim, "ID inputs")?;
+    if id.x.nrows() == 0 {
+        bail!("none of the ID inputs could be embedded");
+    }
+    let mut ood = Vec::new();
+    for (name, inputs) in &sets {
+        let e = ctx.embed(inputs, bank.meta.dim, name)?;
+        if e.x.nrows() == 0 {
+            bail!("none of the inputs of OOD set {name} could be embedded");
+        }
+        ood.push((name.clone(), e));
+    }
+
+    let mut results = Vec::new();
+    for &method in &methods {
+        let params = params_for(method, a.scale);
+        let score = |x| -> anyhow::Result<Vec<f64>> {
+            Ok(score_rows(&bank, x, method, &params)?
+                .iter()
+                .map(|r| r.score)
+                .collect())
+        };
+        let id_scores = score(&id.x)?;
+        let mut per_set = BTreeMap::new();
+        let mut ood_scores = Vec::new();
+        for (name, e) in &ood {
+            let s = score(&e.x)?;
+            let m = evaluate(&id_scores, &s)
+                .with_context(|| format!("metrics of {method} on {name}"))?;
+            per_set.insert(name.clone(), m);
+            ood_scores.push((name.clone(), s));
+        }
+        let n = per_set.len() as f64;
+        let mean = |f: fn(&Metrics) -> f64| per_set.values().map(f).sum::<f64>() / n;
+        let average = Average {
+            auroc: mean(|m| m.auroc),
+            fpr95: mean(|m| m.fpr95),
+            aupr_in: mean(|m| m.aupr_in),
+            aupr_out: mean(|m| m.aupr_out),
+        };
+        results.push(MethodResult {
+            method,
+            scale: params.scale,
+            sets: per_set,
+            average,
+            id_scores,
+            ood_scores,
+        });
+    }
+
+    if let Some(path) = &a.plot {
+        plot(
+            path,
+            &results,
+            &sets.iter().map(|(n, _)| n.clone()).collect::<Vec<_>>(),
+        )
+        .with_context(|| format!("drawing {}", path.display()))?;
+        eprintln!(
+            "plot {}: top row ROC per OOD set ({}), x = FPR, y = TPR, grey diagonal = chance; \
+             bottom row score histograms per method ({}), green = ID, red = OOD (all sets); \
+             curve colours: {}",
+            path.display(),
+            sets.iter()
+                .map(|(n, _)| n.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            results
+                .iter()
+                .map(|r| r.method.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            results
+                .iter()
+                .enumerate()
+                .map(|(i, r)| format!("{} = {}", r.method, COLOR_NAMES[i % COLOR_NAMES.len()]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
+
+    if a.json {
+        let out = serde_json::json!({
+            "bank": a.bank,
+            "bank_version": bank.version(),
+            "model_fingerprint": bank.meta.model_fingerprint,
+            "random_weights": random,
+            "warning": random.then_some(RANDOM_WEIGHTS_WARNING),
+            "score_direction": "higher = more in-distribution; metrics are fractions",
+            "n_id": id.x.nrows(),
+            "ood_sets": ood.iter().map(|(n, e)| serde_json::json!({"name": n, "n": e.x.nrows()})).collect::<Vec<_>>(),
+            "results": results,
+        });
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else {
+        if random {
+            println!("{}", "=".repeat(100));
+            println!("{RANDOM_WEIGHTS_WARNING}");
+            println!("{}", "=".repeat(100));
+        }
+        println!(
+            "ID: {} inputs; OOD: {}; metrics in percent (ID positive, higher score = ID)",
+            id.x.nrows(),
+            ood.iter()
+                .map(|(n, e)| format!("{n} ({})", e.x.nrows()))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        println!(
+            "{:<12} {:<16} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6}",
+            "method", "ood set", "AUROC", "FPR95", "AUPR-In", "AUPR-Out", "n_id", "n_ood"
+        );
+        for r in &results {
+            for (name, m) in &r.sets {
+                println!(
+                    "{:<12} {:<16} {:>7.2} {:>7.2} {:>8.2} {:>8.2} {:>6} {:>6}",
+                    r.method.as_str(),
+                    name,
+                    100.0 * m.auroc,
+                    100.0 * m.fpr95,
+                    100.0 * m.aupr_in,
+                    100.0 * m.aupr_out,
+                    m.n_id,
+                    m.n_ood
+                );
+            }
+            if r.sets.len() > 1 {
+                let m = &r.average;
+                println!(
+                    "{:<12} {:<16} {:>7.2} {:>7.2} {:>8.2} {:>8.2}",
+                    r.method.as_str(),
+                    "average",
+                    100.0 * m.auroc,
+                    100.0 * m.fpr95,
+                    100.0 * m.aupr_in,
+                    100.0 * m.aupr_out
+                );
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+const COLOR_NAMES: [&str; 9] = [
+    "red", "blue", "green", "orange", "purple", "cyan", "magenta", "brown", "black",
+];
+const COLORS: [(u8, u8, u8); 9] = [
+    (220, 30, 30),
+    (30, 60, 220),
+    (20, 160, 40),
+    (240, 150, 0),
+    (130, 40, 180),
+    (0, 180, 200),
+    (220, 0, 180),
+    (130, 80, 30),
+    (0, 0, 0),
+];
+
+fn plot(path: &Path, results: &[MethodResult], sets: &[String]) -> anyhow::Result<()> {
+    use plotters::prelude::*;
+    const PANEL: u32 = 300;
+    let cols = sets.len().max(results.len()).max(1) as u32;
+    let (w, h) = (PANEL * cols, PANEL * 2);
+    let mut buf = vec![255u8; (w * h * 3) as usize];
+    {
+        let e = |e: &dyn std::fmt::Display| anyhow::anyhow!("plotting: {e}");
+        let root = BitMapBackend::with_buffer(&mut buf, (w, h)).into_drawing_area();
+        root.fill(&WHITE).map_err(|x| e(&x))?;
+        let (top, bottom) = root.split_vertically(PANEL);
+        let top_cells = top.split_evenly((1, cols as usize));
+        let bottom_cells = bottom.split_evenly((1, cols as usize));
+        let grey = RGBColor(200, 200, 200);
+        for (si, set) in sets.iter().enumerate() {
+            let mut chart = ChartBuilder::on(&top_cells[si])
+                .margin(14)
+                .build_cartesian_2d(0f64..1f64, 0f64..1f64)
+                .map_err(|x| e(&x))?;
+            for g in [0.25, 0.5, 0.75] {
+                chart
+                    .draw_series(LineSeries::new([(g, 0.0), (g, 1.0)], grey.mix(0.5)))
+                    .map_err(|x| e(&x))?;
+                chart
+                    .draw_series(LineSeries::new([(0.0, g), (1.0, g)], grey.mix(0.5)))
+                    .map_err(|x| e(&x))?;
+            }
+            chart
+                .draw_series(LineSeries::new([(0.0, 0.0), (1.0, 1.0)], grey))
+                .map_err(|x| e(&x))?;
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(0.0, 0.0), (1.0, 1.0)],
+                    BLACK.stroke_width(1),
+                )))
+                .map_err(|x| e(&x))?;
+            for (mi, r) in results.iter().enumerate() {
+                let Some((_, ood)) = r.ood_scores.iter().find(|(n, _)| n == set) else {
+                    continue;
+                };
+                let roc = roc_curve(&r.id_scores, ood)?;
+                let (cr, cg, cb) = COLORS[mi % COLORS.len()];
+                chart
+                    .draw_series(LineSeries::new(
+                        roc.iter().map(|&(fpr, tpr, _)| (fpr, tpr)),
+                        RGBColor(cr, cg, cb).stroke_width(2),
+                    ))
+                    .map_err(|x| e(&x))?;
+            }
+        }
+        for (mi, r) in results.iter().enumerate() {
+            let ood: Vec<f64> = r
+                .ood_scores
+                .iter()
+                .flat_map(|(_, s)| s.iter().copied())
+                .collect();
+            let all = r
+                .id_scores
+                .iter()
+                .chain(&ood)
+                .copied()
+                .filter(|v| v.is_finite());
+            let (lo, hi) = all.fold((f64::INFINITY, f64::NEG_INFINITY), |(a, b), v| {
+                (a.min(v), b.max(v))
+            });
+            if !(lo.is_finite() && hi.is_finite()) {
+                continue;
+            }
+            let span = if hi > lo { hi - lo } else { 1.0 };
+            const BINS: usize = 30;
+            let hist = |s: &[f64]| {
+                let mut c = vec![0f64; BINS];
+                for &v in s.iter().filter(|v| v.is_finite()) {
+                    let b = (((v - lo) / span) * BINS as f64).floor() as usize;
+                    c[b.min(BINS - 1)] += 1.0;
+                }
+                let n = s.len().max(1) as f64;
+                c.iter().map(|x| x / n).collect::<Vec<_>>()
+            };
+            let (hid, hood) = (hist(&r.id_scores), hist(&ood));
+            let ymax = hid
+                .iter()
+                .chain(&hood)
+                .copied()
+                .fold(0.0, f64::max)
+                .max(1e-9);
+            let mut chart = ChartBuilder::on(&bottom_cells[mi])
+                .margin(14)
+                .build_cartesian_2d(lo..lo + span, 0f64..ymax * 1.05)
+                .map_err(|x| e(&x))?;
+            let bw = span / BINS as f64;
+            for (counts, color) in [
+                (&hid, RGBColor(20, 160, 40)),
+                (&hood, RGBColor(220, 30, 30)),
+            ] {
+                chart
+                    .draw_series(counts.iter().enumerate().filter(|(_, c)| **c > 0.0).map(
+                        |(b, &c)| {
+                            let x0 = lo + b as f64 * bw;
+                            Rectangle::new([(x0, 0.0), (x0 + bw, c)], color.mix(0.45).filled())
+                        },
+                    ))
+                    .map_err(|x| e(&x))?;
+            }
+            let (cr, cg, cb) = COLORS[mi % COLORS.len()];
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(lo, 0.0), (lo + span, ymax * 1.05)],
+                    RGBColor(cr, cg, cb).stroke_width(3),
+                )))
+                .map_err(|x| e(&x))?;
+        }
+        root.present().map_err(|x| e(&x))?;
+    }
+    let img = image::RgbImage::from_raw(w, h, buf).context("plot buffer has the wrong size")?;
+    img.save_with_format(path, image::ImageFormat::Png)?;
+    Ok(())
+}
