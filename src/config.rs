@@ -974,6 +974,7 @@ impl Settings {
             if value.trim().is_empty() {
                 continue; // an empty variable counts as unset (compose's `${X:-}`)
             }
+            check_env_type(info, &name, &value)?;
             if info.kind.env_parsed() {
                 parsed.insert(name, value);
             } else {
@@ -1511,7 +1512,8 @@ fn env_key(name: &str) -> String {
         .replace(ENV_SEPARATOR, ".")
 }
 
-/// Rejects keys (or sections) of a TOML document that are not in [`KEYS`].
+/// Rejects keys (or sections) of a TOML document that are not in [`KEYS`], and values of the
+/// wrong type.
 fn check_unknown_keys(text: &str, origin: &str) -> Result<(), ConfigError> {
     let table: toml::Table = text
         .parse()
@@ -1534,18 +1536,78 @@ fn check_unknown_keys(text: &str, origin: &str) -> Result<(), ConfigError> {
                 origin: origin.to_string(),
             });
         }
-        for name in inner.keys() {
+        for (name, value) in inner {
             let full = format!("{section}.{name}");
-            if key_info(&full).is_none() {
+            let Some(info) = key_info(&full) else {
                 return Err(ConfigError::UnknownKey {
                     suggestion: suggest(&full).map(str::to_string),
                     key: full,
                     origin: origin.to_string(),
                 });
-            }
+            };
+            check_toml_type(info, value, origin)?;
         }
     }
     Ok(())
+}
+
+/// The config crate converts between types freely (3.5 becomes `true`); files must use the
+/// key's own type.
+fn check_toml_type(info: &KeyInfo, value: &toml::Value, origin: &str) -> Result<(), ConfigError> {
+    use toml::Value as V;
+    let ok = match info.kind {
+        Kind::String | Kind::Secret | Kind::Path | Kind::Duration | Kind::SocketAddr => {
+            value.is_str()
+        }
+        Kind::StringList => value.as_array().is_some_and(|a| a.iter().all(V::is_str)),
+        Kind::Bool => value.is_bool(),
+        Kind::Integer => value.is_integer(),
+        Kind::Float => value.is_float() || value.is_integer(),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Load(format!(
+            "{} must be {} in {origin} (got {} {value})",
+            info.key,
+            kind_article(info.kind),
+            value.type_str()
+        )))
+    }
+}
+
+/// Environment values are text: the parsed kinds must parse as their type.
+fn check_env_type(info: &KeyInfo, name: &str, value: &str) -> Result<(), ConfigError> {
+    let v = value.trim();
+    let ok = match info.kind {
+        Kind::Bool => v.eq_ignore_ascii_case("true") || v.eq_ignore_ascii_case("false"),
+        Kind::Integer => v.parse::<i64>().is_ok(),
+        Kind::Float => v.parse::<f64>().is_ok(),
+        _ => true,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::Load(format!(
+            "{} must be {} in environment variable {name} (got {value:?})",
+            info.key,
+            kind_article(info.kind)
+        )))
+    }
+}
+
+fn kind_article(kind: Kind) -> &'static str {
+    match kind {
+        Kind::String => "a string",
+        Kind::Secret => "a string",
+        Kind::Path => "a path string",
+        Kind::StringList => "a list of strings",
+        Kind::Bool => "a boolean (true or false)",
+        Kind::Integer => "an integer",
+        Kind::Float => "a number",
+        Kind::Duration => "a duration string such as \"30s\"",
+        Kind::SocketAddr => "an \"IP:PORT\" string",
+    }
 }
 
 /// The known key closest to `key` (a typo within a small edit distance), if any.

@@ -402,3 +402,25 @@ fn clean_labels_without_wnids_use_first_sense() {
     assert_eq!(kept, ["sky"]);
     assert_eq!(r.hyponyms, 1);
 }
+
+#[test]
+fn clean_ole_reference_list() {
+    let id = IdLabels::preset("imagenet1k").unwrap();
+    let words = outlier_words("ole-reference", None, &CorpusOptions::default()).unwrap();
+    // Without WordNet: the reference removed ID names case-sensitively, so only "boxer"
+    // ("Boxer") is left for the case-insensitive exact rule (method.md §4).
+    let (_, r) = clean_outliers(words.clone(), &id, None, &CleanOptions::default());
+    assert_eq!((r.exact, r.synonyms, r.hyponyms, r.kept), (1, 0, 0, 10_847));
+    let Some(dir) = wordnet_dir() else { return };
+    let wn = WordNet::open(&dir).unwrap();
+    let (kept, r) = clean_outliers(words, &id, Some(&wn), &CleanOptions::default());
+    eprintln!(
+        "imagenet1k x ole-reference (10848): {}",
+        serde_json::to_string(&r).unwrap()
+    );
+    assert_eq!(
+        (r.exact, r.synonyms, r.hyponyms, r.kept),
+        (1, 155, 169, 10_523)
+    );
+    assert_eq!(kept.len(), r.kept);
+}

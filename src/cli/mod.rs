@@ -1,6 +1,7 @@
 //! Subcommands. Only this module knows about terminals, progress bars and exit codes.
 
 pub mod bank;
+pub mod bench;
 pub mod calibrate;
 pub mod common;
 pub mod debug;
@@ -48,6 +49,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Calibrate a decision threshold on held-out ID inputs (optionally store it in the bank).
     Calibrate(calibrate::CalibrateArgs),
+    /// Throughput of every stage and end to end through NATS, in one table.
+    Bench(bench::BenchArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -61,5 +64,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Score(a) => score::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Bench(a) => bench::run(a),
     }
 }

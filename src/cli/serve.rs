@@ -111,64 +111,14 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         }
     }
 
-    let nats = NatsOptions {
-        servers: s.nats.servers.clone(),
-        name: s.nats.name.clone(),
-        user: s.nats.user.clone(),
-        password: s.nats.password.as_ref().map(|p| p.expose().to_string()),
-        token: s.nats.token.as_ref().map(|p| p.expose().to_string()),
-        nkey: s.nats.nkey.as_ref().map(|p| p.expose().to_string()),
-        creds_file: s.nats.creds_file.clone(),
-        tls_ca: s.nats.tls_ca.clone(),
-        tls_cert: s.nats.tls_cert.clone(),
-        tls_key: s.nats.tls_key.clone(),
-        tls_required: s.nats.tls_required,
-        connect_timeout: s.nats.connect_timeout,
-    };
+    let nats = nats_options(&s);
     let client = setup::connect(&nats).await?;
     let _ = client_cell.set(client.clone());
-    let topology = Topology {
-        input_stream: s.input.stream.clone(),
-        input_subjects: s.input.subjects.clone(),
-        create_input: s.input.create_if_missing,
-        filter_subject: s.input.filter_subject.clone(),
-        durable: s.input.durable.clone(),
-        ack_wait: s.input.ack_wait,
-        max_deliver: s.input.max_deliver,
-        max_ack_pending: s.input.max_ack_pending,
-        output_stream: s.output.stream.clone(),
-        output_subjects: [
-            subjects.id.clone(),
-            subjects.ood.clone(),
-            subjects.dlq.clone(),
-        ],
-        create_output: s.output.create_if_missing,
-        duplicate_window: s.output.duplicate_window,
-    };
+    let topology = topology(&s);
     let js = async_nats::jetstream::new(client.clone());
     let consumer = setup::declare(&js, &topology).await?;
-    let decode_workers = if s.batch.decode_workers == 0 {
-        cores().div_ceil(2).max(1)
-    } else {
-        s.batch.decode_workers
-    };
-    let cfg = PipelineConfig {
-        topology,
-        pull_batch: s.input.pull_batch,
-        pull_expires: s.input.pull_expires,
-        heartbeat: s.input.heartbeat,
-        publish_timeout: s.output.publish_timeout,
-        publish_retries: s.output.publish_retries,
-        max_inflight_publishes: s.output.max_inflight_publishes,
-        batch_max,
-        batch_wait: s.batch.max_wait,
-        decode_workers,
-        queue_depth: s.batch.queue_depth,
-        max_in_flight: (s.input.pull_batch + s.batch.queue_depth + 2 * batch_max).max(1),
-        drain_timeout: s.shutdown.drain_timeout,
-        nak_delay: std::time::Duration::from_secs(2),
-        object_max_bytes: s.limits.max_bytes as usize,
-    };
+    let cfg = pipeline_config(&s, topology);
+    let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
     let stats = Arc::new(Stats::default());
     oodgate::stream::run(
@@ -195,7 +145,17 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn load_detector(s: &Settings) -> anyhow::Result<(Box<dyn Encoder>, Detector, Preprocessor)> {
+pub fn load_detector(s: &Settings) -> anyhow::Result<(Box<dyn Encoder>, Detector, Preprocessor)> {
+    let (enc, det, pre) = load_detector_with_threshold(s, None)?;
+    Ok((Box::new(enc), det, pre))
+}
+
+/// Loads encoder and bank; `fallback_threshold` is used when neither the settings nor the bank
+/// have one (benchmarks), otherwise that is an error.
+pub fn load_detector_with_threshold(
+    s: &Settings,
+    fallback_threshold: Option<f64>,
+) -> anyhow::Result<(OrtEncoder, Detector, Preprocessor)> {
     let manifest = ModelManifest::load(&s.model.dir)
         .with_context(|| format!("model.dir = {}", s.model.dir.display()))?;
     if manifest.is_random() {
@@ -235,6 +195,7 @@ fn load_detector(s: &Settings) -> anyhow::Result<(Box<dyn Encoder>, Detector, Pr
     ) {
         (Some(t), _) => t,
         (None, Some(t)) => t.value,
+        (None, None) if fallback_threshold.is_some() => fallback_threshold.unwrap_or_default(),
         (None, None) => bail!(
             "no threshold for method {method}: set detector.threshold, or calibrate the bank with `oodgate calibrate --bank {} --method {method} --id ID_IMAGES --tpr 0.95 --write`",
             bank_path.display()
@@ -252,7 +213,7 @@ fn load_detector(s: &Settings) -> anyhow::Result<(Box<dyn Encoder>, Detector, Pr
     tracing::info!(bank = %bank.version(), %method, threshold, "bank loaded");
     let fingerprint = enc.info().fingerprint.clone();
     Ok((
-        Box::new(enc),
+        enc,
         Detector {
             bank,
             scorer,
@@ -290,4 +251,69 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("signal received");
+}
+
+pub fn nats_options(s: &Settings) -> NatsOptions {
+    NatsOptions {
+        servers: s.nats.servers.clone(),
+        name: s.nats.name.clone(),
+        user: s.nats.user.clone(),
+        password: s.nats.password.as_ref().map(|p| p.expose().to_string()),
+        token: s.nats.token.as_ref().map(|p| p.expose().to_string()),
+        nkey: s.nats.nkey.as_ref().map(|p| p.expose().to_string()),
+        creds_file: s.nats.creds_file.clone(),
+        tls_ca: s.nats.tls_ca.clone(),
+        tls_cert: s.nats.tls_cert.clone(),
+        tls_key: s.nats.tls_key.clone(),
+        tls_required: s.nats.tls_required,
+        connect_timeout: s.nats.connect_timeout,
+    }
+}
+
+pub fn topology(s: &Settings) -> Topology {
+    let subjects = s.output_subjects();
+    Topology {
+        input_stream: s.input.stream.clone(),
+        input_subjects: s.input.subjects.clone(),
+        create_input: s.input.create_if_missing,
+        filter_subject: s.input.filter_subject.clone(),
+        durable: s.input.durable.clone(),
+        ack_wait: s.input.ack_wait,
+        max_deliver: s.input.max_deliver,
+        max_ack_pending: s.input.max_ack_pending,
+        output_stream: s.output.stream.clone(),
+        output_subjects: [subjects.id, subjects.ood, subjects.dlq],
+        create_output: s.output.create_if_missing,
+        duplicate_window: s.output.duplicate_window,
+    }
+}
+
+/// Decode workers when `batch.decode_workers = 0`: half the cores (the encoder takes the rest).
+pub fn auto_decode_workers() -> usize {
+    cores().div_ceil(2).max(1)
+}
+
+pub fn pipeline_config(s: &Settings, topology: Topology) -> PipelineConfig {
+    let batch_max = s.batch.max_size;
+    PipelineConfig {
+        topology,
+        pull_batch: s.input.pull_batch,
+        pull_expires: s.input.pull_expires,
+        heartbeat: s.input.heartbeat,
+        publish_timeout: s.output.publish_timeout,
+        publish_retries: s.output.publish_retries,
+        max_inflight_publishes: s.output.max_inflight_publishes,
+        batch_max,
+        batch_wait: s.batch.max_wait,
+        decode_workers: if s.batch.decode_workers == 0 {
+            auto_decode_workers()
+        } else {
+            s.batch.decode_workers
+        },
+        queue_depth: s.batch.queue_depth,
+        max_in_flight: (s.input.pull_batch + s.batch.queue_depth + 2 * batch_max).max(1),
+        drain_timeout: s.shutdown.drain_timeout,
+        nak_delay: std::time::Duration::from_secs(2),
+        object_max_bytes: s.limits.max_bytes as usize,
+    }
 }

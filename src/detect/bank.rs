@@ -113,10 +113,22 @@ fn f32_bytes(a: &Array2<f32>) -> Vec<u8> {
 impl Bank {
     /// Assembles a bank, checks shapes, re-normalises rows and computes the version.
     pub fn new(
+        meta: BankMeta,
+        id: Array2<f32>,
+        no: Option<Array2<f32>>,
+        outliers: Array2<f32>,
+    ) -> Result<Bank, BankError> {
+        Bank::assemble(meta, id, no, outliers, true)
+    }
+
+    /// `normalize = false` when loading: stored rows are already unit-norm, and normalising
+    /// them again would change their last bits and with them the content hash.
+    fn assemble(
         mut meta: BankMeta,
         mut id: Array2<f32>,
         mut no: Option<Array2<f32>>,
         mut outliers: Array2<f32>,
+        normalize: bool,
     ) -> Result<Bank, BankError> {
         let d = id.ncols();
         if id.nrows() == 0 || d == 0 {
@@ -170,7 +182,9 @@ impl Bank {
                         "{name} embeddings contain non-finite values"
                     )));
                 }
-                super::score::normalize_rows(m);
+                if normalize {
+                    super::score::normalize_rows(m);
+                }
             }
         }
         meta.format = BANK_FORMAT;
@@ -296,7 +310,7 @@ impl Bank {
         let no = read("no")?;
         let outliers = read("outliers")?.unwrap_or_else(|| Array2::zeros((0, id.ncols())));
         let stored_version = meta.version.clone();
-        let bank = Bank::new(meta, id, no, outliers).map_err(|e| e.to_string())?;
+        let bank = Bank::assemble(meta, id, no, outliers, false).map_err(|e| e.to_string())?;
         if bank.meta.version != stored_version {
             return Err(format!(
                 "content hash {} does not match the stored version {stored_version} (file modified or corrupt)",
@@ -415,6 +429,17 @@ mod tests {
             ndarray::array![[0.0, 0.0, 1.0]],
         )
         .unwrap()
+    }
+
+    #[test]
+    fn round_trip_of_irrational_rows() {
+        let meta = toy().meta;
+        let id = ndarray::Array2::from_shape_fn((2, 3), |(i, j)| ((i * 3 + j) as f32 + 0.3).sqrt());
+        let out = ndarray::Array2::from_shape_fn((1, 3), |(_, j)| (j as f32 + 1.7).ln());
+        let b = Bank::new(meta, id, None, out).unwrap();
+        let back = Bank::from_bytes(&b.to_bytes().unwrap()).unwrap();
+        assert_eq!(back.version(), b.version());
+        assert_eq!(back.id, b.id);
     }
 
     #[test]

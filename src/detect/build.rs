@@ -842,7 +842,7 @@ pub fn build_bank(
         thresholds: BTreeMap::new(),
     };
     let n_outliers = outliers.nrows();
-    let bank = Bank::new(meta, t, req.no_embeddings.clone(), outliers)?;
+    let bank = new_bank(meta, t, req.no_embeddings.clone(), outliers)?;
     Ok((
         bank,
         BuildReport {
@@ -972,7 +972,38 @@ pub fn import_bank(req: ImportRequest) -> Result<Bank, BuildError> {
         cleaning: serde_json::Value::Null,
         thresholds: BTreeMap::new(),
     };
-    Ok(Bank::new(meta, req.id, req.no, outliers)?)
+    new_bank(meta, req.id, req.no, outliers)
+}
+
+/// Normalises rows until normalising again changes no bit.
+///
+/// [`Bank::new`] re-normalises every row, and so does [`Bank::load`] before it checks the
+/// content hash; a row whose f32 normalisation is not idempotent (an f64 norm of 1 ± 1 ulp
+/// moves a last bit) would make a freshly saved bank fail that check. A fixed point of the
+/// normalisation survives any number of save/load round trips.
+fn stable_normalize(m: &mut Array2<f32>) {
+    for _ in 0..8 {
+        let before = m.clone();
+        super::score::normalize_rows(m);
+        if *m == before {
+            return;
+        }
+    }
+}
+
+/// [`Bank::new`] with rows normalised to a fixed point first (see [`stable_normalize`]).
+fn new_bank(
+    meta: BankMeta,
+    mut id: Array2<f32>,
+    mut no: Option<Array2<f32>>,
+    mut outliers: Array2<f32>,
+) -> Result<Bank, BuildError> {
+    stable_normalize(&mut id);
+    if let Some(n) = no.as_mut() {
+        stable_normalize(n);
+    }
+    stable_normalize(&mut outliers);
+    Ok(Bank::new(meta, id, no, outliers)?)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1377,6 +1408,24 @@ mod tests {
                 bank.meta.outliers.last().map(|r| r.kind.as_str()),
                 Some("hard")
             );
+        }
+    }
+
+    #[test]
+    fn built_banks_load_back() {
+        let mut enc = FakeEncoder::new(32);
+        let tok = ClipTokenizer::default();
+        let p = OplParams {
+            k: 40,
+            quantile: 0.5,
+            hopg: None,
+            ..OplParams::default()
+        };
+        for mode in [OutlierMode::Prototypes(p), OutlierMode::Raw] {
+            let (bank, _) =
+                build_bank(&mut enc, &tok, &request(mode, 300), None, &mut NoProgress).unwrap();
+            let back = Bank::from_bytes(&bank.to_bytes().unwrap()).unwrap();
+            assert_eq!(back.meta, bank.meta);
         }
     }
 

@@ -109,6 +109,16 @@ pub enum LabelError {
         /// The line.
         text: String,
     },
+    /// [`IdLabels::preset`] was given a name it does not know.
+    #[error(
+        "unknown ID label preset {name:?} (known: {known}); IdLabels::load reads other specs as files"
+    )]
+    UnknownPreset {
+        /// The name asked for.
+        name: String,
+        /// The preset names.
+        known: String,
+    },
     /// A list holds no entries.
     #[error("{origin}: no {what} (only blank or comment lines)")]
     Empty {
@@ -184,14 +194,9 @@ impl IdLabels {
             "cifar10" => (CIFAR10, "cifar10.txt"),
             "cifar100" => (CIFAR100, "cifar100.txt"),
             other => {
-                return Err(LabelError::Line {
-                    origin: other.to_string(),
-                    line: 0,
-                    reason: format!(
-                        "unknown label preset (known: {}); a file path is read with \
-                         IdLabels::from_file",
-                        ID_PRESETS.join(", ")
-                    ),
+                return Err(LabelError::UnknownPreset {
+                    name: other.to_string(),
+                    known: ID_PRESETS.join(", "),
                 });
             }
         };

@@ -481,7 +481,7 @@ mod tests {
 
     /// The real database: only when a dictionary is installed.
     #[test]
-    fn real_wordnet_parses_fast() {
+    fn real_wordnet_parses() {
         let Some(dir) = WordNet::default_dir() else {
             eprintln!("skipped: no WordNet dictionary (run deploy/setup/fetch-wordnet.sh)");
             return;
@@ -500,8 +500,6 @@ mod tests {
         assert_eq!(wn.synset_count(), 82_115);
         assert_eq!(wn.noun_lemmas().count(), 117_798);
         assert_eq!(wn.adj_lemmas().count(), 21_479);
-        if !cfg!(debug_assertions) {
-            assert!(elapsed.as_secs_f64() < 1.0, "parsing took {elapsed:?}");
-        }
+        // Parse time is printed, not asserted: speed targets live in benchmarks.
     }
 }

@@ -1,0 +1,311 @@
+//! `oodgate bench`: one run, one table — encoder-only, preprocessing, scoring, end-to-end
+//! through a real nats-server, their ratio, and peak RSS. Speed targets live here and in
+//! benches/, never in timed tests.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use ndarray::{Array2, Array4};
+use oodgate::config::Settings;
+use oodgate::model::pipeline::collect_images;
+use oodgate::model::{Encoder, RANDOM_WEIGHTS_WARNING};
+use oodgate::stream::pipeline::Stats;
+use oodgate::stream::setup;
+
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    #[arg(long)]
+    pub model: PathBuf,
+    #[arg(long)]
+    pub bank: PathBuf,
+    /// Folder of test images (default: tests/fixtures/images).
+    #[arg(long)]
+    pub images: Option<PathBuf>,
+    /// Encoder batch size (also the daemon's batch.max_size).
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+    /// NATS server for the end-to-end run (default: start a local nats-server).
+    #[arg(long)]
+    pub nats: Option<String>,
+    /// Images sent through NATS in the end-to-end run.
+    #[arg(long, default_value_t = 256)]
+    pub messages: usize,
+    /// Execution provider: auto, cpu, cuda, cuda:N.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+    /// ONNX Runtime intra-op threads (0 = all cores), same for encoder-only and end-to-end.
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Decode workers in the end-to-end run (0 = automatic).
+    #[arg(long, default_value_t = 0)]
+    pub decode_workers: usize,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn peak_rss_mib() -> f64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines().find(|l| l.starts_with("VmHWM:")).and_then(|l| {
+                l.split_whitespace()
+                    .nth(1)
+                    .and_then(|v| v.parse::<f64>().ok())
+            })
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
+    let mut s = Settings::default();
+    s.model.dir = a.model.clone();
+    s.model.device = a.device.clone();
+    s.model.intra_threads = a.threads;
+    s.model.warm_up = true;
+    s.detector.bank = Some(a.bank.clone());
+    s.detector.force_fingerprint = false;
+    s.batch.max_size = a.batch;
+    s.batch.decode_workers = a.decode_workers;
+    s.batch.queue_depth = a.batch * 2;
+    s.input.pull_batch = a.batch * 2;
+    s.input.stream = "OODGATE_BENCH_IN".into();
+    s.input.subjects = vec!["oodgate.bench.in".into()];
+    s.input.filter_subject = "oodgate.bench.in".into();
+    s.input.durable = "oodgate-bench".into();
+    s.output.prefix = "oodgate.bench".into();
+    s.output.stream = "OODGATE_BENCH_OUT".into();
+    let (mut encoder, mut detector, pre) =
+        super::serve::load_detector_with_threshold(&s, Some(0.5))?;
+    let random = detector.bank.meta.model_weights == "random"
+        || encoder.info().weights == oodgate::model::Weights::Random;
+    let provider = encoder.info().provider.clone();
+    let threads = encoder.info().intra_threads;
+    let files = collect_images(&[a
+        .images
+        .clone()
+        .unwrap_or_else(|| PathBuf::from("tests/fixtures/images"))])?;
+    if files.is_empty() {
+        bail!("no images found");
+    }
+    let blobs: Vec<Vec<u8>> = files.iter().filter_map(|p| std::fs::read(p).ok()).collect();
+    let size = pre.size() as usize;
+
+    // 1. Encoder only, on pre-made tensors.
+    let x = Array4::<f32>::from_shape_fn((a.batch, 3, size, size), |(b, c, y, xx)| {
+        ((b * 7 + c * 3 + y + xx) % 255) as f32 / 255.0 - 0.5
+    });
+    encoder.embed_images(x.view())?;
+    let t = Instant::now();
+    let mut n = 0usize;
+    while t.elapsed() < Duration::from_secs(8) || n < 2 * a.batch {
+        encoder.embed_images(x.view())?;
+        n += a.batch;
+    }
+    let encoder_ips = n as f64 / t.elapsed().as_secs_f64();
+
+    // 2. Preprocessing, one core and all cores.
+    let mut buf = vec![0f32; pre.tensor_len()];
+    let t = Instant::now();
+    let mut ok = 0usize;
+    for b in blobs.iter().cycle().take(blobs.len().max(64)) {
+        if pre.preprocess_into(b, &mut buf).is_ok() {
+            ok += 1;
+        }
+    }
+    let pre_one = ok as f64 / t.elapsed().as_secs_f64();
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let t = Instant::now();
+    let per = blobs.len().max(64);
+    std::thread::scope(|sc| {
+        for _ in 0..cores {
+            sc.spawn(|| {
+                let mut buf = vec![0f32; pre.tensor_len()];
+                for b in blobs.iter().cycle().take(per) {
+                    let _ = pre.preprocess_into(b, &mut buf);
+                }
+            });
+        }
+    });
+    let pre_all = (per * cores) as f64 / t.elapsed().as_secs_f64();
+
+    // 3. Scoring (one GEMM per batch) and HNSW explanations.
+    let d = detector.bank.meta.dim;
+    let mut emb = Array2::<f32>::from_shape_fn((64, d), |(i, j)| {
+        (((i * 31 + j * 17) % 97) as f32 - 48.0) / 97.0
+    });
+    oodgate::detect::score::normalize_rows(&mut emb);
+    let reps = 200;
+    let t = Instant::now();
+    for _ in 0..reps {
+        detector
+            .scorer
+            .score_batch_detailed(emb.view(), detector.method, &detector.params)?;
+    }
+    let score_us = t.elapsed().as_secs_f64() * 1e6 / (reps * 64) as f64;
+    let t = Instant::now();
+    for r in emb.rows() {
+        detector
+            .index
+            .explain(&detector.bank, &r.to_vec(), detector.top_k);
+    }
+    let explain_us = t.elapsed().as_secs_f64() * 1e6 / 64.0;
+
+    // 4. End to end through NATS: publish a backlog, then time the worker draining it.
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut server = None;
+    let url = match &a.nats {
+        Some(u) => u.clone(),
+        None => {
+            let (child, url, dir) = start_nats()?;
+            server = Some((child, dir));
+            url
+        }
+    };
+    s.nats.servers = vec![url.clone()];
+    // Route by the bank's threshold if it has one; the split does not change the work.
+    detector.threshold = detector
+        .bank
+        .meta
+        .thresholds
+        .get(&detector.method.to_string())
+        .map_or(0.5, |t| t.value);
+    let cfg = super::serve::pipeline_config(&s, super::serve::topology(&s));
+    let decode_workers = cfg.decode_workers;
+    let total = a.messages.max(a.batch);
+    let e2e = rt.block_on(async {
+        let client = setup::connect(&super::serve::nats_options(&s)).await?;
+        let js = async_nats::jetstream::new(client.clone());
+        let _ = js.delete_stream(&s.input.stream).await;
+        let _ = js.delete_stream(&s.output.stream).await;
+        let consumer = setup::declare(&js, &cfg.topology).await?;
+        let mut acks = Vec::new();
+        for i in 0..total {
+            let b = &blobs[i % blobs.len()];
+            acks.push(
+                js.publish(s.input.filter_subject.clone(), b.clone().into())
+                    .await?,
+            );
+        }
+        for ack in acks {
+            ack.await?;
+        }
+        let stats = Arc::new(Stats::default());
+        let ready = Arc::new(AtomicBool::new(false));
+        let st = stats.clone();
+        let done = async move {
+            loop {
+                let n = st.id.load(Ordering::Relaxed)
+                    + st.ood.load(Ordering::Relaxed)
+                    + st.dlq.load(Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        };
+        let t = Instant::now();
+        oodgate::stream::run(
+            client,
+            consumer,
+            Box::new(encoder),
+            pre.clone(),
+            detector,
+            cfg,
+            ready,
+            stats.clone(),
+            done,
+        )
+        .await?;
+        let secs = t.elapsed().as_secs_f64();
+        anyhow::Ok(total as f64 / secs)
+    })?;
+    if let Some((mut c, _dir)) = server {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    let ratio = e2e / encoder_ips;
+    let rss = peak_rss_mib();
+    let report = serde_json::json!({
+        "model": a.model, "weights_random": random, "provider": provider, "batch": a.batch,
+        "intra_threads": threads, "decode_workers": decode_workers, "cores": cores,
+        "images": blobs.len(), "messages": total,
+        "encoder_images_per_s": encoder_ips,
+        "preprocess_images_per_s_per_core": pre_one,
+        "preprocess_images_per_s_total": pre_all,
+        "score_us_per_image": score_us,
+        "explain_us_per_image": explain_us,
+        "end_to_end_images_per_s": e2e,
+        "ratio_end_to_end_over_encoder": ratio,
+        "peak_rss_mib": rss,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        if random {
+            eprintln!("{RANDOM_WEIGHTS_WARNING}");
+        }
+        println!(
+            "oodgate bench — {} (provider {provider}, batch {}, {threads} ORT threads, {decode_workers} decode workers, {cores} cores)",
+            a.model.display(),
+            a.batch
+        );
+        println!("| measure | value |");
+        println!("|---|---|");
+        println!("| encoder only (pre-made tensors) | {encoder_ips:.1} images/s |");
+        println!("| preprocessing, one core | {pre_one:.1} images/s |");
+        println!("| preprocessing, {cores} cores | {pre_all:.1} images/s |");
+        println!("| scoring (exact, one GEMM per batch) | {score_us:.1} µs/image |");
+        println!("| explanation (HNSW top-k) | {explain_us:.1} µs/image |");
+        println!("| end to end through NATS ({total} messages) | {e2e:.1} images/s |");
+        println!("| end to end / encoder only | {ratio:.2} |");
+        println!("| peak RSS | {rss:.0} MiB |");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn start_nats() -> anyhow::Result<(std::process::Child, String, tempfile_dir::Dir)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let dir = tempfile_dir::Dir::new()?;
+    let child = std::process::Command::new("nats-server")
+        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
+        .arg(&dir.0)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .context("starting nats-server (install it with deploy/setup/system-deps.sh, or pass --nats URL)")?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not start");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok((child, format!("nats://127.0.0.1:{port}"), dir))
+}
+
+/// A temporary folder removed on drop (the benchmark's JetStream store).
+mod tempfile_dir {
+    pub struct Dir(pub std::path::PathBuf);
+    impl Dir {
+        pub fn new() -> std::io::Result<Dir> {
+            let p = std::env::temp_dir().join(format!("oodgate-bench-{}", std::process::id()));
+            std::fs::create_dir_all(&p)?;
+            Ok(Dir(p))
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
