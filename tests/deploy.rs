@@ -122,7 +122,10 @@ fn k8s_env(container: &Value) -> Vec<(String, String)> {
 
 fn configmap_toml() -> String {
     let cm = one("deploy/k8s/configmap.yaml");
-    s(&cm, "data.oodgate.toml").to_string()
+    cm["data"]["oodgate.toml"]
+        .as_str()
+        .expect("ConfigMap data oodgate.toml")
+        .to_string()
 }
 
 fn duration_secs(s: &str) -> f64 {
@@ -411,7 +414,29 @@ fn compose_runs_a_nats_cluster_or_one_node_and_scalable_workers() {
         let flag = |f: &str| cmd.iter().position(|a| *a == f).map(|i| cmd[i + 1]);
         assert_eq!(flag("-c"), Some("/etc/nats/nats-server.conf"), "{node}");
         assert_eq!(flag("--name"), Some(node), "{node}");
-        assert_eq!(flag("--sd"), Some("/data"), "{node}");
+        // The server accepts exactly these flags with the shared file.
+        let conf_path = root().join("deploy/nats/nats-server.conf");
+        let out = nats_cmd_raw()
+            .args(cmd.iter().map(|a| {
+                if *a == "/etc/nats/nats-server.conf" {
+                    conf_path.to_string_lossy().to_string()
+                } else {
+                    a.to_string()
+                }
+            }))
+            .arg("-t")
+            .output()
+            .expect("nats-server -t");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success() && text.contains("is valid"),
+            "{node}: nats-server {} -t:\n{text}",
+            cmd.join(" ")
+        );
         if node == "nats" {
             assert_eq!(profiles(node), ["single"]);
         } else {
@@ -446,8 +471,8 @@ fn compose_runs_a_nats_cluster_or_one_node_and_scalable_workers() {
         assert!(compose_dir.join(host).is_file(), "{node}: {host} missing");
         let store = vols
             .iter()
-            .find(|v| v.ends_with(":/data"))
-            .expect("store volume");
+            .find(|v| v.ends_with(":/var/lib/nats"))
+            .expect("store volume at the configuration's store_dir");
         let vol_name = store.split(':').next().expect("name");
         assert!(
             top_volumes.contains_key(vol_name),
@@ -892,12 +917,17 @@ fn nats_server() -> PathBuf {
     })
 }
 
-fn nats_cmd() -> Command {
+/// nats-server with the passwords the configuration references in its environment.
+fn nats_cmd_raw() -> Command {
     let mut c = Command::new(nats_server());
-    c.arg("-c")
-        .arg(root().join("deploy/nats/nats-server.conf"))
-        .env("OODGATE_WORKER_PASSWORD", WORKER_PASSWORD)
+    c.env("OODGATE_WORKER_PASSWORD", WORKER_PASSWORD)
         .env("OODGATE_PUBLISHER_PASSWORD", PUBLISHER_PASSWORD);
+    c
+}
+
+fn nats_cmd() -> Command {
+    let mut c = nats_cmd_raw();
+    c.arg("-c").arg(root().join("deploy/nats/nats-server.conf"));
     c
 }
 
@@ -905,7 +935,7 @@ fn nats_cmd() -> Command {
 fn nats_server_accepts_the_configuration() {
     let out = nats_cmd().arg("-t").output().expect("run nats-server -t");
     assert!(
-        out.status.success(),
+        out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is valid"),
         "nats-server -c deploy/nats/nats-server.conf -t failed:\n{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
@@ -983,8 +1013,22 @@ fn free_port() -> u16 {
 
 fn start_server() -> Server {
     let store = tempfile::tempdir().expect("store dir");
+    // The configuration with its store_dir moved to a temp dir (--sd would be a duplicate).
+    let conf = read("deploy/nats/nats-server.conf");
+    let line = conf
+        .lines()
+        .find(|l| l.trim_start().starts_with("store_dir:"))
+        .expect("store_dir line");
+    let conf = conf.replace(
+        line,
+        &format!("  store_dir: {:?}", store.path().to_string_lossy()),
+    );
+    let conf_path = store.path().join("nats-server.conf");
+    std::fs::write(&conf_path, conf).expect("write conf");
     let (port, http) = (free_port(), free_port());
-    let child = nats_cmd()
+    let child = nats_cmd_raw()
+        .arg("-c")
+        .arg(&conf_path)
         .args([
             "-a",
             "127.0.0.1",
@@ -992,9 +1036,7 @@ fn start_server() -> Server {
             &port.to_string(),
             "-m",
             &http.to_string(),
-            "--sd",
         ])
-        .arg(store.path())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()

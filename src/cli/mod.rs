@@ -12,6 +12,7 @@ pub mod logging;
 pub mod publish;
 pub mod score;
 pub mod serve;
+pub mod summary;
 
 use std::process::ExitCode;
 
@@ -51,6 +52,8 @@ pub enum Command {
     Calibrate(calibrate::CalibrateArgs),
     /// Throughput of every stage and end to end through NATS, in one table.
     Bench(bench::BenchArgs),
+    /// Counts per decision and examples from the output stream.
+    Summary(summary::SummaryArgs),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -65,5 +68,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Bench(a) => bench::run(a),
+        Command::Summary(a) => summary::run(a),
     }
 }
