@@ -330,7 +330,8 @@ fn keda_scales_the_deployment_on_the_durable_consumer() {
     assert_eq!(s(&so, "spec.scaleTargetRef.name"), s(&d, "metadata.name"));
     let t = get(&so, "spec.triggers.0");
     assert_eq!(s(t, "type"), "nats-jetstream");
-    let st = settings_from(&configmap_toml(), Vec::new(), "configmap");
+    let env = k8s_env(get(&d, "spec.template.spec.containers.0"));
+    let st = settings_from(&configmap_toml(), env, "configmap + deployment env");
     let m = get(t, "metadata");
     for k in [
         "natsServerMonitoringEndpoint",

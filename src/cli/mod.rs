@@ -4,6 +4,7 @@ pub mod bank;
 pub mod bench;
 pub mod calibrate;
 pub mod common;
+pub mod config;
 pub mod debug;
 pub mod embed;
 pub mod eval;
@@ -54,6 +55,9 @@ pub enum Command {
     Bench(bench::BenchArgs),
     /// Counts per decision and examples from the output stream.
     Summary(summary::SummaryArgs),
+    /// Configuration reference and effective settings.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -69,5 +73,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Calibrate(a) => calibrate::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Summary(a) => summary::run(a),
+        Command::Config(c) => config::run(c),
     }
 }
