@@ -10,7 +10,9 @@ use std::hint::black_box;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use criterion::{
+    BenchmarkId, Criterion, SamplingMode, Throughput, criterion_group, criterion_main,
+};
 use ndarray::{Array4, s};
 use oodgate::model::encoder::EncoderOptions;
 use oodgate::model::preprocess::Limits;
@@ -80,6 +82,7 @@ fn bench_encoder(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("image_encoder");
     g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
     for n in [1usize, 8, 32] {
@@ -112,6 +115,7 @@ fn bench_encoder(c: &mut Criterion) {
 
     let mut g = c.benchmark_group("text_encoder");
     g.sample_size(10)
+        .sampling_mode(SamplingMode::Flat)
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(5));
     g.throughput(Throughput::Elements(texts.len() as u64));

@@ -5,7 +5,9 @@ mod common;
 
 use oodgate::model::preprocess::{Limits, PreprocessError, Preprocessor};
 
+#[allow(clippy::excessive_precision)]
 const MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 const STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 fn clip() -> Preprocessor {

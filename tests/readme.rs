@@ -5,7 +5,10 @@ mod common;
 
 #[test]
 fn readme_contains_the_generated_configuration_reference() {
-    let out = common::oodgate().args(["config", "reference"]).output().unwrap();
+    let out = common::oodgate()
+        .args(["config", "reference"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
     let reference = String::from_utf8(out.stdout).unwrap();
     assert!(reference.lines().count() > 40);

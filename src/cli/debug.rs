@@ -49,6 +49,7 @@ pub fn run(c: DebugCommand) -> anyhow::Result<ExitCode> {
                 Some(dir) => {
                     Preprocessor::from_manifest(&ModelManifest::load(&dir)?, Limits::default())
                 }
+                #[allow(clippy::excessive_precision)]
                 None => Preprocessor::new(
                     224,
                     [0.481_454_66, 0.457_827_5, 0.408_210_73],

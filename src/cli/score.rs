@@ -162,7 +162,7 @@ impl ModelCtx {
                         m.ncols()
                     );
                 }
-                normalize_embeddings(&mut m).map_err(|row| {
+                normalize_embeddings(&mut m, 1e-6).map_err(|row| {
                     anyhow::anyhow!(
                         "{}: row {row} is zero or not finite; cannot score it",
                         p.display()
@@ -388,10 +388,28 @@ pub struct ScoreArgs {
     pub output: Option<PathBuf>,
 }
 
-fn pairs(v: &[(String, f32)]) -> serde_json::Value {
-    v.iter()
-        .map(|(l, c)| serde_json::json!({"label": l, "cos": c}))
-        .collect()
+#[derive(serde::Serialize)]
+struct Near<'a> {
+    label: &'a str,
+    cos: f32,
+}
+
+/// One output line; fields in this order.
+#[derive(serde::Serialize)]
+struct Line<'a> {
+    input: &'a str,
+    score: f64,
+    decision: &'static str,
+    method: Method,
+    threshold: f64,
+    scale: f32,
+    top_labels: Vec<Near<'a>>,
+    nearest_outliers: Vec<Near<'a>>,
+    bank_version: &'a str,
+}
+
+fn pairs(v: &[(String, f32)]) -> Vec<Near<'_>> {
+    v.iter().map(|(l, c)| Near { label: l, cos: *c }).collect()
 }
 
 pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
@@ -420,25 +438,27 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
         } else {
             n_id += 1;
         }
-        let (top, near) = match &index {
-            Some(ix) => {
-                let x = emb.x.row(i).to_vec();
-                let e = ix.explain(&bank, &x, a.top_k);
-                (pairs(&e.top_labels), pairs(&e.nearest_outliers))
-            }
-            None => (serde_json::json!([]), serde_json::json!([])),
-        };
-        let line = serde_json::json!({
-            "input": name,
-            "score": r.score,
-            "decision": if ood { "ood" } else { "id" },
-            "method": a.method,
-            "threshold": threshold,
-            "scale": params.scale,
-            "top_labels": top,
-            "nearest_outliers": near,
-            "bank_version": bank.version(),
+        let expl = index.as_ref().map(|ix| {
+            let x = emb.x.row(i).to_vec();
+            ix.explain(&bank, &x, a.top_k)
         });
+        let line = Line {
+            input: name,
+            score: r.score,
+            decision: if ood { "ood" } else { "id" },
+            method: a.method,
+            threshold,
+            scale: params.scale,
+            top_labels: expl
+                .as_ref()
+                .map(|e| pairs(&e.top_labels))
+                .unwrap_or_default(),
+            nearest_outliers: expl
+                .as_ref()
+                .map(|e| pairs(&e.nearest_outliers))
+                .unwrap_or_default(),
+            bank_version: bank.version(),
+        };
         serde_json::to_writer(&mut w, &line)?;
         w.write_all(b"\n")?;
     }

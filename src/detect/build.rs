@@ -1136,8 +1136,11 @@ fn parse_npy(bytes: &[u8]) -> Result<Array2<f32>, String> {
     Ok(arr)
 }
 
-/// L2-normalises every row in f64; errors name the first zero or non-finite row.
-pub fn normalize_embeddings(m: &mut Array2<f32>) -> Result<(), usize> {
+/// L2-normalises (in f64) every row whose norm is off 1 by more than `tol`, leaving the others
+/// bit-for-bit unchanged (so f32 embeddings written by `oodgate embed` score exactly as their
+/// images do, while float16 rows are brought back to unit norm). Errors name the first zero or
+/// non-finite row.
+pub fn normalize_embeddings(m: &mut Array2<f32>, tol: f64) -> Result<(), usize> {
     for (i, mut row) in m.rows_mut().into_iter().enumerate() {
         let norm = row
             .iter()
@@ -1147,7 +1150,9 @@ pub fn normalize_embeddings(m: &mut Array2<f32>) -> Result<(), usize> {
         if !(norm.is_finite() && norm > 0.0) {
             return Err(i);
         }
-        row.mapv_inplace(|v| (f64::from(v) / norm) as f32);
+        if (norm - 1.0).abs() > tol {
+            row.mapv_inplace(|v| (f64::from(v) / norm) as f32);
+        }
     }
     Ok(())
 }
@@ -1539,10 +1544,14 @@ mod tests {
         ndarray_npy::write_npy(&p, &m).unwrap();
         assert_eq!(read_npy(&p).unwrap(), m);
         let mut m2 = m.clone();
-        normalize_embeddings(&mut m2).unwrap();
+        normalize_embeddings(&mut m2, 1e-6).unwrap();
         assert!((m2.row(0).dot(&m2.row(0)) - 1.0).abs() < 1e-6);
+        let unit = ndarray::array![[0.6f32, 0.8]];
+        let mut u2 = unit.clone();
+        normalize_embeddings(&mut u2, 1e-6).unwrap();
+        assert_eq!(u2, unit, "unit rows are left alone");
         let mut z = Array2::<f32>::zeros((2, 2));
-        assert_eq!(normalize_embeddings(&mut z), Err(0));
+        assert_eq!(normalize_embeddings(&mut z, 1e-6), Err(0));
     }
 
     #[test]

@@ -380,12 +380,12 @@ pub struct KMeansResult {
 ///
 /// | N | threads | k-means++ | Lloyd iteration |
 /// |---|---|---|---|
-/// | 20 000 | 2 | 0.6–1.2 s | 0.09–0.15 s (70–110 GFLOP/s) |
+/// | 20 000 | 2 | 0.6–3.1 s | 0.09–0.23 s (45–110 GFLOP/s) |
 /// | 20 000 | 1 | 1.1–1.8 s | 0.15–0.25 s |
-/// | 80 000 | 2 | 5.3 s | 0.56 s |
+/// | 80 000 | 2 | 5.3–6.5 s | 0.56–0.70 s |
 ///
-/// so a full OPL run at N = 80 000 takes about a minute at worst (100 iterations), and about
-/// 5 s at the reference list's N = 10 848.
+/// (the spread is the load from other processes), so a full OPL run at N = 80 000 takes about
+/// a minute at worst (100 iterations), and a few seconds at the reference list's N = 10 848.
 ///
 /// **Why not linfa-clustering.** linfa-clustering 0.8.1 is built on ndarray 0.16, not the 0.17
 /// the rest of the crate uses, so every call would copy between two ndarray versions and the

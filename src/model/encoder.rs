@@ -382,7 +382,9 @@ fn build_session(
     Ok((s, "cpu".to_string()))
 }
 
-// Builder errors are not Send/Sync, so sessions are built in functions returning ort::Result.
+// Builder errors are not Send/Sync, so sessions are built in functions returning ort::Result
+// (the `?`s convert `ort::Error<SessionBuilder>` into plain `ort::Error`).
+#[allow(clippy::needless_question_mark)]
 fn session_cpu(
     env: &ort::environment::Environment,
     path: &std::path::Path,
@@ -394,6 +396,7 @@ fn session_cpu(
         .commit_from_file(path)?)
 }
 
+#[allow(clippy::needless_question_mark)]
 fn session_with_cuda(
     env: &ort::environment::Environment,
     path: &std::path::Path,

@@ -12,7 +12,10 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 pub const MANIFEST_FILES: [&str; 2] = ["model.toml", "model.json"];
+// The published OpenAI CLIP constants, digit for digit.
+#[allow(clippy::excessive_precision)]
 const CLIP_MEAN: [f32; 3] = [0.481_454_66, 0.457_827_5, 0.408_210_73];
+#[allow(clippy::excessive_precision)]
 const CLIP_STD: [f32; 3] = [0.268_629_54, 0.261_302_58, 0.275_777_1];
 
 #[derive(Debug, thiserror::Error)]

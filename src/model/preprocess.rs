@@ -92,9 +92,9 @@ thread_local! {
 impl Preprocessor {
     pub fn new(size: u32, mean: [f32; 3], std: [f32; 3], limits: Limits) -> Self {
         let mut lut = [[0f32; 256]; 3];
-        for c in 0..3 {
-            for v in 0..256 {
-                lut[c][v] = ((v as f64 / 255.0 - mean[c] as f64) / std[c] as f64) as f32;
+        for (c, table) in lut.iter_mut().enumerate() {
+            for (v, out) in table.iter_mut().enumerate() {
+                *out = ((v as f64 / 255.0 - mean[c] as f64) / std[c] as f64) as f32;
             }
         }
         Preprocessor { size, limits, lut }

@@ -136,6 +136,7 @@ struct Ctx {
     queued: Arc<AtomicUsize>,
 }
 
+#[allow(clippy::too_many_arguments)]
 /// Runs until `shutdown` resolves, then drains: stops pulling, finishes the batch in flight,
 /// NAKs what is still buffered, and returns within `drain_timeout`.
 pub async fn run(
