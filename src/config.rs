@@ -966,7 +966,7 @@ impl Settings {
             let key = env_key(&name);
             let Some(info) = key_info(&key) else {
                 return Err(ConfigError::UnknownKey {
-                    suggestion: suggest(&key).map(|k| env_var_for(k)),
+                    suggestion: suggest(&key).map(env_var_for),
                     key,
                     origin: format!("environment variable {name}"),
                 });
@@ -1292,13 +1292,14 @@ impl Settings {
             ("output.ood_subject", &o.ood_subject, &subjects.ood),
             ("output.dlq_subject", &o.dlq_subject, &subjects.dlq),
         ];
-        let mut all_ok = prefix_ok;
+        // A subject derived from a bad prefix is reported once, as output.prefix.
+        let mut all_ok = true;
         for (key, explicit, resolved) in named {
-            if !explicit.trim().is_empty() || prefix_ok {
-                if let Err(m) = check_subject(resolved, false) {
-                    all_ok = false;
-                    p.push(Problem::new(key, m));
-                }
+            if explicit.trim().is_empty() && !prefix_ok {
+                all_ok = false;
+            } else if let Err(m) = check_subject(resolved, false) {
+                all_ok = false;
+                p.push(Problem::new(key, m));
             }
         }
         if all_ok {
@@ -1445,11 +1446,7 @@ impl Settings {
         let mut out = String::from(
             "| Key | Type | Default | Environment variable | Description |\n|---|---|---|---|---|\n",
         );
-        let mut section = "";
         for k in KEYS {
-            if k.section() != section {
-                section = k.section();
-            }
             let default = match defaults.get(k.key) {
                 Some(v) => format!("`{}`", v.replace('|', "\\|")),
                 None => "(unset)".to_string(),

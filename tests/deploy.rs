@@ -646,7 +646,7 @@ fn check_dockerfile(rel: &str, package: &str, base_arg: &str, base_want: &[&str]
         .find(|(i, _)| i == "ENTRYPOINT")
         .expect("ENTRYPOINT");
     let entry: Vec<String> = serde_json::from_str(&entry.1).expect("exec-form ENTRYPOINT");
-    assert_eq!(entry, [bin.clone()], "{rel}");
+    assert_eq!(entry, std::slice::from_ref(&bin), "{rel}");
     let cmd = ins.iter().find(|(i, _)| i == "CMD").expect("CMD");
     let cmd: Vec<String> = serde_json::from_str(&cmd.1).expect("exec-form CMD");
     assert_eq!(

@@ -119,8 +119,8 @@ def read_manifest(path: Path) -> dict:
     try:
         raw = path.read_bytes()
         data = json.loads(raw) if path.suffix == ".json" else tomllib.loads(raw.decode("utf-8"))
-    except FileNotFoundError:
-        raise Error(f"{path}: no such file")
+    except OSError as e:
+        raise Error(f"{path}: {e.strerror or e}")
     except (ValueError, UnicodeDecodeError) as e:  # TOMLDecodeError and JSONDecodeError
         raise Error(f"{path}: not a valid manifest: {e}")
     for key in ("weights", "embed_dim", "image"):
@@ -131,15 +131,19 @@ def read_manifest(path: Path) -> dict:
 
 def towers(manifest: dict) -> list[Tower]:
     """The encoder files of a manifest, with oodgate's defaults for names left out."""
-    source = manifest.get("source") or {}
-    image = manifest["image"]
-    out = [Tower("image", image["file"], source.get("image_file", DEFAULT_REMOTE["image"]),
-                 image.get("input", "image"), image.get("output", "embedding"))]
-    text = manifest.get("text")
-    if text is not None:
-        out.append(Tower("text", text["file"], source.get("text_file", DEFAULT_REMOTE["text"]),
-                         text.get("input", "tokens"), text.get("output", "embedding"),
-                         text.get("attention_mask")))
+    try:
+        source = manifest.get("source") or {}
+        image = manifest["image"]
+        out = [Tower("image", image["file"], source.get("image_file", DEFAULT_REMOTE["image"]),
+                     image.get("input", "image"), image.get("output", "embedding"))]
+        text = manifest.get("text")
+        if text is not None:
+            out.append(Tower("text", text["file"],
+                             source.get("text_file", DEFAULT_REMOTE["text"]),
+                             text.get("input", "tokens"), text.get("output", "embedding"),
+                             text.get("attention_mask")))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise Error(f"the manifest's [image] / [text] tables are incomplete (missing {e})")
     return out
 
 
@@ -156,7 +160,11 @@ def quick_check(folder: Path) -> dict:
         manifest = read_manifest(path)
     except Error as e:
         raise InvalidContent(str(e))
-    for t in towers(manifest):
+    try:
+        tws = towers(manifest)
+    except Error as e:
+        raise InvalidContent(f"{path}: {e}")
+    for t in tws:
         f = folder / t.file
         if not f.is_file() or f.stat().st_size == 0:
             raise InvalidContent(f"{f}: missing or empty ({t.kind} tower)")
@@ -498,11 +506,18 @@ def install(a: argparse.Namespace, out: Path, manifest: dict, manifest_text: str
         updates[f"{t.kind}_sha256"] = fetched[t].sha256
     updates["fetched_by"] = "deploy/model/fetch_model.py"
     text = with_source(manifest_text, updates)
+
     def without_source(m: dict) -> dict:
         return {k: v for k, v in m.items() if k != "source"}
 
-    if without_source(tomllib.loads(text)) != without_source(manifest):
-        raise Error("internal error: rewriting the [source] table changed the manifest")
+    try:
+        same = without_source(tomllib.loads(text)) == without_source(manifest)
+    except tomllib.TOMLDecodeError as e:
+        same = False
+        log(f"the rewritten manifest does not parse: {e}")
+    if not same:
+        raise Error(f"{a.manifest}: cannot record the download in its [source] table (keep "
+                    "[source] a plain [source] table)")
     write_atomic(out / "model.toml", text.encode("utf-8"))
 
 
@@ -511,6 +526,10 @@ def cmd_download(a: argparse.Namespace) -> int:
         raise Error(f"{a.manifest}: the manifest must be a TOML file (it becomes model.toml)")
     manifest = read_manifest(a.manifest)
     manifest_text = a.manifest.read_text(encoding="utf-8")
+    try:
+        towers(manifest)
+    except Error as e:
+        raise Error(f"{a.manifest}: {e}")
     repo = a.repo or (manifest.get("source") or {}).get("repo")
     if not repo:
         raise Error("--repo is required (the manifest's [source] has no repo)")
@@ -621,6 +640,9 @@ def main(argv: list[str] | None = None) -> int:
         kind = {EXIT_UNAVAILABLE: "download failed", EXIT_INVALID: "invalid model"}
         log(f"{kind.get(e.code, 'error')}: {e}")
         return e.code
+    except OSError as e:  # disk full, permissions, ...
+        log(f"error: {e}")
+        return EXIT_ERROR
     except KeyboardInterrupt:
         log("interrupted; run again to resume the download")
         return 130

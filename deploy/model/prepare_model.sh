@@ -16,7 +16,8 @@
 #
 # Environment: OODGATE_MODEL, OODGATE_OFFLINE=1, OODGATE_HF_BASE (hub base URL, for mirrors),
 # OODGATE_MODELS_DIR (default: models/ in the project), OODGATE_CONNECT_TIMEOUT (default 5).
-# Idempotent: a second run stops at step 1 or 2 (or regenerates nothing in step 5).
+# Idempotent: a second run stops at step 1 or 2, or (no real model) retries the download
+# after a reachability probe that fails within seconds offline, and reuses step 5's folder.
 set -euo pipefail
 root=$(cd "$(dirname "$0")/../.." && pwd)
 models=$(realpath -m "${OODGATE_MODELS_DIR:-$root/models}")

@@ -32,6 +32,9 @@ pub enum BankCommand {
     Import(ImportArgs),
     /// Show a bank's sizes, parameters, prototypes and thresholds.
     Inspect(InspectArgs),
+    /// Write a bank's matrices (.npy) and labels (.txt) into a folder, in the form `bank
+    /// import` reads.
+    Export(ExportArgs),
 }
 
 pub fn run(c: BankCommand) -> anyhow::Result<ExitCode> {
@@ -39,6 +42,7 @@ pub fn run(c: BankCommand) -> anyhow::Result<ExitCode> {
         BankCommand::Build(a) => run_build(a),
         BankCommand::Import(a) => run_import(a),
         BankCommand::Inspect(a) => run_inspect(a),
+        BankCommand::Export(a) => run_export(a),
     }
 }
 
@@ -703,5 +707,81 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
                 .unwrap_or_default()
         );
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+// ---------------------------------------------------------------------------------------------
+// export
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug, clap::Args)]
+pub struct ExportArgs {
+    /// The bank file (.oodb).
+    pub bank: PathBuf,
+    /// Output folder (created): id.npy, id_labels.txt, no.npy, outliers.npy,
+    /// outlier_labels.txt.
+    #[arg(short, long)]
+    pub output: PathBuf,
+}
+
+fn run_export(a: ExportArgs) -> anyhow::Result<ExitCode> {
+    use std::fmt::Write as _;
+    let bank = load_bank(&a.bank)?;
+    let dir = &a.output;
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let write_npy = |name: &str, m: &ndarray::Array2<f32>| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        ndarray_npy::write_npy(&p, m).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    };
+    let write_txt = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
+        let p = dir.join(name);
+        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
+        Ok(p)
+    };
+    let mut cmd = format!(
+        "oodgate bank import --model-fingerprint {}",
+        bank.meta.model_fingerprint
+    );
+    let id = write_npy("id.npy", &bank.id)?;
+    let mut labels = String::new();
+    for (i, name) in bank.meta.id_labels.iter().enumerate() {
+        match bank.meta.id_wnids.get(i).cloned().flatten() {
+            Some(w) => writeln!(labels, "{w}\t{name}")?,
+            None => writeln!(labels, "{name}")?,
+        }
+    }
+    let id_labels = write_txt("id_labels.txt", &labels)?;
+    write!(
+        cmd,
+        " --id-embeddings {} --id-labels {}",
+        id.display(),
+        id_labels.display()
+    )?;
+    if let Some(no) = &bank.no {
+        let p = write_npy("no.npy", no)?;
+        write!(cmd, " --no-embeddings {}", p.display())?;
+    }
+    if bank.outliers.nrows() > 0 {
+        let p = write_npy("outliers.npy", &bank.outliers)?;
+        let text: String = bank
+            .meta
+            .outliers
+            .iter()
+            .map(|r| format!("{}\n", r.label.replace(['\n', '\r'], " ")))
+            .collect();
+        let l = write_txt("outlier_labels.txt", &text)?;
+        write!(
+            cmd,
+            " --outliers {} --outlier-labels {}",
+            p.display(),
+            l.display()
+        )?;
+    }
+    if let Some(t) = bank.meta.theta {
+        write!(cmd, " --theta {t}")?;
+    }
+    println!("exported {} to {}", a.bank.display(), dir.display());
+    println!("re-import with:\n  {cmd} -o BANK");
     Ok(ExitCode::SUCCESS)
 }

@@ -116,8 +116,7 @@ impl ModelCtx {
         if let Some(fp) = &ctx.fingerprint {
             bank.check_model(fp, args.force).with_context(|| {
                 format!(
-                    "bank model fingerprint {} vs model {} fingerprint {fp}",
-                    bank.meta.model_fingerprint,
+                    "checking the bank against model {}",
                     args.model
                         .as_deref()
                         .map(|p| p.display().to_string())

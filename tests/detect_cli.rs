@@ -1,0 +1,750 @@
+//! `oodgate bank build|inspect|export|import`, `score`, `calibrate` and `eval`, end to end: the
+//! real binary on the tiny random-weight CLIP, the image fixtures and a small word list.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Output;
+
+use serde_json::Value;
+
+/// Words for the outlier corpus; "cat" and "dog" are CIFAR-10 classes and must be cleaned out.
+const WORDS: &str = "rock stone mountain river ocean lake tree flower grass cloud sky sun moon star \
+planet galaxy comet volcano desert forest jungle island beach wave sand snow ice glacier canyon \
+cliff valley hill meadow swamp marsh pond stream waterfall cave tunnel bridge tower castle church \
+temple house barn fence road street highway railway station airport harbor market shop bakery \
+library museum school hospital factory kitchen bedroom bathroom garden park playground stadium \
+theater cinema painting sculpture guitar piano violin drum trumpet hammer wrench screwdriver \
+ladder bucket basket bottle cup plate spoon fork knife chair table lamp cat dog";
+
+fn n_words() -> usize {
+    WORDS.split_whitespace().count()
+}
+
+fn run(args: &[&str]) -> Output {
+    let out = common::oodgate()
+        .args(args)
+        .output()
+        .expect("run the oodgate binary");
+    out
+}
+
+fn ok(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        out.status.success(),
+        "oodgate {args:?} failed:\nstdout: {}\nstderr: {}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn fail(args: &[&str]) -> String {
+    let out = run(args);
+    assert!(
+        !out.status.success(),
+        "oodgate {args:?} should have failed:\nstdout: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    model: PathBuf,
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let words = WORDS.split_whitespace().collect::<Vec<_>>().join("\n") + "\n";
+        std::fs::write(dir.path().join("words.txt"), words).unwrap();
+        Fixture {
+            dir,
+            model: common::tiny_model(),
+        }
+    }
+
+    fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    fn model(&self) -> &str {
+        s(&self.model)
+    }
+
+    /// `bank build` with the tiny model, CIFAR-10 and the word list; returns the parsed
+    /// `--json` summary.
+    fn build(&self, out: &str, extra: &[&str]) -> Value {
+        let words = self.path("words.txt");
+        let cache = self.path("cache");
+        let bank = self.path(out);
+        let mut args = vec![
+            "bank",
+            "build",
+            "--model",
+            self.model(),
+            "--device",
+            "cpu",
+            "--id",
+            "cifar10",
+            "--outliers",
+            s(&words),
+            "--templates",
+            "mcm",
+            "--k",
+            "8",
+            "--quantile",
+            "0.5",
+            "--cache",
+            s(&cache),
+            "--json",
+            "-o",
+            s(&bank),
+        ];
+        args.extend_from_slice(extra);
+        serde_json::from_str(&ok(&args)).expect("build --json prints JSON")
+    }
+}
+
+fn images() -> PathBuf {
+    common::fixture("images")
+}
+
+/// The image files `score` picks up in the fixture folder.
+fn n_images() -> usize {
+    std::fs::read_dir(images())
+        .unwrap()
+        .filter_map(Result::ok)
+        .filter(|e| {
+            e.path()
+                .extension()
+                .and_then(|x| x.to_str())
+                .is_some_and(|x| {
+                    oodgate::model::pipeline::IMAGE_EXTENSIONS
+                        .contains(&x.to_ascii_lowercase().as_str())
+                })
+        })
+        .count()
+}
+
+fn jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON object per line"))
+        .collect()
+}
+
+fn file_len(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+#[test]
+fn hopg_needs_enough_id_classes() {
+    let f = Fixture::new();
+    let words = f.path("words.txt");
+    let bank = f.path("b.oodb");
+    let err = fail(&[
+        "bank",
+        "build",
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--id",
+        "cifar10",
+        "--outliers",
+        s(&words),
+        "--templates",
+        "mcm",
+        "--k",
+        "8",
+        "--quantile",
+        "0.5",
+        "--cache",
+        s(&f.path("cache")),
+        "-o",
+        s(&bank),
+    ]);
+    assert!(
+        err.contains("150") && err.contains("only 10 ID classes") && err.contains("--no-hopg"),
+        "{err}"
+    );
+    assert!(!bank.exists());
+    // Smaller HOPG settings work with 10 classes.
+    let rep = f.build(
+        "h.oodb",
+        &["--hopg-clusters", "1", "--hopg-per-cluster", "5"],
+    );
+    assert_eq!(rep["report"]["counts"]["boundary"], 5);
+    let inspect: Value = serde_json::from_str(&ok(&[
+        "bank",
+        "inspect",
+        s(&f.path("h.oodb")),
+        "--json",
+        "--samples",
+        "100",
+    ]))
+    .unwrap();
+    let accepted = rep["report"]["counts"]["accepted"].as_u64().unwrap();
+    assert_eq!(
+        inspect["outlier_kinds"]["hard"].as_u64().unwrap_or(0),
+        accepted
+    );
+    assert_eq!(inspect["build"]["hopg"]["per_cluster"], 5);
+}
+
+#[test]
+fn build_inspect_and_embedding_cache() {
+    let f = Fixture::new();
+    let rep = f.build("b.oodb", &["--no-hopg"]);
+    let n_labels = (10 + n_words() - 2) as u64;
+    assert_eq!(rep["report"]["cached"], 0);
+    assert_eq!(rep["report"]["encoded"].as_u64(), Some(n_labels));
+    assert_eq!(rep["random_weights"], true);
+    let fp = rep["model_fingerprint"].as_str().unwrap().to_string();
+    assert_eq!(fp.len(), 64);
+
+    // One cache folder: 64-dimensional rows, one per label.
+    let folders: Vec<PathBuf> = std::fs::read_dir(f.path("cache"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    assert_eq!(folders.len(), 1);
+    assert!(
+        folders[0]
+            .file_name()
+            .unwrap()
+            .to_str()
+            .unwrap()
+            .starts_with(&fp[..16])
+    );
+    let vectors = folders[0].join("vectors.f32");
+    assert_eq!(file_len(&vectors), n_labels * 64 * 4);
+
+    // A rebuild takes everything from the cache and gives the same bank.
+    let rep2 = f.build("b2.oodb", &["--no-hopg"]);
+    assert_eq!(rep2["report"]["cached"].as_u64(), Some(n_labels));
+    assert_eq!(rep2["report"]["encoded"], 0);
+    assert_eq!(rep2["report"]["prompts"], 0);
+    assert_eq!(file_len(&vectors), n_labels * 64 * 4, "cache did not grow");
+    assert_eq!(rep2["version"], rep["version"]);
+
+    let text = ok(&["bank", "inspect", s(&f.path("b.oodb"))]);
+    assert!(
+        text.contains("10 ID classes") && text.contains("prototype"),
+        "{text}"
+    );
+    let j: Value =
+        serde_json::from_str(&ok(&["bank", "inspect", s(&f.path("b.oodb")), "--json"])).unwrap();
+    assert_eq!(j["n_id"], 10);
+    assert_eq!(j["dim"], 64);
+    assert_eq!(j["format"], 1);
+    assert_eq!(j["version"], rep["version"]);
+    assert_eq!(j["model_fingerprint"], fp.as_str());
+    assert_eq!(j["model_weights"], "random");
+    assert_eq!(j["model_name"], "tiny-random");
+    assert_eq!(j["has_no_embeddings"], false);
+    assert_eq!(j["build"]["k"], 8);
+    assert_eq!(j["build"]["quantile"], 0.5);
+    assert_eq!(j["build"]["seed"], 42);
+    assert_eq!(j["build"]["hopg"], Value::Null);
+    assert_eq!(j["build"]["templates"]["name"], "mcm");
+    assert_eq!(j["build"]["id"], "cifar10");
+    assert_eq!(j["build"]["mode"], "prototypes");
+    assert_eq!(j["cleaning"]["outliers"]["exact"], 2, "cat and dog");
+    assert_eq!(
+        j["cleaning"]["outliers"]["kept"].as_u64(),
+        Some(n_labels - 10)
+    );
+    assert!(j["theta"].as_f64().is_some());
+    assert!(j["thresholds"].as_object().unwrap().is_empty());
+    let kept = j["build"]["counts"]["kept"].as_u64().unwrap();
+    assert!(kept >= 1 && kept <= 8);
+    assert_eq!(j["n_outliers"].as_u64(), Some(kept));
+    let sample = &j["outliers_sample"][0];
+    assert_eq!(sample["kind"], "prototype");
+    let sample_words = sample["words"].as_array().unwrap();
+    assert!(!sample_words.is_empty() && sample_words.len() <= 10);
+    assert_eq!(sample["label"], sample_words[0]);
+    let ids: Vec<&str> = j["id_labels_sample"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|v| v.as_str())
+        .collect();
+    assert_eq!(ids[..3], ["airplane", "automobile", "bird"]);
+
+    // --raw-outliers keeps every word.
+    let raw = f.build("raw.oodb", &["--raw-outliers"]);
+    assert_eq!(raw["report"]["n_outliers"].as_u64(), Some(n_labels - 10));
+    assert_eq!(raw["report"]["encoded"], 0, "same templates: all cached");
+}
+
+#[test]
+fn score_images_and_npy_agree() {
+    let f = Fixture::new();
+    f.build("b.oodb", &["--no-hopg"]);
+    let bank = f.path("b.oodb");
+    let out = f.path("scores.jsonl");
+    let imgs = images();
+
+    // No threshold anywhere: a clear error.
+    let err = fail(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        s(&imgs),
+    ]);
+    assert!(
+        err.contains("no calibrated threshold") && err.contains("oodgate calibrate"),
+        "{err}"
+    );
+
+    let threshold = 0.7219;
+    ok(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--threshold",
+        &threshold.to_string(),
+        s(&imgs),
+        "-o",
+        s(&out),
+    ]);
+    let lines = jsonl(&out);
+    assert_eq!(lines.len(), n_images());
+    for l in &lines {
+        for key in [
+            "input",
+            "score",
+            "decision",
+            "method",
+            "threshold",
+            "top_labels",
+            "nearest_outliers",
+        ] {
+            assert!(l.get(key).is_some(), "{key} missing in {l}");
+        }
+        let score = l["score"].as_f64().unwrap();
+        assert!(score > 0.0 && score < 1.0, "{l}");
+        let want = if score < threshold { "ood" } else { "id" };
+        assert_eq!(l["decision"], want, "{l}");
+        assert_eq!(l["method"], "ole");
+        assert_eq!(l["threshold"], threshold);
+        assert_eq!(l["top_labels"].as_array().unwrap().len(), 3);
+        assert!(!l["nearest_outliers"].as_array().unwrap().is_empty());
+        assert!(l["top_labels"][0]["label"].is_string() && l["top_labels"][0]["cos"].is_f64());
+    }
+
+    // The same images as precomputed embeddings score the same.
+    let npy = f.path("emb.npy");
+    ok(&[
+        "embed",
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        s(&imgs),
+        "-o",
+        s(&npy),
+    ]);
+    let out2 = f.path("scores2.jsonl");
+    ok(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--threshold",
+        &threshold.to_string(),
+        s(&npy),
+        "-o",
+        s(&out2),
+    ]);
+    let lines2 = jsonl(&out2);
+    assert_eq!(lines2.len(), lines.len());
+    for (a, b) in lines.iter().zip(&lines2) {
+        assert_eq!(a["input"], b["input"], "row names come from emb.txt");
+        let (x, y) = (a["score"].as_f64().unwrap(), b["score"].as_f64().unwrap());
+        assert!((x - y).abs() < 1e-9, "{x} vs {y}");
+        assert_eq!(a["decision"], b["decision"]);
+    }
+
+    // Another method, stdout output.
+    let stdout = ok(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--method",
+        "mcm",
+        "--threshold",
+        "0.1",
+        "--top-k",
+        "0",
+        s(&npy),
+    ]);
+    let first: Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
+    assert_eq!(first["method"], "mcm");
+    assert_eq!(first["top_labels"], serde_json::json!([]));
+    // clipn-atd needs "no" embeddings, which this bank lacks.
+    let err = fail(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--method",
+        "clipn-atd",
+        "--threshold",
+        "0.5",
+        s(&npy),
+    ]);
+    assert!(err.contains("\"no\" embeddings"), "{err}");
+}
+
+#[test]
+fn calibrate_write_then_score_uses_it() {
+    let f = Fixture::new();
+    f.build("b.oodb", &["--no-hopg"]);
+    let bank = f.path("b.oodb");
+    let imgs = images();
+    let cal: Value = serde_json::from_str(&ok(&[
+        "calibrate",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--id",
+        s(&imgs),
+        "--tpr",
+        "0.8",
+        "--write",
+        "--json",
+    ]))
+    .unwrap();
+    let t = &cal["thresholds"][0];
+    assert_eq!(t["method"], "ole");
+    assert_eq!(t["n_id"].as_u64(), Some(n_images() as u64));
+    assert!(t["achieved_tpr"].as_f64().unwrap() >= 0.8);
+    let lambda = t["threshold"].as_f64().unwrap();
+
+    let j: Value = serde_json::from_str(&ok(&["bank", "inspect", s(&bank), "--json"])).unwrap();
+    assert_eq!(j["thresholds"]["ole"]["value"].as_f64(), Some(lambda));
+    assert_eq!(j["thresholds"]["ole"]["tpr"], 0.8);
+    assert_eq!(j["version"], cal["bank_version"]);
+
+    let out = f.path("s.jsonl");
+    ok(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        s(&imgs),
+        "-o",
+        s(&out),
+    ]);
+    let lines = jsonl(&out);
+    assert!(
+        lines
+            .iter()
+            .all(|l| l["threshold"].as_f64() == Some(lambda))
+    );
+    let n_id = lines.iter().filter(|l| l["decision"] == "id").count();
+    assert!(
+        n_id as f64 >= 0.8 * lines.len() as f64,
+        "{n_id} of {}",
+        lines.len()
+    );
+    // --threshold still wins.
+    let lines = ok(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--threshold",
+        "2",
+        s(&imgs.join("chelsea.jpg")),
+    ]);
+    let l: Value = serde_json::from_str(lines.trim()).unwrap();
+    assert_eq!(l["decision"], "ood");
+
+    // A scale override cannot be stored.
+    let err = fail(&[
+        "calibrate",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--id",
+        s(&imgs),
+        "--scale",
+        "10",
+        "--write",
+    ]);
+    assert!(err.contains("--scale"), "{err}");
+}
+
+#[test]
+fn eval_table_json_and_plot() {
+    let f = Fixture::new();
+    f.build("b.oodb", &["--no-hopg"]);
+    let bank = f.path("b.oodb");
+    let img = |n: &str| images().join(n);
+    let (a, b, c, d) = (
+        img("chelsea.jpg"),
+        img("coffee.jpg"),
+        img("astronaut.png"),
+        img("rocket.jpg"),
+    );
+    let (x1, x2, y1) = (img("wide.jpg"), img("tall.png"), img("palette.png"));
+    let ood_x1 = format!("x={}", s(&x1));
+    let ood_x2 = format!("x={}", s(&x2));
+    let ood_y1 = format!("y={}", s(&y1));
+    let plot = f.path("eval.png");
+    let base = [
+        "eval",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--method",
+        "ole,mcm,energy",
+        "--id",
+        s(&a),
+        s(&b),
+        s(&c),
+        s(&d),
+        "--ood",
+        &ood_x1,
+        "--ood",
+        &ood_x2,
+        "--ood",
+        &ood_y1,
+    ];
+    let mut args = base.to_vec();
+    args.extend(["--plot", s(&plot)]);
+    let table = ok(&args);
+    assert!(table.contains("random weights"), "banner: {table}");
+    for needle in [
+        "AUROC", "FPR95", "AUPR-In", "AUPR-Out", "average", "ole", "mcm", "energy",
+    ] {
+        assert!(table.contains(needle), "{needle} missing:\n{table}");
+    }
+    let png = std::fs::read(&plot).unwrap();
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n");
+
+    let mut args = base.to_vec();
+    args.push("--json");
+    let j: Value = serde_json::from_str(&ok(&args)).unwrap();
+    assert_eq!(j["random_weights"], true);
+    assert_eq!(j["n_id"], 4);
+    let results = j["results"].as_array().unwrap();
+    assert_eq!(results.len(), 3);
+    assert_eq!(results[0]["method"], "ole");
+    for r in results {
+        assert_eq!(r["sets"]["x"]["n_ood"], 2);
+        assert_eq!(r["sets"]["y"]["n_ood"], 1);
+        for set in [&r["sets"]["x"], &r["sets"]["y"], &r["average"]] {
+            for k in ["auroc", "fpr95", "aupr_in", "aupr_out"] {
+                let v = set[k].as_f64().unwrap_or(f64::NAN);
+                assert!((0.0..=1.0).contains(&v), "{k} = {v} in {r}");
+            }
+        }
+        let mean = (r["sets"]["x"]["auroc"].as_f64().unwrap()
+            + r["sets"]["y"]["auroc"].as_f64().unwrap())
+            / 2.0;
+        assert!((r["average"]["auroc"].as_f64().unwrap() - mean).abs() < 1e-12);
+    }
+
+    let err = fail(&[
+        "eval",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--id",
+        s(&a),
+        "--ood",
+        "no-equals-sign",
+    ]);
+    assert!(err.contains("NAME=INPUT"), "{err}");
+}
+
+#[test]
+fn export_import_round_trip_and_fingerprint_mismatch() {
+    let f = Fixture::new();
+    f.build("b.oodb", &["--no-hopg"]);
+    let bank = f.path("b.oodb");
+    let exp = f.path("exported");
+    ok(&["bank", "export", s(&bank), "-o", s(&exp)]);
+    let imported = f.path("imported.oodb");
+    ok(&[
+        "bank",
+        "import",
+        "--id-embeddings",
+        s(&exp.join("id.npy")),
+        "--id-labels",
+        s(&exp.join("id_labels.txt")),
+        "--outliers",
+        s(&exp.join("outliers.npy")),
+        "--outlier-labels",
+        s(&exp.join("outlier_labels.txt")),
+        "--model",
+        f.model(),
+        "-o",
+        s(&imported),
+    ]);
+    let orig: Value = serde_json::from_str(&ok(&["bank", "inspect", s(&bank), "--json"])).unwrap();
+    let imp: Value =
+        serde_json::from_str(&ok(&["bank", "inspect", s(&imported), "--json"])).unwrap();
+    for k in [
+        "n_id",
+        "n_outliers",
+        "dim",
+        "model_fingerprint",
+        "model_weights",
+    ] {
+        assert_eq!(orig[k], imp[k], "{k}");
+    }
+    assert_eq!(imp["outliers_sample"][0]["kind"], "imported");
+    assert_eq!(
+        imp["outliers_sample"][0]["label"],
+        orig["outliers_sample"][0]["label"]
+    );
+    let imgs = images();
+    let score = |b: &Path| {
+        let out = ok(&[
+            "score",
+            "--bank",
+            s(b),
+            "--model",
+            f.model(),
+            "--device",
+            "cpu",
+            "--threshold",
+            "0.5",
+            s(&imgs),
+        ]);
+        out.lines()
+            .map(|l| {
+                serde_json::from_str::<Value>(l).unwrap()["score"]
+                    .as_f64()
+                    .unwrap()
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(score(&bank), score(&imported));
+
+    // A bank for another model is refused, naming both fingerprints; --force overrides.
+    let other = f.path("other.oodb");
+    ok(&[
+        "bank",
+        "import",
+        "--id-embeddings",
+        s(&exp.join("id.npy")),
+        "--id-labels",
+        "cifar10",
+        "--model-fingerprint",
+        "deadbeefcafe",
+        "-o",
+        s(&other),
+    ]);
+    let fp = orig["model_fingerprint"].as_str().unwrap();
+    let err = fail(&[
+        "score",
+        "--bank",
+        s(&other),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--threshold",
+        "0.5",
+        s(&imgs),
+    ]);
+    assert!(err.contains("deadbeefcafe") && err.contains(fp), "{err}");
+    ok(&[
+        "score",
+        "--bank",
+        s(&other),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--threshold",
+        "0.5",
+        "--force",
+        s(&imgs),
+    ]);
+    // Mismatched label count.
+    let err = fail(&[
+        "bank",
+        "import",
+        "--id-embeddings",
+        s(&exp.join("id.npy")),
+        "--id-labels",
+        "cifar100",
+        "--model-fingerprint",
+        "x",
+        "-o",
+        s(&f.path("bad.oodb")),
+    ]);
+    assert!(err.contains("100 ID labels for 10"), "{err}");
+}
+
+#[test]
+fn neglabel_bank_scores_with_neglabel() {
+    let f = Fixture::new();
+    let rep = f.build("n.oodb", &["--neglabel"]);
+    let candidates = (n_words() - 2) as u64;
+    assert_eq!(rep["report"]["mode"], "neglabel");
+    assert_eq!(rep["report"]["n_outlier_words"].as_u64(), Some(candidates));
+    // 15 % of the candidates, rounded down.
+    assert_eq!(
+        rep["report"]["n_outliers"].as_u64(),
+        Some(candidates * 15 / 100)
+    );
+    let bank = f.path("n.oodb");
+    let j: Value = serde_json::from_str(&ok(&["bank", "inspect", s(&bank), "--json"])).unwrap();
+    assert_eq!(j["build"]["templates"]["name"], "neglabel-noun");
+    assert_eq!(j["outliers_sample"][0]["kind"], "negative");
+    let out = ok(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        "--method",
+        "neglabel",
+        "--threshold",
+        "0.5",
+        s(&images().join("chelsea.jpg")),
+    ]);
+    let l: Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(l["method"], "neglabel");
+    let score = l["score"].as_f64().unwrap();
+    assert!(score > 0.0 && score < 1.0);
+}
