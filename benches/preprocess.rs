@@ -17,7 +17,10 @@ use image::{ExtendedColorType, ImageEncoder, RgbImage};
 use oodgate::model::Preprocessor;
 use oodgate::model::preprocess::Limits;
 
+// The OpenAI CLIP constants as published (more digits than f32 keeps).
+#[allow(clippy::excessive_precision)]
 const MEAN: [f32; 3] = [0.48145466, 0.4578275, 0.40821073];
+#[allow(clippy::excessive_precision)]
 const STD: [f32; 3] = [0.26862954, 0.26130258, 0.27577711];
 
 fn source() -> RgbImage {

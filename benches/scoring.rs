@@ -10,7 +10,7 @@ use std::hint::black_box;
 use std::sync::OnceLock;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ndarray::{Array2, ArrayView2, Axis, concatenate, s};
+use ndarray::{Array2, ArrayView2, Axis, concatenate};
 use oodgate::detect::index::{IndexParams, VectorIndex, exact_top_k, recall_at_k};
 use oodgate::detect::score::{Method, ScoreParams, Scorer, l2_normalize};
 
@@ -150,12 +150,7 @@ fn bench_index(c: &mut Criterion) {
     let mut g = c.benchmark_group("hnsw_build_1200_rows");
     g.sample_size(10);
     g.bench_function("build", |b| {
-        b.iter(|| {
-            black_box(VectorIndex::build(
-                d.all.slice(s![.., ..]),
-                IndexParams::default(),
-            ))
-        })
+        b.iter(|| black_box(VectorIndex::build(d.all.view(), IndexParams::default())))
     });
     g.finish();
 }

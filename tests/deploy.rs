@@ -1172,6 +1172,12 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
         .await
         .expect("worker gets the PubAck for its decision");
     msg.double_ack().await.expect("worker double-acks");
+    // Dead-lettering after max_deliver reads the original by its stream sequence.
+    let raw = input
+        .get_raw_message(1)
+        .await
+        .expect("worker reads an input message by sequence");
+    assert_eq!(raw.payload.as_ref(), b"image-bytes");
     worker
         .publish(out.dlq.clone(), "dead".into())
         .await

@@ -727,7 +727,12 @@ fn neglabel_bank_scores_with_neglabel() {
     );
     let bank = f.path("n.oodb");
     let j: Value = serde_json::from_str(&ok(&["bank", "inspect", s(&bank), "--json"])).unwrap();
-    assert_eq!(j["build"]["templates"]["name"], "neglabel-noun");
+    // --templates (here mcm) embeds the ID labels; the candidates use NegLabel's templates.
+    assert_eq!(j["build"]["templates"]["name"], "mcm");
+    assert_eq!(
+        j["build"]["neglabel"]["noun_templates"]["name"],
+        "neglabel-noun"
+    );
     assert_eq!(j["outliers_sample"][0]["kind"], "negative");
     let out = ok(&[
         "score",

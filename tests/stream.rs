@@ -573,3 +573,59 @@ fn sigterm_drains_and_exits_zero_and_nothing_is_lost() {
     s.dedup();
     assert_eq!((s.len(), n), (payloads.len(), payloads.len()));
 }
+
+#[test]
+fn inputs_that_hit_max_deliver_are_dead_lettered_not_lost() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let env = [
+        ("OODGATE__INPUT__MAX_DELIVER", "1"),
+        ("OODGATE__INPUT__ACK_WAIT", "2s"),
+        ("OODGATE__INPUT__PULL_BATCH", "32"),
+    ];
+    let mut a = Worker::start(&nats, &bank, threshold, &env);
+    let _b = Worker::start(&nats, &bank, threshold, &env);
+    let mut payloads = Vec::new();
+    for r in 0..20 {
+        for (n, p) in good_payloads() {
+            payloads.push((format!("{r}-{n}"), p));
+        }
+    }
+    let url = nats.url();
+    let pubs = payloads.clone();
+    let publisher = std::thread::spawn(move || publish(&url, &pubs));
+    // Kill one worker while it holds pulled, unacked inputs: with max_deliver = 1 the server
+    // will not redeliver them, and the other worker dead-letters them from the advisory.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.metric("oodgate_messages_out_total") < 3.0 {
+        assert!(Instant::now() < deadline);
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    a.signal("KILL");
+    let _ = a.wait_exit(Duration::from_secs(5));
+    publisher.join().unwrap();
+    let outs = outputs(&nats.url(), payloads.len(), Duration::from_secs(60));
+    let mut s = sources(&outs);
+    let n = s.len();
+    s.dedup();
+    assert_eq!(
+        (s.len(), n),
+        (payloads.len(), payloads.len()),
+        "every input exactly once"
+    );
+    let dead = outs
+        .iter()
+        .filter(|o| {
+            o.headers
+                .get("Oodgate-Error-Kind")
+                .map(|k| k == "max_deliveries")
+                .unwrap_or(false)
+        })
+        .count();
+    eprintln!("{dead} inputs dead-lettered after max_deliver");
+    assert!(
+        dead >= 1,
+        "the killed worker's in-flight inputs are dead-lettered"
+    );
+}

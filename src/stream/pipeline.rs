@@ -156,6 +156,10 @@ pub async fn run(
     let (batch_tx, batch_rx) = sync_channel::<Decoded>(cfg.queue_depth.max(1));
     let draining = Arc::new(AtomicBool::new(false));
     let queued = Arc::new(AtomicUsize::new(0));
+    let detector_ids = (
+        detector.bank.version().to_string(),
+        detector.model_fingerprint.clone(),
+    );
     let ctx = Arc::new(Ctx {
         js: js.clone(),
         pool: BufPool {
@@ -203,7 +207,15 @@ pub async fn run(
         cfg.topology.ack_wait,
         stop_rx.clone(),
     ));
-    let pending = tokio::spawn(pending_loop(consumer, stop_rx));
+    let pending = tokio::spawn(pending_loop(consumer, stop_rx.clone()));
+    let advisories = tokio::spawn(max_deliveries_loop(
+        client.clone(),
+        js.clone(),
+        cfg.clone(),
+        detector_ids.0.clone(),
+        detector_ids.1.clone(),
+        stop_rx,
+    ));
     ready.store(true, Ordering::SeqCst);
     gauge!(m::READY).set(1.0);
     tracing::info!("pipeline running");
@@ -239,6 +251,7 @@ pub async fn run(
     }
     ticker.abort();
     pending.abort();
+    advisories.abort();
     let _ = client.flush().await;
     tracing::info!("drained");
     Ok(())
@@ -834,6 +847,97 @@ async fn pending_loop(
         tokio::select! {
             _ = stop.wait_for(|v| *v) => return,
             _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+    }
+}
+
+/// The server drops an input silently once it has been delivered `max_deliver` times. Every
+/// worker listens for that advisory and dead-letters the input (kind `max_deliveries`) under
+/// the input's output `Nats-Msg-Id`, so several workers, or an output that was in fact
+/// published, collapse into one message. Advisories are not persisted: one raised while no
+/// worker runs is missed.
+async fn max_deliveries_loop(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    cfg: PipelineConfig,
+    bank_version: String,
+    model_fingerprint: String,
+    mut stop: watch::Receiver<bool>,
+) {
+    let t = &cfg.topology;
+    let subject = format!(
+        "$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{}.{}",
+        t.input_stream, t.durable
+    );
+    let Ok(mut sub) = client.subscribe(subject.clone()).await else {
+        tracing::warn!(%subject, "cannot subscribe to max-deliveries advisories");
+        return;
+    };
+    loop {
+        let advisory = tokio::select! {
+            _ = stop.wait_for(|v| *v) => return,
+            m = sub.next() => match m { Some(m) => m, None => return },
+        };
+        #[derive(serde::Deserialize)]
+        struct Advisory {
+            stream_seq: u64,
+            #[serde(default)]
+            deliveries: u64,
+        }
+        let Ok(a) = serde_json::from_slice::<Advisory>(&advisory.payload) else {
+            continue;
+        };
+        let Ok(stream) = js.get_stream(&t.input_stream).await else {
+            continue;
+        };
+        let Ok(original) = stream.get_raw_message(a.stream_seq).await else {
+            tracing::warn!(
+                seq = a.stream_seq,
+                "max-deliveries advisory for a message no longer in the stream"
+            );
+            continue;
+        };
+        let why = format!(
+            "input {}:{} was delivered {} times without being processed (input.max_deliver)",
+            t.input_stream, a.stream_seq, a.deliveries
+        );
+        let mut h = msg::carry_headers(Some(&original.headers));
+        h.insert(msg::H_ERROR, why.as_str());
+        h.insert(msg::H_ERROR_KIND, "max_deliveries");
+        h.insert(
+            msg::H_SOURCE,
+            format!("{}:{}", t.input_stream, a.stream_seq).as_str(),
+        );
+        h.insert(msg::H_BANK, bank_version.as_str());
+        h.insert(msg::H_MODEL, model_fingerprint.as_str());
+        h.insert(
+            msg::H_MSG_ID,
+            msg::output_msg_id(&t.input_stream, a.stream_seq, &bank_version).as_str(),
+        );
+        for attempt in 0..=cfg.publish_retries {
+            let fut = async {
+                let ack = js
+                    .publish_with_headers(
+                        t.output_subjects[2].clone(),
+                        h.clone(),
+                        original.payload.clone(),
+                    )
+                    .await?;
+                ack.await.map_err(async_nats::Error::from)
+            };
+            match tokio::time::timeout(cfg.publish_timeout, fut).await {
+                Ok(Ok(ack)) => {
+                    if !ack.duplicate {
+                        counter!(m::DLQ, "kind" => "max_deliveries").increment(1);
+                        tracing::warn!(
+                            seq = a.stream_seq,
+                            "dead-lettered an input that hit max_deliver"
+                        );
+                    }
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(100 * (1 << attempt.min(6)))).await,
+            }
         }
     }
 }
