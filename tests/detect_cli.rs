@@ -22,11 +22,10 @@ fn n_words() -> usize {
 }
 
 fn run(args: &[&str]) -> Output {
-    let out = common::oodgate()
+    common::oodgate()
         .args(args)
         .output()
-        .expect("run the oodgate binary");
-    out
+        .expect("run the oodgate binary")
 }
 
 fn ok(args: &[&str]) -> String {
@@ -266,7 +265,7 @@ fn build_inspect_and_embedding_cache() {
     assert!(j["theta"].as_f64().is_some());
     assert!(j["thresholds"].as_object().unwrap().is_empty());
     let kept = j["build"]["counts"]["kept"].as_u64().unwrap();
-    assert!(kept >= 1 && kept <= 8);
+    assert!((1..=8).contains(&kept));
     assert_eq!(j["n_outliers"].as_u64(), Some(kept));
     let sample = &j["outliers_sample"][0];
     assert_eq!(sample["kind"], "prototype");

@@ -38,8 +38,11 @@ mkdir -p "$root/.nats"
 pids=()
 cleanup() {
   say "shutting down"
-  for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  # The worker first (it drains and acks while NATS is still up), then the server.
+  for ((i=${#pids[@]}-1; i>=0; i--)); do
+    kill -TERM "${pids[$i]}" 2>/dev/null || true
+    wait "${pids[$i]}" 2>/dev/null || true
+  done
 }
 trap cleanup EXIT
 trap 'exit 0' INT TERM

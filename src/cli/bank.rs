@@ -27,7 +27,7 @@ use super::score::{load_bank, short};
 pub enum BankCommand {
     /// Build a bank from labels with the model's text encoder (OPL + refinement + HOPG by
     /// default; --raw-outliers or --neglabel for the alternatives).
-    Build(BuildArgs),
+    Build(Box<BuildArgs>),
     /// Pack precomputed embedding matrices (.npy) into a bank.
     Import(ImportArgs),
     /// Show a bank's sizes, parameters, prototypes and thresholds.
@@ -39,7 +39,7 @@ pub enum BankCommand {
 
 pub fn run(c: BankCommand) -> anyhow::Result<ExitCode> {
     match c {
-        BankCommand::Build(a) => run_build(a),
+        BankCommand::Build(a) => run_build(*a),
         BankCommand::Import(a) => run_import(a),
         BankCommand::Inspect(a) => run_inspect(a),
         BankCommand::Export(a) => run_export(a),
@@ -324,7 +324,6 @@ fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         "adjectives": adj_spec,
         "corpus": corpus,
         "no_embeddings_file": a.no_embeddings.as_ref().map(|p| p.display().to_string()),
-        "model_dir": a.model.model.display().to_string(),
     });
     let req = BuildRequest {
         id,

@@ -383,12 +383,14 @@ impl BankIndex {
             .into_iter()
             .map(|(i, c)| (bank.meta.id_labels.get(i).cloned().unwrap_or_default(), c))
             .collect();
-        let nearest_outliers = self
-            .outliers
-            .search(x, k)
-            .into_iter()
-            .map(|(i, c)| (bank.outlier_words(i, 3).join("/"), c))
-            .collect();
+        // Hard prototypes share their partner's words: show each distinct entry once.
+        let mut nearest_outliers: Vec<(String, f32)> = Vec::with_capacity(k);
+        for (i, c) in self.outliers.search(x, 2 * k) {
+            let words = bank.outlier_words(i, 3).join("/");
+            if nearest_outliers.len() < k && !nearest_outliers.iter().any(|(w, _)| *w == words) {
+                nearest_outliers.push((words, c));
+            }
+        }
         Explanation {
             top_labels,
             nearest_outliers,

@@ -1261,7 +1261,7 @@ mod tests {
         assert!(enc.calls.iter().all(|&(b, c)| b <= 2 && c == 77));
         // Direct: one prompt at a time.
         for (i, l) in labels.iter().enumerate() {
-            let mut acc = vec![0f64; 16];
+            let mut acc = [0f64; 16];
             for p in t.apply(l) {
                 let e = enc.embed_texts(tok.encode_batch(&[p]).view()).unwrap();
                 for (a, v) in acc.iter_mut().zip(e.row(0)) {

@@ -244,15 +244,24 @@ pub async fn run(
             "drain timeout: NAKing what is still in flight"
         );
         for reply in left {
-            let _ = jetstream::message::Acker::new(js.clone(), Some(reply))
-                .ack_with(AckKind::Nak(None))
-                .await;
+            let acker = jetstream::message::Acker::new(js.clone(), Some(reply));
+            let _ =
+                tokio::time::timeout(Duration::from_secs(1), acker.ack_with(AckKind::Nak(None)))
+                    .await;
         }
     }
     ticker.abort();
     pending.abort();
     advisories.abort();
-    let _ = client.flush().await;
+    // Bounded: with the server gone a flush would wait for a reconnect that may never come.
+    if tokio::time::timeout(Duration::from_secs(5), client.flush())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            "flush timed out (NATS unreachable); unacked inputs will be redelivered after ack_wait"
+        );
+    }
     tracing::info!("drained");
     Ok(())
 }
