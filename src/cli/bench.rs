@@ -155,6 +155,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     }
     let explain_us = t.elapsed().as_secs_f64() * 1e6 / 64.0;
 
+    // HNSW recall@10 against exact search on the bank's own ID rows, with queries mixed from
+    // pairs of bank rows (close to real image embeddings near class boundaries).
+    let rows = detector.bank.id.view();
+    let nq = rows.nrows().min(200);
+    let mut queries = Array2::<f32>::zeros((nq, d));
+    for (i, mut q) in queries.rows_mut().into_iter().enumerate() {
+        let (a, b) = (i * 7 % rows.nrows(), (i * 13 + 5) % rows.nrows());
+        q.assign(&(&rows.row(a) + &(&rows.row(b) * 0.5)));
+    }
+    oodgate::detect::score::normalize_rows(&mut queries);
+    let recall10 = oodgate::detect::index::recall_at_k(&detector.index.id, rows, queries.view(), 10);
+
     // 4. End to end through NATS: publish a backlog, then time the worker draining it.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -242,6 +254,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "preprocess_images_per_s_total": pre_all,
         "score_us_per_image": score_us,
         "explain_us_per_image": explain_us,
+        "hnsw_recall_at_10": recall10,
         "end_to_end_images_per_s": e2e,
         "ratio_end_to_end_over_encoder": ratio,
         "peak_rss_mib": rss,
@@ -264,6 +277,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("| preprocessing, {cores} cores | {pre_all:.1} images/s |");
         println!("| scoring (exact, one GEMM per batch) | {score_us:.1} µs/image |");
         println!("| explanation (HNSW top-k) | {explain_us:.1} µs/image |");
+        println!("| HNSW recall@10 vs exact (ID rows) | {recall10:.3} |");
         println!("| end to end through NATS ({total} messages) | {e2e:.1} images/s |");
         println!("| end to end / encoder only | {ratio:.2} |");
         println!("| peak RSS | {rss:.0} MiB |");
