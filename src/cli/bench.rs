@@ -165,7 +165,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         q.assign(&(&rows.row(a) + &(&rows.row(b) * 0.5)));
     }
     oodgate::detect::score::normalize_rows(&mut queries);
-    let recall10 = oodgate::detect::index::recall_at_k(&detector.index.id, rows, queries.view(), 10);
+    let recall10 =
+        oodgate::detect::index::recall_at_k(&detector.index.id, rows, queries.view(), 10);
 
     // 4. End to end through NATS: publish a backlog, then time the worker draining it.
     let rt = tokio::runtime::Builder::new_multi_thread()

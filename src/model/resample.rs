@@ -1,6 +1,6 @@
 //! Pillow's antialiased bicubic resampler for 8-bit RGB, reproduced exactly.
 //!
-//! Why not fast_image_resize: measured against Pillow on our fixtures, its Catmull-Rom
+//! Why not the fast_image_resize crate: measured against Pillow on our fixtures, its Catmull-Rom
 //! convolution (16-bit fixed-point coefficients, Pillow-SIMD style) differed by up to 0.25 and
 //! on average 0.003–0.005 per element in normalised units, above the 0.03 / 0.002 tolerance the
 //! CLIP reference transform allows. Pillow computes coefficients in f64, normalises them, keeps
