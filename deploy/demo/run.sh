@@ -34,6 +34,9 @@ else
   say "bank: reusing $bank"
 fi
 
+# Each demo run starts from empty streams (the routing summary counts this run only);
+# the model, bank, label cache and images are what is reused.
+rm -rf "$root/.nats/jetstream"
 mkdir -p "$root/.nats"
 pids=()
 cleanup() {
