@@ -604,9 +604,9 @@ pub fn build_bank(
     build.insert("batch".into(), req.batch.into());
     build.insert("no_embeddings".into(), req.no_embeddings.is_some().into());
 
-    let n_words;
-    match &req.mode {
-        OutlierMode::Prototypes(p) => {
+    // Prototype and raw modes embed the outlier labels with the main templates.
+    let mut labels = match &req.mode {
+        OutlierMode::Prototypes(_) | OutlierMode::Raw => {
             let w = embed_labels(
                 encoder,
                 tokenizer,
@@ -618,6 +618,16 @@ pub fn build_bank(
             )?;
             tally(&w);
             timings.text_embedding = t0.elapsed();
+            Some(w)
+        }
+        OutlierMode::NegLabel { .. } => None,
+    };
+    let n_words;
+    match &req.mode {
+        OutlierMode::Prototypes(p) => {
+            let Some(w) = labels.take() else {
+                unreachable!("outlier labels are embedded above for this mode")
+            };
             n_words = words.len();
             let e = w.vectors;
 
@@ -714,17 +724,9 @@ pub fn build_bank(
             build.insert("kmeans_empty_reseeds".into(), km.empty_reseeds.into());
         }
         OutlierMode::Raw => {
-            let w = embed_labels(
-                encoder,
-                tokenizer,
-                &req.templates,
-                words,
-                main_cache.as_mut(),
-                req.batch,
-                &mut Phase::new(progress, "outlier labels"),
-            )?;
-            tally(&w);
-            timings.text_embedding = t0.elapsed();
+            let Some(w) = labels.take() else {
+                unreachable!("outlier labels are embedded above for this mode")
+            };
             n_words = words.len();
             outliers = w.vectors;
             rows = words
@@ -842,7 +844,7 @@ pub fn build_bank(
         thresholds: BTreeMap::new(),
     };
     let n_outliers = outliers.nrows();
-    let bank = new_bank(meta, t, req.no_embeddings.clone(), outliers)?;
+    let bank = Bank::new(meta, t, req.no_embeddings.clone(), outliers)?;
     Ok((
         bank,
         BuildReport {
@@ -972,38 +974,7 @@ pub fn import_bank(req: ImportRequest) -> Result<Bank, BuildError> {
         cleaning: serde_json::Value::Null,
         thresholds: BTreeMap::new(),
     };
-    new_bank(meta, req.id, req.no, outliers)
-}
-
-/// Normalises rows until normalising again changes no bit.
-///
-/// [`Bank::new`] re-normalises every row, and so does [`Bank::load`] before it checks the
-/// content hash; a row whose f32 normalisation is not idempotent (an f64 norm of 1 ± 1 ulp
-/// moves a last bit) would make a freshly saved bank fail that check. A fixed point of the
-/// normalisation survives any number of save/load round trips.
-fn stable_normalize(m: &mut Array2<f32>) {
-    for _ in 0..8 {
-        let before = m.clone();
-        super::score::normalize_rows(m);
-        if *m == before {
-            return;
-        }
-    }
-}
-
-/// [`Bank::new`] with rows normalised to a fixed point first (see [`stable_normalize`]).
-fn new_bank(
-    meta: BankMeta,
-    mut id: Array2<f32>,
-    mut no: Option<Array2<f32>>,
-    mut outliers: Array2<f32>,
-) -> Result<Bank, BuildError> {
-    stable_normalize(&mut id);
-    if let Some(n) = no.as_mut() {
-        stable_normalize(n);
-    }
-    stable_normalize(&mut outliers);
-    Ok(Bank::new(meta, id, no, outliers)?)
+    Ok(Bank::new(meta, req.id, req.no, outliers)?)
 }
 
 // ---------------------------------------------------------------------------------------------
