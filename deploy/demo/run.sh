@@ -54,9 +54,22 @@ if (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null; then
   echo "error: port $NATS_PORT is in use; set OODGATE_DEMO_NATS_PORT to a free port" >&2; exit 1
 fi
 say "nats-server with JetStream on 127.0.0.1:$NATS_PORT (data in .nats/)"
-nats-server -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$root/.nats" >"$root/.nats/server.log" 2>&1 &
+# The Debian package installs into /usr/sbin, which a normal user's PATH often lacks.
+nats_server=${NATS_SERVER:-$(command -v nats-server || true)}
+for c in /usr/sbin/nats-server /usr/local/bin/nats-server "$root/.venv/bin/nats-server"; do
+  [ -n "$nats_server" ] && break
+  [ -x "$c" ] && nats_server=$c
+done
+[ -n "$nats_server" ] || { echo "error: nats-server not found; run deploy/setup/system-deps.sh (Debian package nats-server) or set NATS_SERVER" >&2; exit 1; }
+"$nats_server" -a 127.0.0.1 -p "$NATS_PORT" -js -sd "$root/.nats" >"$root/.nats/server.log" 2>&1 &
 pids+=($!)
-for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+nats_up=0
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && { nats_up=1; break; }; sleep 0.1; done
+if [ "$nats_up" != 1 ]; then
+  echo "error: nats-server did not start on 127.0.0.1:$NATS_PORT; its log (.nats/server.log):" >&2
+  cat "$root/.nats/server.log" >&2
+  exit 1
+fi
 
 say "oodgate serve"
 export OODGATE__NATS__SERVERS="nats://127.0.0.1:$NATS_PORT"
