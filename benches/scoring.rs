@@ -6,9 +6,12 @@
 //! random queries (every row nearly orthogonal) are the worst case for HNSW, and their recall
 //! is printed too.
 
+mod common;
+
 use std::hint::black_box;
 use std::sync::OnceLock;
 
+use common::Rng;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array2, ArrayView2, Axis, concatenate};
 use oodgate::detect::index::{IndexParams, VectorIndex, exact_top_k, recall_at_k};
@@ -18,36 +21,6 @@ const D: usize = 512;
 const N_ID: usize = 1000;
 const N_OUT: usize = 200;
 const BATCH: usize = 64;
-
-/// SplitMix64 + Box–Muller: deterministic Gaussian vectors without a `rand` API dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 0.5) / (1u64 << 53) as f64
-    }
-
-    fn gauss(&mut self) -> f32 {
-        let (u1, u2) = (self.uniform(), self.uniform());
-        ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos()) as f32
-    }
-
-    fn unit_rows(&mut self, n: usize) -> Array2<f32> {
-        let mut a = Array2::from_shape_fn((n, D), |_| self.gauss());
-        for mut row in a.rows_mut() {
-            l2_normalize(row.as_slice_mut().expect("contiguous row"));
-        }
-        a
-    }
-}
 
 struct Data {
     id: Array2<f32>,
@@ -62,18 +35,18 @@ struct Data {
 fn data() -> &'static Data {
     static DATA: OnceLock<Data> = OnceLock::new();
     DATA.get_or_init(|| {
-        let mut rng = Rng(0x00D6_A7E0);
-        let id = rng.unit_rows(N_ID);
-        let no = rng.unit_rows(N_ID);
-        let out = rng.unit_rows(N_OUT);
-        let noise = rng.unit_rows(BATCH);
+        let mut rng = Rng::new(0x00D6_A7E0);
+        let id = rng.unit_rows(N_ID, D);
+        let no = rng.unit_rows(N_ID, D);
+        let out = rng.unit_rows(N_OUT, D);
+        let noise = rng.unit_rows(BATCH, D);
         let mut queries = Array2::<f32>::zeros((BATCH, D));
         for (i, mut q) in queries.rows_mut().into_iter().enumerate() {
             let t = id.row((i * 7919) % N_ID);
             q.assign(&(&t * 0.6 + &noise.row(i) * 0.8));
             l2_normalize(q.as_slice_mut().expect("contiguous row"));
         }
-        let random_queries = rng.unit_rows(BATCH);
+        let random_queries = rng.unit_rows(BATCH, D);
         let all = concatenate(Axis(0), &[id.view(), out.view()]).expect("stack banks");
         Data {
             id,

@@ -22,6 +22,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::detect::approx::ApproxParams;
+
 /// The documented defaults, compiled in. Also shipped as `config/default.toml`.
 pub const DEFAULT_TOML: &str = include_str!("../config/default.toml");
 
@@ -356,6 +358,26 @@ pub const KEYS: &[KeyInfo] = &[
         "detector.force_fingerprint",
         Kind::Bool,
         "Accept a bank built for another model fingerprint.",
+    ),
+    key(
+        "detector.exact_limit",
+        Kind::Integer,
+        "Banks with more outlier rows are scored approximately (HNSW head + sampled tail).",
+    ),
+    key(
+        "detector.approx_candidates",
+        Kind::Integer,
+        "Approximate scoring: outlier rows per image taken from HNSW and summed exactly (1–10000).",
+    ),
+    key(
+        "detector.approx_ef_search",
+        Kind::Integer,
+        "Approximate scoring: HNSW search breadth (at least approx_candidates; up to 10000).",
+    ),
+    key(
+        "detector.approx_tail_sample",
+        Kind::Integer,
+        "Approximate scoring: size of the uniform sample estimating the rest of the denominator (1–1000000).",
     ),
     // [batch]
     key(
@@ -765,6 +787,10 @@ pub struct DetectorSettings {
     pub threshold: Option<f64>,
     pub top_k: usize,
     pub force_fingerprint: bool,
+    pub exact_limit: usize,
+    pub approx_candidates: usize,
+    pub approx_ef_search: usize,
+    pub approx_tail_sample: usize,
 }
 
 impl Default for DetectorSettings {
@@ -775,11 +801,26 @@ impl Default for DetectorSettings {
             threshold: None,
             top_k: 3,
             force_fingerprint: false,
+            exact_limit: ApproxParams::default().exact_limit,
+            approx_candidates: ApproxParams::default().candidates,
+            approx_ef_search: ApproxParams::default().ef_search,
+            approx_tail_sample: ApproxParams::default().tail_sample,
         }
     }
 }
 
 impl DetectorSettings {
+    /// When and how large outlier banks are scored approximately.
+    pub fn approx_params(&self) -> ApproxParams {
+        ApproxParams {
+            exact_limit: self.exact_limit,
+            candidates: self.approx_candidates,
+            ef_search: self.approx_ef_search,
+            tail_sample: self.approx_tail_sample,
+            seed: 0,
+        }
+    }
+
     /// The configured score method.
     pub fn method(&self) -> Result<crate::detect::score::Method, ConfigError> {
         self.method.parse().map_err(|_| {
@@ -1384,6 +1425,27 @@ impl Settings {
             ));
         }
         range_u(p, "detector.top_k", d.top_k as u64, 0, 100);
+        range_u(
+            p,
+            "detector.approx_candidates",
+            d.approx_candidates as u64,
+            1,
+            10_000,
+        );
+        range_u(
+            p,
+            "detector.approx_ef_search",
+            d.approx_ef_search as u64,
+            d.approx_candidates.clamp(1, 10_000) as u64,
+            10_000,
+        );
+        range_u(
+            p,
+            "detector.approx_tail_sample",
+            d.approx_tail_sample as u64,
+            1,
+            1_000_000,
+        );
 
         let b = &self.batch;
         range_u(p, "batch.max_size", b.max_size as u64, 1, 4096);

@@ -752,3 +752,116 @@ fn neglabel_bank_scores_with_neglabel() {
     let score = l["score"].as_f64().unwrap();
     assert!(score > 0.0 && score < 1.0);
 }
+
+/// A bank whose outlier rows exceed `--exact-limit` is scored with the HNSW head plus the
+/// sampled tail; with the whole bank as the tail sample the result equals exact scoring. The
+/// bank file carries its HNSW index.
+#[test]
+fn large_outlier_bank_scores_approximately_and_carries_its_index() {
+    let f = Fixture::new();
+    f.build("b.oodb", &["--no-hopg"]);
+    let exp = f.path("exported");
+    ok(&["bank", "export", s(&f.path("b.oodb")), "-o", s(&exp)]);
+    let id = oodgate::detect::build::read_npy(&exp.join("id.npy")).unwrap();
+    // 3,000 outlier rows: the ID rows mixed with deterministic noise, so some sit close to
+    // the images and the softmax mass is spread over many rows.
+    let m = 3000;
+    let mut state = 7u64;
+    let mut noise = || {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+    };
+    let out = ndarray::Array2::from_shape_fn((m, id.ncols()), |(i, j)| {
+        id[[i % id.nrows(), j]] + 0.15 * noise()
+    });
+    let out_npy = f.path("outliers.npy");
+    ndarray_npy::write_npy(&out_npy, &out).unwrap();
+    let labels: String = (0..m).map(|i| format!("word{i}\n")).collect();
+    std::fs::write(f.path("outlier_labels.txt"), labels).unwrap();
+    let bank = f.path("large.oodb");
+    ok(&[
+        "bank",
+        "import",
+        "--id-embeddings",
+        s(&exp.join("id.npy")),
+        "--id-labels",
+        s(&exp.join("id_labels.txt")),
+        "--outliers",
+        s(&out_npy),
+        "--outlier-labels",
+        s(&f.path("outlier_labels.txt")),
+        "--model",
+        f.model(),
+        "-o",
+        s(&bank),
+    ]);
+    let info: Value = serde_json::from_str(&ok(&["bank", "inspect", s(&bank), "--json"])).unwrap();
+    assert_eq!(info["n_outliers"], m);
+    // The stored graphs hold at least every vector once (hnsw_rs's data dump).
+    let index_bytes = info["index"]["bytes"].as_u64().unwrap();
+    assert!(index_bytes > (m * id.ncols() * 4) as u64, "{index_bytes}");
+
+    let emb = f.path("x.npy");
+    ok(&[
+        "embed",
+        "--model",
+        f.model(),
+        "--device",
+        "cpu",
+        s(&images()),
+        "-o",
+        s(&emb),
+    ]);
+    let score = |extra: &[&str]| -> Vec<(f64, String)> {
+        let mut args = vec!["score", "--bank", s(&bank), "--threshold", "0.5", s(&emb)];
+        args.extend_from_slice(extra);
+        ok(&args)
+            .lines()
+            .map(|l| {
+                let v: Value = serde_json::from_str(l).unwrap();
+                (
+                    v["score"].as_f64().unwrap(),
+                    v["nearest_outliers"][0]["label"]
+                        .as_str()
+                        .unwrap()
+                        .to_owned(),
+                )
+            })
+            .collect()
+    };
+    let exact = score(&[]);
+    assert_eq!(exact.len(), n_images());
+    let whole_tail = score(&["--exact-limit", "1000", "--approx-tail-sample", "3000"]);
+    let sampled = score(&[
+        "--exact-limit",
+        "1000",
+        "--approx-candidates",
+        "32",
+        "--approx-tail-sample",
+        "300",
+    ]);
+    for ((e, w), a) in exact.iter().zip(&whole_tail).zip(&sampled) {
+        assert!(
+            (e.0 - w.0).abs() <= 2e-5 * e.0.abs().max(1e-12),
+            "{} vs {}",
+            e.0,
+            w.0
+        );
+        assert!(a.0 > 0.0 && a.0 < 1.0, "{}", a.0);
+        assert!(e.1.starts_with("word") && w.1.starts_with("word"));
+    }
+    // A 10% tail sample is an estimate: it moves the scores, so the approximate path ran.
+    assert!(exact.iter().zip(&sampled).any(|(e, a)| e.0 != a.0));
+    // eval and calibrate take the same flags.
+    ok(&[
+        "calibrate",
+        "--bank",
+        s(&bank),
+        "--id",
+        s(&emb),
+        "--exact-limit",
+        "1000",
+    ]);
+}

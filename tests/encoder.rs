@@ -52,14 +52,14 @@ fn image_embeddings_are_unit_norm_and_batch_independent() {
         let n: f32 = row.iter().map(|v| v * v).sum::<f32>().sqrt();
         assert!((n - 1.0).abs() < 1e-5, "norm {n}");
     }
-    for i in 0..names.len() {
+    for (i, name) in names.iter().enumerate() {
         let one = enc
             .embed_images(batch.slice(s![i..i + 1, .., .., ..]))
             .unwrap();
         let d = (&one.index_axis(Axis(0), 0) - &all.index_axis(Axis(0), i))
             .iter()
             .fold(0f32, |m, v| m.max(v.abs()));
-        assert!(d < 1e-5, "{}: alone vs in batch differ by {d}", names[i]);
+        assert!(d < 1e-5, "{name}: alone vs in batch differ by {d}");
     }
     // Different images give different embeddings; the same image the same one.
     // (Random-weight towers map all images close together, so compare distances, not cosines.)

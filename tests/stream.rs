@@ -96,6 +96,7 @@ fn make_bank(dir: &Path) -> (PathBuf, f64) {
         build: serde_json::json!({}),
         cleaning: serde_json::Value::Null,
         thresholds: BTreeMap::new(),
+        index: None,
     };
     let bank = Bank::new(meta, pick(&[0, 3, 7]), None, pick(&[11, 10])).unwrap();
     let params = ScoreParams::for_method(Method::Ole);

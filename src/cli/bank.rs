@@ -12,6 +12,7 @@ use oodgate::detect::build::{
     ImportRequest, NegLabelParams, OutlierMode, Progress, read_npy,
 };
 use oodgate::detect::embed_cache;
+use oodgate::detect::index::IndexParams;
 use oodgate::detect::labels::{
     self, CORPUS_WORDNET, CleanOptions, CleanReport, CorpusOptions, IdLabels, clean_outliers,
     outlier_words,
@@ -349,7 +350,8 @@ fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         root: a.cache.clone().unwrap_or_else(embed_cache::default_root),
     });
     let mut bars = Bars(None);
-    let (bank, rep) = build::build_bank(&mut enc, &tok, &req, cache.as_ref(), &mut bars)?;
+    let (mut bank, rep) = build::build_bank(&mut enc, &tok, &req, cache.as_ref(), &mut bars)?;
+    attach_index(&mut bank)?;
     bank.save(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
     let random = enc.manifest().is_random();
@@ -550,7 +552,7 @@ fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
         "outliers": a.outliers.as_ref().map(|p| p.display().to_string()),
         "outlier_labels": a.outlier_labels.as_ref().map(|p| p.display().to_string()),
     });
-    let bank = build::import_bank(ImportRequest {
+    let mut bank = build::import_bank(ImportRequest {
         id,
         id_labels,
         no,
@@ -561,6 +563,7 @@ fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
         theta: a.theta,
         params,
     })?;
+    attach_index(&mut bank)?;
     bank.save(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
     println!(
@@ -590,6 +593,21 @@ pub struct InspectArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+}
+
+/// Builds the bank's HNSW graphs so they are saved with it (workers then skip the build).
+fn attach_index(bank: &mut Bank) -> anyhow::Result<()> {
+    let t = std::time::Instant::now();
+    bank.attach_index(IndexParams::default())
+        .context("building the HNSW index")?;
+    let bytes = bank.stored_index.as_ref().map_or(0, |s| s.bytes());
+    tracing::info!(
+        rows = bank.id.nrows() + bank.outliers.nrows(),
+        bytes,
+        seconds = t.elapsed().as_secs_f64(),
+        "HNSW index built"
+    );
+    Ok(())
 }
 
 fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
@@ -632,6 +650,11 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             "build": m.build,
             "cleaning": m.cleaning,
             "thresholds": m.thresholds,
+            "index": bank.stored_index.as_ref().map(|ix| serde_json::json!({
+                "max_connections": ix.params.max_connections,
+                "ef_construction": ix.params.ef_construction,
+                "bytes": ix.bytes(),
+            })),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
         return Ok(ExitCode::SUCCESS);
@@ -680,6 +703,15 @@ fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
         );
     }
     println!("  build parameters: {}", m.build);
+    match &bank.stored_index {
+        Some(ix) => println!(
+            "  HNSW index: stored ({} bytes, M {}, ef_construction {})",
+            ix.bytes(),
+            ix.params.max_connections,
+            ix.params.ef_construction
+        ),
+        None => println!("  HNSW index: not stored (built when the bank is loaded)"),
+    }
     if m.thresholds.is_empty() {
         println!("  thresholds: none (run `oodgate calibrate ... --write`)");
     } else {

@@ -11,7 +11,7 @@ use oodgate::detect::bank::Threshold;
 use oodgate::detect::score::Method;
 use oodgate::eval::calibrate::threshold_for_tpr;
 
-use super::score::{ModelCtx, OptModelArgs, load_bank, params_for, score_rows, short};
+use super::score::{ApproxArgs, BankScoring, ModelCtx, OptModelArgs, load_bank, params_for, short};
 
 #[derive(Debug, clap::Args)]
 pub struct CalibrateArgs {
@@ -20,6 +20,8 @@ pub struct CalibrateArgs {
     pub bank: PathBuf,
     #[command(flatten)]
     pub model: OptModelArgs,
+    #[command(flatten)]
+    pub approx: ApproxArgs,
     /// Score method(s) to calibrate (repeat or comma-separate).
     #[arg(long, value_delimiter = ',', default_value = "ole")]
     pub method: Vec<Method>,
@@ -55,10 +57,12 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
     if emb.x.nrows() == 0 {
         bail!("none of the ID inputs could be embedded");
     }
+    let scoring = BankScoring::new(&bank, a.approx.params(), false)?;
     let mut results = Vec::new();
     for &method in &a.method {
         let params = params_for(method, a.scale);
-        let scores: Vec<f64> = score_rows(&bank, &emb.x, method, &params)?
+        let scores: Vec<f64> = scoring
+            .score_rows(&emb.x, method, &params)?
             .iter()
             .map(|r| r.score)
             .collect();

@@ -18,7 +18,7 @@ use oodgate::eval::metrics::{Metrics, evaluate, roc_curve};
 use oodgate::model::RANDOM_WEIGHTS_WARNING;
 use serde::Serialize;
 
-use super::score::{ModelCtx, OptModelArgs, load_bank, params_for, score_rows};
+use super::score::{ApproxArgs, BankScoring, ModelCtx, OptModelArgs, load_bank, params_for};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -27,6 +27,8 @@ pub struct EvalArgs {
     pub bank: PathBuf,
     #[command(flatten)]
     pub model: OptModelArgs,
+    #[command(flatten)]
+    pub approx: ApproxArgs,
     /// Methods to compare (repeat or comma-separate; default: every method the bank supports).
     #[arg(long, value_delimiter = ',')]
     pub method: Vec<Method>,
@@ -125,11 +127,13 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         ood.push((name.clone(), e));
     }
 
+    let scoring = BankScoring::new(&bank, a.approx.params(), false)?;
     let mut results = Vec::new();
     for &method in &methods {
         let params = params_for(method, a.scale);
         let score = |x| -> anyhow::Result<Vec<f64>> {
-            Ok(score_rows(&bank, x, method, &params)?
+            Ok(scoring
+                .score_rows(x, method, &params)?
                 .iter()
                 .map(|r| r.score)
                 .collect())

@@ -10,7 +10,8 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use ndarray::{Array2, Axis, s};
-use oodgate::detect::bank::Bank;
+use oodgate::detect::approx::ApproxParams;
+use oodgate::detect::bank::{Bank, BankIndex};
 use oodgate::detect::build::{normalize_embeddings, read_npy};
 use oodgate::detect::index::IndexParams;
 use oodgate::detect::score::{Method, ScoreParams, ScoreRow};
@@ -289,16 +290,94 @@ pub fn params_for(method: Method, scale: Option<f32>) -> ScoreParams {
     p
 }
 
-/// Scores every row of `x` (in blocks, to bound memory).
-pub fn score_rows(
+/// Approximate scoring of large outlier banks (the `detector.exact_limit` family of keys).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ApproxArgs {
+    /// Banks with more outlier rows than this are scored approximately: an HNSW head summed
+    /// exactly plus a sampled estimate of the rest of the softmax denominator.
+    #[arg(long, default_value_t = ApproxParams::default().exact_limit)]
+    pub exact_limit: usize,
+    /// Approximate scoring: outlier rows per image taken from HNSW.
+    #[arg(long, default_value_t = ApproxParams::default().candidates)]
+    pub approx_candidates: usize,
+    /// Approximate scoring: HNSW search breadth.
+    #[arg(long, default_value_t = ApproxParams::default().ef_search)]
+    pub approx_ef_search: usize,
+    /// Approximate scoring: size of the uniform sample that estimates the tail.
+    #[arg(long, default_value_t = ApproxParams::default().tail_sample)]
+    pub approx_tail_sample: usize,
+}
+
+impl ApproxArgs {
+    pub fn params(&self) -> ApproxParams {
+        ApproxParams {
+            exact_limit: self.exact_limit,
+            candidates: self.approx_candidates,
+            ef_search: self.approx_ef_search.max(self.approx_candidates),
+            tail_sample: self.approx_tail_sample,
+            seed: 0,
+        }
+    }
+}
+
+/// A bank ready to score: its HNSW index is loaded (or built) once, and only when
+/// explanations or approximate scoring need it.
+pub struct BankScoring<'a> {
+    pub bank: &'a Bank,
+    approx: ApproxParams,
+    index: Option<BankIndex>,
+}
+
+impl<'a> BankScoring<'a> {
+    pub fn new(bank: &'a Bank, approx: ApproxParams, explain: bool) -> anyhow::Result<Self> {
+        approx.validate()?;
+        let approximate = approx.applies_to(bank.outliers.nrows());
+        let index = (explain || approximate).then(|| bank.indexes(IndexParams::default()));
+        Ok(BankScoring {
+            bank,
+            approx,
+            index,
+        })
+    }
+
+    /// The HNSW indexes, when loaded.
+    pub fn index(&self) -> Option<&BankIndex> {
+        self.index.as_ref()
+    }
+
+    /// Scores every row of `x` (in blocks, to bound memory).
+    pub fn score_rows(
+        &self,
+        x: &Array2<f32>,
+        method: Method,
+        params: &ScoreParams,
+    ) -> anyhow::Result<Vec<ScoreRow>> {
+        score_rows_with(
+            self.bank,
+            self.index.as_ref().map(|ix| (ix, self.approx)),
+            x,
+            method,
+            params,
+        )
+    }
+}
+
+/// Scores every row of `x` (in blocks, to bound memory), exactly or with `approx`.
+fn score_rows_with(
     bank: &Bank,
+    approx: Option<(&BankIndex, ApproxParams)>,
     x: &Array2<f32>,
     method: Method,
     params: &ScoreParams,
 ) -> anyhow::Result<Vec<ScoreRow>> {
-    let scorer = bank
+    let mut scorer = bank
         .scorer(params)
         .with_context(|| format!("preparing method {method}"))?;
+    if let Some((ix, p)) = approx {
+        scorer = scorer
+            .with_approximation(ix.outliers.clone(), p)
+            .context("preparing approximate scoring")?;
+    }
     let mut out = Vec::with_capacity(x.nrows());
     let mut start = 0;
     while start < x.nrows() {
@@ -379,6 +458,8 @@ pub struct ScoreArgs {
     /// Nearest ID labels and outlier words reported per input (0 = none).
     #[arg(long, default_value_t = 3)]
     pub top_k: usize,
+    #[command(flatten)]
+    pub approx: ApproxArgs,
     /// Image files, folders (recursive) or .npy files of image embeddings ([N, D] float16/32).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
@@ -419,8 +500,9 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let inputs: Vec<&PathBuf> = a.inputs.iter().collect();
     let mut ctx = ModelCtx::open(&a.model, &bank, &inputs)?;
     let emb = ctx.embed(&a.inputs, bank.meta.dim, "scoring")?;
-    let rows = score_rows(&bank, &emb.x, a.method, &params)?;
-    let index = (a.top_k > 0).then(|| bank.indexes(IndexParams::default()));
+    let scoring = BankScoring::new(&bank, a.approx.params(), a.top_k > 0)?;
+    let rows = scoring.score_rows(&emb.x, a.method, &params)?;
+    let index = scoring.index().filter(|_| a.top_k > 0);
 
     let sink: Box<dyn Write> = match &a.output {
         Some(p) => {

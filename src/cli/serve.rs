@@ -201,8 +201,11 @@ pub fn load_detector_with_threshold(
             bank_path.display()
         ),
     };
-    let scorer = bank.scorer(&params)?;
     let index = bank.indexes(IndexParams::default());
+    let approx = s.detector.approx_params();
+    let scorer = bank
+        .scorer(&params)?
+        .with_approximation(index.outliers.clone(), approx)?;
     let pre = Preprocessor::from_manifest(
         enc.manifest(),
         Limits {

@@ -3,20 +3,33 @@
 //! with their words, θ, every build parameter, the model fingerprint, a content hash as
 //! version, and calibrated thresholds per method. Metadata is canonical JSON under the single
 //! safetensors metadata key `oodgate`, so saving the same bank twice gives the same bytes.
+//!
+//! The file also carries the HNSW graphs over the ID and outlier rows ([`StoredIndex`]): byte
+//! tensors holding hnsw_rs's dumps, described in the metadata's `index` field with a SHA-256
+//! per blob. The index is derived data (its construction is not deterministic), so it
+//! is outside the content hash; a missing or damaged index is rebuilt at load with a warning.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView2};
 use safetensors::{Dtype, SafeTensors, tensor::TensorView};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use super::index::{IndexParams, VectorIndex};
+use super::index::{IndexDump, IndexParams, VectorIndex};
 use super::score::{ScoreError, ScoreParams, Scorer};
 
 pub const BANK_FORMAT: u32 = 1;
 const META_KEY: &str = "oodgate";
+/// Tensor names of the stored index blobs: (ID graph, ID data, outlier graph, outlier data).
+const INDEX_TENSORS: [&str; 4] = [
+    "index.id.graph",
+    "index.id.data",
+    "index.outliers.graph",
+    "index.outliers.data",
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BankError {
@@ -95,6 +108,10 @@ pub struct BankMeta {
     pub cleaning: serde_json::Value,
     #[serde(default)]
     pub thresholds: BTreeMap<String, Threshold>,
+    /// Written from [`Bank::stored_index`] at save and moved back into it at load (so `None`
+    /// in memory); outside the content hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<IndexMeta>,
 }
 
 /// A loaded bank.
@@ -104,6 +121,73 @@ pub struct Bank {
     pub id: Array2<f32>,
     pub no: Option<Array2<f32>>,
     pub outliers: Array2<f32>,
+    /// The HNSW graphs saved with the bank, if any (see [`Bank::attach_index`]).
+    pub stored_index: Option<StoredIndex>,
+}
+
+/// HNSW graphs over the ID rows and the outlier rows, as hnsw_rs dumped them.
+#[derive(Clone, PartialEq)]
+pub struct StoredIndex {
+    pub params: IndexParams,
+    pub id: IndexDump,
+    pub outliers: IndexDump,
+}
+
+impl std::fmt::Debug for StoredIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "StoredIndex({:?}, {} bytes)", self.params, self.bytes())
+    }
+}
+
+/// The description of the stored index (metadata field `index`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct IndexMeta {
+    pub params: IndexParams,
+    pub id_rows: usize,
+    pub outlier_rows: usize,
+    /// SHA-256 (hex) of each blob: ID graph, ID data, outlier graph, outlier data.
+    pub sha256: [String; 4],
+}
+
+impl StoredIndex {
+    fn blobs(&self) -> [&[u8]; 4] {
+        [
+            &self.id.graph,
+            &self.id.data,
+            &self.outliers.graph,
+            &self.outliers.data,
+        ]
+    }
+
+    /// Total size of the dumps in bytes.
+    pub fn bytes(&self) -> usize {
+        self.blobs().iter().map(|b| b.len()).sum()
+    }
+
+    fn meta(&self, id_rows: usize, outlier_rows: usize) -> IndexMeta {
+        IndexMeta {
+            params: self.params,
+            id_rows,
+            outlier_rows,
+            sha256: self.blobs().map(|b| hex::encode(Sha256::digest(b))),
+        }
+    }
+
+    /// Reloads both graphs after checking each blob's checksum and row count.
+    fn load(&self, bank: &Bank, ef_search: usize) -> Result<BankIndex, String> {
+        let params = IndexParams {
+            ef_search,
+            ..self.params
+        };
+        let id = VectorIndex::from_dump(&self.id, params, bank.id.nrows())
+            .map_err(|e| format!("ID index: {e}"))?;
+        let outliers = VectorIndex::from_dump(&self.outliers, params, bank.outliers.nrows())
+            .map_err(|e| format!("outlier index: {e}"))?;
+        Ok(BankIndex {
+            id: Arc::new(id),
+            outliers: Arc::new(outliers),
+        })
+    }
 }
 
 fn f32_bytes(a: &Array2<f32>) -> Vec<u8> {
@@ -194,6 +278,7 @@ impl Bank {
             id,
             no,
             outliers,
+            stored_index: None,
         };
         bank.refresh_version();
         Ok(bank)
@@ -203,6 +288,7 @@ impl Bank {
     pub fn refresh_version(&mut self) {
         let mut meta = self.meta.clone();
         meta.version = String::new();
+        meta.index = None;
         let mut h = Sha256::new();
         h.update(serde_json::to_vec(&meta).unwrap_or_default());
         h.update(f32_bytes(&self.id));
@@ -245,8 +331,25 @@ impl Bank {
                 .map_err(inv)?,
             ));
         }
-        let meta = serde_json::to_string(&self.meta)
-            .map_err(|e| BankError::Inconsistent(e.to_string()))?;
+        let mut meta = self.meta.clone();
+        meta.index = self
+            .stored_index
+            .as_ref()
+            .map(|ix| ix.meta(self.id.nrows(), self.outliers.nrows()));
+        if let Some(ix) = &self.stored_index {
+            for (name, blob) in INDEX_TENSORS.into_iter().zip(ix.blobs()) {
+                if !blob.is_empty() {
+                    tensors.push((
+                        name,
+                        TensorView::new(Dtype::U8, vec![blob.len()], blob).map_err(inv)?,
+                    ));
+                }
+            }
+        }
+        // One metadata key only: safetensors keeps metadata in a HashMap, so a second key
+        // would make the header order (and the file's bytes) vary between saves.
+        let meta =
+            serde_json::to_string(&meta).map_err(|e| BankError::Inconsistent(e.to_string()))?;
         let info = std::collections::HashMap::from([(META_KEY.to_string(), meta)]);
         safetensors::serialize(tensors, Some(info)).map_err(inv)
     }
@@ -281,8 +384,9 @@ impl Bank {
             .as_ref()
             .and_then(|m| m.get(META_KEY))
             .ok_or("no oodgate metadata")?;
-        let meta: BankMeta =
+        let mut meta: BankMeta =
             serde_json::from_str(meta_json).map_err(|e| format!("metadata: {e}"))?;
+        let index_meta = meta.index.take();
         if meta.format != BANK_FORMAT {
             return Err(format!(
                 "bank format {} is not supported (expected {BANK_FORMAT})",
@@ -310,12 +414,15 @@ impl Bank {
         let no = read("no")?;
         let outliers = read("outliers")?.unwrap_or_else(|| Array2::zeros((0, id.ncols())));
         let stored_version = meta.version.clone();
-        let bank = Bank::assemble(meta, id, no, outliers, false).map_err(|e| e.to_string())?;
+        let mut bank = Bank::assemble(meta, id, no, outliers, false).map_err(|e| e.to_string())?;
         if bank.meta.version != stored_version {
             return Err(format!(
                 "content hash {} does not match the stored version {stored_version} (file modified or corrupt)",
                 bank.meta.version
             ));
+        }
+        if let Some(im) = index_meta {
+            bank.stored_index = read_stored_index(&im, &st, &bank);
         }
         Ok(bank)
     }
@@ -340,12 +447,43 @@ impl Bank {
         )?)
     }
 
-    /// HNSW indexes over the ID rows and the outlier rows (explanations, large banks).
+    /// HNSW indexes over the ID rows and the outlier rows (explanations, large banks): the
+    /// stored graphs when the bank carries them, else built now (and a warning if a stored
+    /// index could not be used). `params.ef_search` applies either way.
     pub fn indexes(&self, params: IndexParams) -> BankIndex {
-        BankIndex {
-            id: VectorIndex::build(self.id.view(), params),
-            outliers: VectorIndex::build(self.outliers.view(), params),
+        if let Some(st) = &self.stored_index {
+            match st.load(self, params.ef_search) {
+                Ok(ix) => return ix,
+                Err(e) => tracing::warn!(
+                    bank = %self.version(),
+                    "stored HNSW index is unusable ({e}); rebuilding it"
+                ),
+            }
         }
+        self.build_indexes(params)
+    }
+
+    fn build_indexes(&self, params: IndexParams) -> BankIndex {
+        BankIndex {
+            id: Arc::new(VectorIndex::build(self.id.view(), params)),
+            outliers: Arc::new(VectorIndex::build(self.outliers.view(), params)),
+        }
+    }
+
+    /// Builds the HNSW graphs and keeps their dumps, so the next [`Bank::save`] stores them
+    /// and loaders skip the build. Returns the built indexes.
+    pub fn attach_index(&mut self, params: IndexParams) -> Result<BankIndex, BankError> {
+        let ix = self.build_indexes(params);
+        let dump = |v: &VectorIndex| {
+            v.dump()
+                .map_err(|e| BankError::Inconsistent(format!("dumping the HNSW index: {e}")))
+        };
+        self.stored_index = Some(StoredIndex {
+            params,
+            id: dump(&ix.id)?,
+            outliers: dump(&ix.outliers)?,
+        });
+        Ok(ix)
     }
 
     pub fn outlier_view(&self) -> ArrayView2<'_, f32> {
@@ -362,10 +500,60 @@ impl Bank {
     }
 }
 
-/// The bank's HNSW indexes.
+/// Reads the stored index, if the file has one whose description parses, whose row counts
+/// match the bank and whose blobs match their checksums; otherwise logs why and returns `None`
+/// (the index is then rebuilt on demand).
+fn read_stored_index(im: &IndexMeta, st: &SafeTensors<'_>, bank: &Bank) -> Option<StoredIndex> {
+    let check = || -> Result<StoredIndex, String> {
+        if im.id_rows != bank.id.nrows() || im.outlier_rows != bank.outliers.nrows() {
+            return Err(format!(
+                "it indexes {} ID and {} outlier rows, the bank has {} and {}",
+                im.id_rows,
+                im.outlier_rows,
+                bank.id.nrows(),
+                bank.outliers.nrows()
+            ));
+        }
+        let mut blobs: Vec<Vec<u8>> = Vec::with_capacity(4);
+        for (name, want) in INDEX_TENSORS.iter().zip(&im.sha256) {
+            let blob = match st.tensor(name) {
+                Ok(t) if t.dtype() == Dtype::U8 => t.data().to_vec(),
+                Ok(_) => return Err(format!("tensor {name} is not uint8")),
+                Err(_) => Vec::new(),
+            };
+            if hex::encode(Sha256::digest(&blob)) != *want {
+                return Err(format!("{name} does not match its checksum"));
+            }
+            blobs.push(blob);
+        }
+        let mut it = blobs.into_iter();
+        let mut next = || it.next().unwrap_or_default();
+        Ok(StoredIndex {
+            params: im.params,
+            id: IndexDump {
+                graph: next(),
+                data: next(),
+            },
+            outliers: IndexDump {
+                graph: next(),
+                data: next(),
+            },
+        })
+    };
+    match check() {
+        Ok(ix) => Some(ix),
+        Err(e) => {
+            tracing::warn!(bank = %bank.version(), "ignoring the stored HNSW index: {e}");
+            None
+        }
+    }
+}
+
+/// The bank's HNSW indexes (shared with an approximate scorer).
+#[derive(Clone)]
 pub struct BankIndex {
-    pub id: VectorIndex,
-    pub outliers: VectorIndex,
+    pub id: Arc<VectorIndex>,
+    pub outliers: Arc<VectorIndex>,
 }
 
 /// One image's explanation: the nearest ID labels and outlier words.
@@ -423,6 +611,7 @@ mod tests {
             build: serde_json::json!({"k": 500}),
             cleaning: serde_json::Value::Null,
             thresholds: BTreeMap::new(),
+            index: None,
         };
         Bank::new(
             meta,
@@ -455,6 +644,42 @@ mod tests {
         assert_eq!(back.outliers, b.outliers);
         assert_eq!(back.to_bytes().unwrap(), bytes);
         assert_eq!(b.version().len(), 16);
+    }
+
+    #[test]
+    fn stored_index_round_trips_and_damage_falls_back_to_a_rebuild() {
+        let mut b = toy();
+        let version = b.version().to_owned();
+        let built = b.attach_index(IndexParams::default()).unwrap();
+        assert_eq!(
+            b.version(),
+            version,
+            "the index is outside the content hash"
+        );
+        let bytes = b.to_bytes().unwrap();
+        let back = Bank::from_bytes(&bytes).unwrap();
+        assert_eq!(back.stored_index, b.stored_index);
+        assert_eq!(
+            back.to_bytes().unwrap(),
+            bytes,
+            "byte-stable with the index"
+        );
+        let ix = back.indexes(IndexParams::default());
+        let q = [0.1f32, 0.995, 0.0];
+        assert_eq!(ix.id.search(&q, 2), built.id.search(&q, 2));
+        assert_eq!(ix.outliers.search(&q, 1)[0].0, 0);
+        // Flip one byte of the outlier graph: the checksum rejects it, the bank still loads
+        // and its index is rebuilt.
+        let mut bad = bytes.clone();
+        let (n, header) = SafeTensors::read_metadata(&bytes).unwrap();
+        let start = header.info("index.outliers.graph").unwrap().data_offsets.0;
+        bad[8 + n + start + 20] ^= 0xFF;
+        let damaged = Bank::from_bytes(&bad).unwrap();
+        assert!(damaged.stored_index.is_none());
+        assert_eq!(
+            damaged.indexes(IndexParams::default()).id.search(&q, 1)[0].0,
+            1
+        );
     }
 
     #[test]

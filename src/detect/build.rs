@@ -842,6 +842,7 @@ pub fn build_bank(
         build: serde_json::Value::Object(build),
         cleaning: req.cleaning.clone(),
         thresholds: BTreeMap::new(),
+        index: None,
     };
     let n_outliers = outliers.nrows();
     let bank = Bank::new(meta, t, req.no_embeddings.clone(), outliers)?;
@@ -973,6 +974,7 @@ pub fn import_bank(req: ImportRequest) -> Result<Bank, BuildError> {
         build: req.params,
         cleaning: serde_json::Value::Null,
         thresholds: BTreeMap::new(),
+        index: None,
     };
     Ok(Bank::new(meta, req.id, req.no, outliers)?)
 }

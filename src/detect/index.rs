@@ -3,13 +3,39 @@
 //!
 //! hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
 //! Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
-//! dumped; insert and search never overlap (the index is built once, then only searched).
+//! dumped; insert and search never overlap (the index is built once, then only searched);
+//! `HnswIo::load_hnsw` borrows its loader, which is leaked (a few hundred bytes per load).
+//!
+//! A built graph is kept with its bank as hnsw_rs's own two dump files ([`IndexDump`]), so a
+//! worker that loads a large bank does not rebuild the graph.
 
-use hnsw_rs::prelude::{DistDot, Hnsw};
+use std::io;
+
+use hnsw_rs::prelude::{AnnT, DistDot, Hnsw, HnswIo};
 use ndarray::ArrayView2;
 
+/// Errors of dumping or reloading an index.
+#[derive(Debug, thiserror::Error)]
+pub enum IndexError {
+    #[error("index I/O: {0}")]
+    Io(#[from] io::Error),
+    #[error("hnsw_rs could not {op} the index: {reason}")]
+    Hnsw { op: &'static str, reason: String },
+    #[error("the stored index holds {got} rows, the matrix it indexes {expected}")]
+    RowCount { expected: usize, got: usize },
+}
+
+/// hnsw_rs's dump of one graph, byte for byte: `<name>.hnsw.graph` and `<name>.hnsw.data`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct IndexDump {
+    pub graph: Vec<u8>,
+    pub data: Vec<u8>,
+}
+
+const DUMP_NAME: &str = "index";
+
 /// HNSW parameters (M, ef_construction, ef_search).
-#[derive(Debug, Clone, Copy, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct IndexParams {
     pub max_connections: usize,
     pub ef_construction: usize,
@@ -58,6 +84,94 @@ impl VectorIndex {
         }
     }
 
+    /// Serialises the graph through hnsw_rs's file dump (in a temporary folder).
+    pub fn dump(&self) -> Result<IndexDump, IndexError> {
+        if self.len == 0 {
+            return Ok(IndexDump::default());
+        }
+        let dir = tempfile::tempdir()?;
+        let name = self
+            .hnsw
+            .file_dump(dir.path(), DUMP_NAME)
+            .map_err(|e| IndexError::Hnsw {
+                op: "dump",
+                reason: e.to_string(),
+            })?;
+        Ok(IndexDump {
+            graph: std::fs::read(dir.path().join(format!("{name}.hnsw.graph")))?,
+            data: std::fs::read(dir.path().join(format!("{name}.hnsw.data")))?,
+        })
+    }
+
+    /// Reloads a graph dumped by [`VectorIndex::dump`]; `rows` is how many rows it must hold.
+    ///
+    /// hnsw_rs asserts on malformed files, so callers check the dump's checksum first; a
+    /// panic inside the loader is still caught and returned as an error.
+    pub fn from_dump(
+        dump: &IndexDump,
+        params: IndexParams,
+        rows: usize,
+    ) -> Result<VectorIndex, IndexError> {
+        if dump.graph.is_empty() && dump.data.is_empty() {
+            if rows != 0 {
+                return Err(IndexError::RowCount {
+                    expected: rows,
+                    got: 0,
+                });
+            }
+            return Ok(VectorIndex::build(
+                ndarray::Array2::zeros((0, 1)).view(),
+                params,
+            ));
+        }
+        let dir = tempfile::tempdir()?;
+        std::fs::write(
+            dir.path().join(format!("{DUMP_NAME}.hnsw.graph")),
+            &dump.graph,
+        )?;
+        std::fs::write(
+            dir.path().join(format!("{DUMP_NAME}.hnsw.data")),
+            &dump.data,
+        )?;
+        // The loaded graph borrows its loader for its whole life: leak the (small) loader.
+        let loader: &'static mut HnswIo = Box::leak(Box::new(HnswIo::new(dir.path(), DUMP_NAME)));
+        let loaded = std::panic::catch_unwind(std::panic::AssertUnwindSafe(once(move || {
+            loader.load_hnsw::<f32, DistDot>()
+        })));
+        let mut hnsw = match loaded {
+            Ok(Ok(h)) => h,
+            Ok(Err(e)) => {
+                return Err(IndexError::Hnsw {
+                    op: "load",
+                    reason: e.to_string(),
+                });
+            }
+            Err(_) => {
+                return Err(IndexError::Hnsw {
+                    op: "load",
+                    reason: "the loader panicked (malformed dump)".into(),
+                });
+            }
+        };
+        let got = hnsw.get_nb_point();
+        if got != rows {
+            return Err(IndexError::RowCount {
+                expected: rows,
+                got,
+            });
+        }
+        hnsw.set_searching_mode(true);
+        Ok(VectorIndex {
+            hnsw,
+            len: rows,
+            params,
+        })
+    }
+
+    pub fn params(&self) -> IndexParams {
+        self.params
+    }
+
     pub fn len(&self) -> usize {
         self.len
     }
@@ -85,6 +199,11 @@ impl VectorIndex {
         hits.sort_by(|a, b| b.1.total_cmp(&a.1));
         hits
     }
+}
+
+/// Makes a closure `FnOnce`, so it can hand out the `'static` borrow it captured.
+fn once<R, F: FnOnce() -> R>(f: F) -> F {
+    f
 }
 
 /// Exact top-k by brute force (one dot per row): the reference for recall measurements.
@@ -164,6 +283,38 @@ mod tests {
         let queries = clustered(100, 64, 2);
         let r = recall_at_k(&idx, rows.view(), queries.view(), 10);
         assert!(r >= 0.95, "recall@10 {r}");
+    }
+
+    #[test]
+    fn dump_and_reload_give_the_same_answers() {
+        let rows = clustered(600, 32, 3);
+        let idx = VectorIndex::build(rows.view(), IndexParams::default());
+        let dump = idx.dump().unwrap();
+        assert!(!dump.graph.is_empty() && dump.data.len() > 600 * 32 * 4);
+        let back = VectorIndex::from_dump(&dump, idx.params(), 600).unwrap();
+        assert_eq!(back.len(), 600);
+        let queries = clustered(50, 32, 4);
+        for q in queries.rows() {
+            let q = q.to_vec();
+            assert_eq!(idx.search(&q, 10), back.search(&q, 10));
+        }
+        let e = VectorIndex::from_dump(&dump, idx.params(), 601)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("601"), "{e}");
+        let mut bad = dump.clone();
+        bad.graph.truncate(bad.graph.len() / 2);
+        assert!(VectorIndex::from_dump(&bad, idx.params(), 600).is_err());
+        let empty = VectorIndex::build(
+            ndarray::Array2::zeros((0, 32)).view(),
+            IndexParams::default(),
+        );
+        let d = empty.dump().unwrap();
+        assert!(
+            VectorIndex::from_dump(&d, IndexParams::default(), 0)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

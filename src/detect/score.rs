@@ -7,6 +7,8 @@
 //! GEMM of the batch against a contiguous row range of `W` (only the rows the method needs),
 //! followed by a tight per-image loop that accumulates in `f64` with max-subtracted
 //! log-sum-exp and a stable sigmoid. The softmax denominator is never truncated (method.md §8).
+//! Outlier banks beyond a configured size can be scored with an HNSW head plus a sampled tail
+//! instead of the full GEMM ([`Scorer::with_approximation`], see [`super::approx`]).
 //!
 //! | [`Method`] | score | default scale |
 //! |---|---|---|
@@ -25,9 +27,14 @@
 use std::fmt;
 use std::str::FromStr;
 
+use std::sync::Arc;
+
 use ndarray::{Array2, ArrayView2, s};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
+
+use super::approx::{Approx, ApproxParams};
+use super::index::VectorIndex;
 
 /// How far from 1 the L2 norm of an input embedding may be before [`Scorer`] rejects it.
 ///
@@ -357,10 +364,10 @@ impl NegGrouping {
 }
 
 /// SplitMix64 (Steele, Lea & Flood 2014): tiny, portable, fixed forever.
-struct SplitMix64(u64);
+pub struct SplitMix64(pub u64);
 
 impl SplitMix64 {
-    fn next_u64(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -369,7 +376,7 @@ impl SplitMix64 {
     }
 
     /// Uniform in `0..n` by the widening multiply (bias < n / 2⁶⁴, irrelevant here).
-    fn below(&mut self, n: usize) -> usize {
+    pub fn below(&mut self, n: usize) -> usize {
         ((u128::from(self.next_u64()) * n as u128) >> 64) as usize
     }
 }
@@ -384,6 +391,8 @@ pub struct Scorer {
     /// Rows `[T̄ (if present); T; Ô]`, every row unit-norm.
     bank: Array2<f32>,
     grouping: NegGrouping,
+    /// Head + sampled tail for large outlier banks; `None` = exact.
+    approx: Option<Approx>,
 }
 
 impl Scorer {
@@ -466,7 +475,38 @@ impl Scorer {
             has_no,
             bank,
             grouping,
+            approx: None,
         })
+    }
+
+    /// Scores the outlier part of the denominator approximately (HNSW head + sampled tail,
+    /// see [`super::approx`]) when the bank has more than `params.exact_limit` outlier rows;
+    /// otherwise returns the scorer unchanged (exact). `index` must index [`Scorer::outliers`]
+    /// row for row.
+    pub fn with_approximation(
+        mut self,
+        index: Arc<VectorIndex>,
+        params: ApproxParams,
+    ) -> Result<Self, ScoreError> {
+        params.validate()?;
+        self.approx = if params.applies_to(self.n_out) {
+            tracing::info!(
+                outliers = self.n_out,
+                exact_limit = params.exact_limit,
+                candidates = params.candidates,
+                tail_sample = params.tail_sample,
+                "outlier bank above the exact limit: scoring approximately (HNSW head + sampled tail)"
+            );
+            Some(Approx::new(self.outliers(), index, params)?)
+        } else {
+            None
+        };
+        Ok(self)
+    }
+
+    /// Whether outlier scores are approximated (see [`Scorer::with_approximation`]).
+    pub fn is_approximate(&self) -> bool {
+        self.approx.is_some()
     }
 
     /// Embedding dimension D.
@@ -585,6 +625,12 @@ impl Scorer {
         if x.nrows() == 0 {
             return Ok(());
         }
+        if let Some(ap) = &self.approx
+            && method != Method::NegLabel
+        {
+            self.score_approx(ap, x, method, params, want_outliers, sink);
+            return Ok(());
+        }
 
         let uses_no =
             self.has_no && matches!(method, Method::Ole | Method::ClipnAtd | Method::ClipnCtw);
@@ -640,22 +686,14 @@ impl Scorer {
                 id: idc,
                 no: noc,
                 out: outc,
+                tail: &[],
+                tail_weight: 0.0,
                 top_id,
                 id_max: top_id_cos,
                 out_max: top_out.map(|t| t.1),
                 scale,
             };
-            let score = match method {
-                Method::Ole => k.ole(true, uses_no, &mut buf),
-                Method::OleMax => k.ole_max(&mut buf),
-                Method::OlePenalty => k.ole_penalty(beta, &mut buf),
-                Method::ClipnAtd => k.ole(false, true, &mut buf),
-                Method::ClipnCtw => k.clipn_ctw(),
-                Method::Mcm => k.mcm(&mut buf),
-                Method::Energy => k.energy(&mut buf),
-                Method::MaxLogit => f64::from(top_id_cos),
-                Method::NegLabel => k.neglabel(grouping, &mut buf),
-            };
+            let score = k.score(method, beta, grouping, &mut buf);
             sink(ScoreRow {
                 score,
                 top_id,
@@ -665,6 +703,107 @@ impl Scorer {
             });
         }
         Ok(())
+    }
+
+    /// [`Scorer::score_impl`] with the outlier rows replaced by an HNSW head and a sampled
+    /// tail (inputs already checked; never called for NegLabel).
+    fn score_approx(
+        &self,
+        ap: &Approx,
+        x: ArrayView2<'_, f32>,
+        method: Method,
+        params: &ScoreParams,
+        want_outliers: bool,
+        mut sink: impl FnMut(ScoreRow),
+    ) {
+        let uses_no =
+            self.has_no && matches!(method, Method::Ole | Method::ClipnAtd | Method::ClipnCtw);
+        let scores_out = method.uses_outliers();
+        let off_id = self.off_id();
+        let start = if uses_no { 0 } else { off_id };
+        let w = self.bank.slice(s![start..off_id + self.n_id, ..]);
+        let mut cos = Array2::<f32>::zeros((x.nrows(), w.nrows()));
+        ndarray::linalg::general_mat_mul(1.0, &x, &w.t(), 0.0, &mut cos);
+        // Cosines to the tail sample: a second, small GEMM.
+        let n_sample = if scores_out { ap.sample_ids.len() } else { 0 };
+        let mut sample_cos = Array2::<f32>::zeros((x.nrows(), n_sample));
+        if n_sample > 0 {
+            ndarray::linalg::general_mat_mul(1.0, &x, &ap.sample_rows.t(), 0.0, &mut sample_cos);
+        }
+        let scale = f64::from(params.scale);
+        let beta = f64::from(params.penalty_beta);
+        let k_head = ap.params.candidates;
+        let ef = ap.params.ef_search.max(k_head);
+        let mut buf = vec![0.0f64; self.n_id.max(k_head).max(n_sample)];
+        let (mut head_ids, mut head_cos, mut tail) = (Vec::new(), Vec::new(), Vec::new());
+        let mut q: Vec<f32> = Vec::with_capacity(self.dim);
+        for (r, row) in cos.rows().into_iter().enumerate() {
+            let row: Vec<f32> = row.to_vec();
+            let idc = &row[off_id - start..off_id - start + self.n_id];
+            let noc = if uses_no { &row[..self.n_id] } else { &[][..] };
+            let (top_id, top_id_cos) = argmax(idc);
+            let head = if scores_out || want_outliers {
+                q.clear();
+                q.extend(x.row(r).iter().copied());
+                ap.index.search_ef(&q, k_head, ef)
+            } else {
+                Vec::new()
+            };
+            head_cos.clear();
+            head_cos.extend(head.iter().map(|h| h.1));
+            tail.clear();
+            let mut tail_weight = 0.0;
+            if scores_out {
+                head_ids.clear();
+                head_ids.extend(head.iter().map(|h| h.0));
+                head_ids.sort_unstable();
+                for (j, id) in ap.sample_ids.iter().enumerate() {
+                    if head_ids.binary_search(id).is_err() {
+                        tail.push(sample_cos[[r, j]]);
+                    }
+                }
+                if !tail.is_empty() {
+                    tail_weight = (self.n_out - head.len()) as f64 / tail.len() as f64;
+                }
+            }
+            let top_out = head.first().copied();
+            let k = Kernel {
+                id: idc,
+                no: noc,
+                out: &head_cos,
+                tail: &tail,
+                tail_weight,
+                top_id,
+                id_max: top_id_cos,
+                out_max: top_out.map(|t| t.1),
+                scale,
+            };
+            let score = k.score(method, beta, &self.grouping, &mut buf);
+            sink(ScoreRow {
+                score,
+                top_id,
+                top_id_cos,
+                top_outlier: top_out.map(|t| t.0),
+                top_outlier_cos: top_out.map(|t| t.1),
+            });
+        }
+    }
+}
+
+impl Kernel<'_> {
+    /// The method's score for this row.
+    fn score(&self, method: Method, beta: f64, grouping: &NegGrouping, buf: &mut [f64]) -> f64 {
+        match method {
+            Method::Ole => self.ole(true, !self.no.is_empty(), buf),
+            Method::OleMax => self.ole_max(buf),
+            Method::OlePenalty => self.ole_penalty(beta, buf),
+            Method::ClipnAtd => self.ole(false, true, buf),
+            Method::ClipnCtw => self.clipn_ctw(),
+            Method::Mcm => self.mcm(buf),
+            Method::Energy => self.energy(buf),
+            Method::MaxLogit => f64::from(self.id_max),
+            Method::NegLabel => self.neglabel(grouping, buf),
+        }
     }
 }
 
@@ -835,7 +974,11 @@ fn weight_by_yes(dst: &mut [f64], yes: &[f32], no: &[f32], s: f64) -> f64 {
 struct Kernel<'a> {
     id: &'a [f32],
     no: &'a [f32],
+    /// Outlier cosines summed exactly: all of them, or the approximate head.
     out: &'a [f32],
+    /// Approximate mode: the tail sample's cosines, each standing for `tail_weight` rows.
+    tail: &'a [f32],
+    tail_weight: f64,
     top_id: usize,
     id_max: f32,
     out_max: Option<f32>,
@@ -865,9 +1008,20 @@ impl Kernel<'_> {
             z
         };
         if with_out {
-            z += exp_shifted(buf, self.out, s, m);
+            z += self.out_mass(buf, m);
         }
         num / z
+    }
+
+    /// Σ over outlier rows of exp(s·cos − m): exact, or head + estimated tail.
+    #[inline]
+    fn out_mass(&self, buf: &mut [f64], m: f64) -> f64 {
+        let s = self.scale;
+        let mut z = exp_shifted(buf, self.out, s, m);
+        if !self.tail.is_empty() {
+            z += self.tail_weight * exp_shifted(buf, self.tail, s, m);
+        }
+        z
     }
 
     /// The (C+M)-way softmax's denominator Σ exp(logit − m), and m.
@@ -875,7 +1029,7 @@ impl Kernel<'_> {
     fn full_mass(&self, buf: &mut [f64]) -> (f64, f64) {
         let s = self.scale;
         let m = self.shift(true);
-        let z = exp_shifted(buf, self.id, s, m) + exp_shifted(buf, self.out, s, m);
+        let z = exp_shifted(buf, self.id, s, m) + self.out_mass(buf, m);
         (z, m)
     }
 
@@ -1167,6 +1321,8 @@ mod tests {
             id: &id,
             no: &no,
             out: &out,
+            tail: &[],
+            tail_weight: 0.0,
             top_id: 2,
             id_max: 0.9,
             out_max: Some(0.5),
@@ -1203,6 +1359,8 @@ mod tests {
                     id: &id,
                     no: &no,
                     out: &out,
+                    tail: &[],
+                    tail_weight: 0.0,
                     top_id,
                     id_max,
                     out_max: Some(argmax(&out).1),
@@ -1652,5 +1810,169 @@ mod tests {
                 println!("  {m:12} {t:6.2} µs / image");
             }
         }
+    }
+
+    /// Unit vectors around `centers` random directions (a crude stand-in for word embeddings,
+    /// which cluster), `spread` = noise relative to the centre.
+    fn clustered_unit(
+        rows: usize,
+        dim: usize,
+        centers: usize,
+        spread: f32,
+        seed: u64,
+    ) -> Array2<f32> {
+        let c = rand_unit(centers, dim, seed);
+        let noise = rand_unit(rows, dim, seed + 1);
+        let mut a = Array2::from_shape_fn((rows, dim), |(i, j)| {
+            c[[i % centers, j]] + spread * noise[[i, j]]
+        });
+        normalize_rows(&mut a);
+        a
+    }
+
+    fn approximate(sc: &Scorer, p: crate::detect::approx::ApproxParams) -> Scorer {
+        use crate::detect::index::{IndexParams, VectorIndex};
+        let ix = VectorIndex::build(sc.outliers(), IndexParams::default());
+        sc.clone().with_approximation(Arc::new(ix), p).unwrap()
+    }
+
+    #[test]
+    fn approximation_with_the_whole_bank_as_tail_sample_is_exact() {
+        use crate::detect::approx::ApproxParams;
+        let (d, m) = (32, 3000);
+        let id = clustered_unit(50, d, 10, 0.5, 80);
+        let out = clustered_unit(m, d, 40, 0.5, 81);
+        let x = clustered_unit(40, d, 10, 0.6, 82);
+        for with_no in [false, true] {
+            let no = rand_unit(50, d, 83);
+            let sc = Scorer::new(
+                id.view(),
+                with_no.then(|| no.view()),
+                out.view(),
+                &params(Method::Ole),
+            )
+            .unwrap();
+            let p = ApproxParams {
+                exact_limit: 0,
+                candidates: 32,
+                tail_sample: m,
+                ..ApproxParams::default()
+            };
+            let ap = approximate(&sc, p);
+            assert!(ap.is_approximate());
+            for method in [
+                Method::Ole,
+                Method::OleMax,
+                Method::OlePenalty,
+                Method::NegLabel,
+                Method::Mcm,
+            ] {
+                let pp = params(method);
+                let e = sc.score_batch_detailed(x.view(), method, &pp).unwrap();
+                let a = ap.score_batch_detailed(x.view(), method, &pp).unwrap();
+                for (e, a) in e.iter().zip(&a) {
+                    // HNSW hands back 1 − (1 − cos) in f32: the head's cosines can be off by
+                    // ~1e-7, i.e. logits by ~5e-6 at s = 50.
+                    assert!(
+                        rel(e.score, a.score) < 2e-5,
+                        "{method}: exact {} approx {}",
+                        e.score,
+                        a.score
+                    );
+                    assert_eq!(e.top_id, a.top_id);
+                }
+            }
+        }
+        // Within the limit the scorer stays exact.
+        let sc = Scorer::new(id.view(), None, out.view(), &params(Method::Ole)).unwrap();
+        assert!(
+            !approximate(
+                &sc,
+                ApproxParams {
+                    exact_limit: m,
+                    ..ApproxParams::default()
+                }
+            )
+            .is_approximate()
+        );
+    }
+
+    #[test]
+    fn approximate_ole_tracks_exact_ole_on_a_large_bank() {
+        use crate::detect::approx::ApproxParams;
+        let (d, m) = (64, 20_000);
+        let id = clustered_unit(200, d, 20, 0.4, 90);
+        let out = clustered_unit(m, d, 200, 0.6, 91);
+        // Queries near ID classes and near outlier clusters.
+        let mut x = clustered_unit(100, d, 20, 0.7, 92);
+        let xo = clustered_unit(100, d, 200, 0.7, 91);
+        x.append(ndarray::Axis(0), xo.view()).unwrap();
+        let sc = Scorer::new(id.view(), None, out.view(), &params(Method::Ole)).unwrap();
+        let p = ApproxParams {
+            exact_limit: 10_000,
+            ..ApproxParams::default()
+        };
+        let ap = approximate(&sc, p);
+        let pp = params(Method::Ole);
+        let e = sc.score_batch_detailed(x.view(), Method::Ole, &pp).unwrap();
+        let a = ap.score_batch_detailed(x.view(), Method::Ole, &pp).unwrap();
+        let mut errs: Vec<f64> = e
+            .iter()
+            .zip(&a)
+            .map(|(e, a)| rel(e.score, a.score))
+            .collect();
+        errs.sort_by(f64::total_cmp);
+        let top_agree = e
+            .iter()
+            .zip(&a)
+            .filter(|(e, a)| e.top_outlier == a.top_outlier)
+            .count();
+        println!(
+            "approx vs exact OLE over {} queries: median rel err {:.4}, p95 {:.4}, max {:.4}; top outlier agrees {top_agree}",
+            errs.len(),
+            errs[errs.len() / 2],
+            errs[errs.len() * 95 / 100],
+            errs[errs.len() - 1]
+        );
+        assert!(
+            errs[errs.len() / 2] < 0.01,
+            "median {}",
+            errs[errs.len() / 2]
+        );
+        assert!(
+            errs[errs.len() * 95 / 100] < 0.1,
+            "p95 {}",
+            errs[errs.len() * 95 / 100]
+        );
+        assert!(top_agree >= 190, "{top_agree}");
+        // Decisions at a threshold keeping 95% of the ID-like queries (exact scores).
+        let mut id_scores: Vec<f64> = e[..100].iter().map(|r| r.score).collect();
+        id_scores.sort_by(f64::total_cmp);
+        let thr = id_scores[5];
+        let flips = e
+            .iter()
+            .zip(&a)
+            .filter(|(e, a)| (e.score < thr) != (a.score < thr))
+            .count();
+        println!(
+            "decisions that differ at the 95%-TPR threshold: {flips} of {}",
+            e.len()
+        );
+        assert!(flips <= 2, "{flips}");
+        // Ranking is what a threshold sees: the order of scores is nearly the same.
+        let (mut concord, mut pairs) = (0usize, 0usize);
+        for i in 0..e.len() {
+            for j in i + 1..e.len() {
+                let de = e[i].score - e[j].score;
+                let da = a[i].score - a[j].score;
+                if de.abs() > 1e-12 {
+                    pairs += 1;
+                    concord += usize::from(de * da > 0.0);
+                }
+            }
+        }
+        let tau = concord as f64 / pairs as f64;
+        println!("pairwise order agreement {tau:.4}");
+        assert!(tau > 0.99, "{tau}");
     }
 }
