@@ -1233,3 +1233,122 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
     assert!(forged, "publisher could publish a decision");
     drop(server);
 }
+
+// ---------------------------------------------------------------------------------------------
+// deploy/setup/system-deps.sh: fails early, naming what is missing
+// ---------------------------------------------------------------------------------------------
+
+/// Runs system-deps.sh with a PATH of only `fakes` (shell scripts: name → body) plus links to
+/// the real tools it needs, so each missing prerequisite can be simulated, root or not.
+fn system_deps_with(fakes: &[(&str, &str)]) -> (i32, String) {
+    let dir = tempfile::tempdir().unwrap();
+    for tool in ["sed", "grep", "cat", "dirname", "env"] {
+        let real = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(tool))
+            .find(|p| p.exists())
+            .unwrap_or_else(|| panic!("{tool} not found"));
+        std::os::unix::fs::symlink(real, dir.path().join(tool)).unwrap();
+    }
+    for (name, body) in fakes {
+        let p = dir.path().join(name);
+        std::fs::write(&p, format!("#!/bin/bash\n{body}\n")).unwrap();
+        let mut perm = std::fs::metadata(&p).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&p, perm).unwrap();
+    }
+    let out = Command::new("/bin/bash")
+        .arg(root().join("deploy/setup/system-deps.sh"))
+        .env_clear()
+        .env("PATH", dir.path())
+        .env("FAKE_LOG", dir.path().join("calls.log"))
+        .output()
+        .expect("run system-deps.sh");
+    let calls = std::fs::read_to_string(dir.path().join("calls.log")).unwrap_or_default();
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{calls}", String::from_utf8_lossy(&out.stderr)),
+    )
+}
+
+#[test]
+fn setup_fails_early_naming_the_missing_prerequisite() {
+    let rust = [
+        ("cargo", "exit 0"),
+        ("rustc", "echo 'rustc 1.95.0 (x 2026-04-14)'"),
+    ];
+    let python = ("python3", "exit 0");
+    let installed = ("dpkg-query", "echo 'install ok installed'");
+    let missing = ("dpkg-query", "exit 1");
+    let user = ("id", "echo 1000");
+    let log = |name: &str| format!("echo \"{name} $*\" >> \"$FAKE_LOG\"");
+    let apt = ("apt-get", log("apt-get"));
+    let sudo = ("sudo", format!("{}; \"$@\"", log("sudo")));
+
+    let (rc, err) = system_deps_with(&[python]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(err.contains("Rust is required (cargo not found)"), "{err}");
+
+    let (rc, err) = system_deps_with(&rust);
+    assert_eq!(rc, 1, "{err}");
+    assert!(err.contains("Python 3 is required"), "{err}");
+
+    let old = [
+        ("cargo", "exit 0"),
+        ("rustc", "echo 'rustc 1.80.1'"),
+        python,
+    ];
+    let (rc, err) = system_deps_with(&old);
+    assert_eq!(rc, 1, "{err}");
+    assert!(
+        err.contains("Rust >= 1.92 is required (found rustc 1.80.1)"),
+        "{err}"
+    );
+
+    // Everything installed: nothing to do, no apt-get, no sudo.
+    let (rc, err) = system_deps_with(&[rust[0], rust[1], python, installed, user]);
+    assert_eq!((rc, err.as_str()), (0, ""));
+
+    // Packages missing, no apt-get: the packages are named.
+    let (rc, err) = system_deps_with(&[rust[0], rust[1], python, missing]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(
+        err.contains("apt-get not found") && err.contains("nats-server"),
+        "{err}"
+    );
+
+    // A normal user without sudo: says that root is needed, and for what.
+    let (rc, err) = system_deps_with(&[rust[0], rust[1], python, missing, user, (apt.0, &apt.1)]);
+    assert_eq!(rc, 1, "{err}");
+    assert!(err.contains("needs root") && err.contains("cmake"), "{err}");
+
+    // A normal user with sudo: apt-get runs through sudo; root: directly.
+    let (rc, err) = system_deps_with(&[
+        rust[0],
+        rust[1],
+        python,
+        missing,
+        user,
+        (apt.0, &apt.1),
+        (sudo.0, &sudo.1),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        err.contains("sudo apt-get install -y -q build-essential cmake nasm"),
+        "{err}"
+    );
+    let (rc, err) = system_deps_with(&[
+        rust[0],
+        rust[1],
+        python,
+        missing,
+        ("id", "echo 0"),
+        (apt.0, &apt.1),
+        (sudo.0, &sudo.1),
+    ]);
+    assert_eq!(rc, 0, "{err}");
+    assert!(
+        err.contains("apt-get install") && !err.contains("sudo"),
+        "{err}"
+    );
+}
