@@ -17,11 +17,11 @@ pub fn init(args: &LogArgs) {
 }
 
 /// Installs the global subscriber (a second call is a no-op). ONNX Runtime's graph transformer
-/// chatter is kept at WARN unless asked for.
+/// chatter and hnsw_rs's INFO line per index load and drop are kept at WARN unless asked for.
 pub fn init_with(level: &str, format: &str) {
     let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(format!("{level},ort=warn")))
-        .unwrap_or_else(|_| EnvFilter::new("info,ort=warn"));
+        .or_else(|_| EnvFilter::try_new(format!("{level},ort=warn,hnsw_rs=warn")))
+        .unwrap_or_else(|_| EnvFilter::new("info,ort=warn,hnsw_rs=warn"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -185,6 +185,33 @@ impl VectorIndex {
         self.search_ef(q, k, self.params.ef_search)
     }
 
+    /// [`VectorIndex::search_ef`] for every row of `qs`, in parallel (rayon, through
+    /// hnsw_rs's `parallel_search`); results in row order.
+    pub fn search_batch(
+        &self,
+        qs: ArrayView2<'_, f32>,
+        k: usize,
+        ef: usize,
+    ) -> Vec<Vec<(usize, f32)>> {
+        if self.len == 0 || k == 0 {
+            return vec![Vec::new(); qs.nrows()];
+        }
+        let k = k.min(self.len);
+        let data: Vec<Vec<f32>> = qs.rows().into_iter().map(|r| r.to_vec()).collect();
+        self.hnsw
+            .parallel_search(&data, k, ef.max(k))
+            .into_iter()
+            .map(|hits| {
+                let mut hits: Vec<(usize, f32)> = hits
+                    .into_iter()
+                    .map(|n| (n.d_id, 1.0 - n.distance))
+                    .collect();
+                hits.sort_by(|a, b| b.1.total_cmp(&a.1));
+                hits
+            })
+            .collect()
+    }
+
     pub fn search_ef(&self, q: &[f32], k: usize, ef: usize) -> Vec<(usize, f32)> {
         if self.len == 0 || k == 0 {
             return Vec::new();

@@ -736,19 +736,17 @@ impl Scorer {
         let ef = ap.params.ef_search.max(k_head);
         let mut buf = vec![0.0f64; self.n_id.max(k_head).max(n_sample)];
         let (mut head_ids, mut head_cos, mut tail) = (Vec::new(), Vec::new(), Vec::new());
-        let mut q: Vec<f32> = Vec::with_capacity(self.dim);
-        for (r, row) in cos.rows().into_iter().enumerate() {
+        // The heads of the whole batch, searched in parallel (the HNSW walk dominates).
+        let heads = if scores_out || want_outliers {
+            ap.index.search_batch(x, k_head, ef)
+        } else {
+            vec![Vec::new(); x.nrows()]
+        };
+        for ((r, row), head) in cos.rows().into_iter().enumerate().zip(heads) {
             let row: Vec<f32> = row.to_vec();
             let idc = &row[off_id - start..off_id - start + self.n_id];
             let noc = if uses_no { &row[..self.n_id] } else { &[][..] };
             let (top_id, top_id_cos) = argmax(idc);
-            let head = if scores_out || want_outliers {
-                q.clear();
-                q.extend(x.row(r).iter().copied());
-                ap.index.search_ef(&q, k_head, ef)
-            } else {
-                Vec::new()
-            };
             head_cos.clear();
             head_cos.extend(head.iter().map(|h| h.1));
             tail.clear();
