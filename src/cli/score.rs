@@ -313,7 +313,7 @@ impl ApproxArgs {
         ApproxParams {
             exact_limit: self.exact_limit,
             candidates: self.approx_candidates,
-            ef_search: self.approx_ef_search.max(self.approx_candidates),
+            ef_search: self.approx_ef_search,
             tail_sample: self.approx_tail_sample,
             seed: 0,
         }

@@ -668,15 +668,7 @@ impl Scorer {
         let (id_lo, out_lo) = (off_id - start, off_out - start);
         let mut owned: Vec<f32> = Vec::new();
         for row in cos.rows() {
-            // `cos` is freshly allocated in standard layout, so the copy never happens.
-            let row: &[f32] = match row.to_slice() {
-                Some(r) => r,
-                None => {
-                    owned.clear();
-                    owned.extend(row.iter().copied());
-                    &owned
-                }
-            };
+            let row = contiguous(row, &mut owned);
             let idc = &row[id_lo..id_lo + self.n_id];
             let noc = if uses_no { &row[..self.n_id] } else { &[][..] };
             let outc = if with_out { &row[out_lo..] } else { &[][..] };
@@ -693,14 +685,7 @@ impl Scorer {
                 out_max: top_out.map(|t| t.1),
                 scale,
             };
-            let score = k.score(method, beta, grouping, &mut buf);
-            sink(ScoreRow {
-                score,
-                top_id,
-                top_id_cos,
-                top_outlier: top_out.map(|t| t.0),
-                top_outlier_cos: top_out.map(|t| t.1),
-            });
+            sink(k.score_row(method, beta, grouping, &mut buf, top_out.map(|t| t.0)));
         }
         Ok(())
     }
@@ -742,8 +727,9 @@ impl Scorer {
         } else {
             vec![Vec::new(); x.nrows()]
         };
+        let mut owned: Vec<f32> = Vec::new();
         for ((r, row), head) in cos.rows().into_iter().enumerate().zip(heads) {
-            let row: Vec<f32> = row.to_vec();
+            let row = contiguous(row, &mut owned);
             let idc = &row[off_id - start..off_id - start + self.n_id];
             let noc = if uses_no { &row[..self.n_id] } else { &[][..] };
             let (top_id, top_id_cos) = argmax(idc);
@@ -776,19 +762,44 @@ impl Scorer {
                 out_max: top_out.map(|t| t.1),
                 scale,
             };
-            let score = k.score(method, beta, &self.grouping, &mut buf);
-            sink(ScoreRow {
-                score,
-                top_id,
-                top_id_cos,
-                top_outlier: top_out.map(|t| t.0),
-                top_outlier_cos: top_out.map(|t| t.1),
-            });
+            sink(k.score_row(method, beta, &self.grouping, &mut buf, top_out.map(|t| t.0)));
+        }
+    }
+}
+
+/// A row of a GEMM output as a slice; `cos` matrices are freshly allocated in standard layout,
+/// so the copy into `owned` never happens in practice.
+fn contiguous<'a>(row: ndarray::ArrayView1<'a, f32>, owned: &'a mut Vec<f32>) -> &'a [f32] {
+    match row.to_slice() {
+        Some(r) => r,
+        None => {
+            owned.clear();
+            owned.extend(row.iter().copied());
+            owned
         }
     }
 }
 
 impl Kernel<'_> {
+    /// The method's score plus the by-products for explanations; `top_outlier` is the row of
+    /// `out_max`.
+    fn score_row(
+        &self,
+        method: Method,
+        beta: f64,
+        grouping: &NegGrouping,
+        buf: &mut [f64],
+        top_outlier: Option<usize>,
+    ) -> ScoreRow {
+        ScoreRow {
+            score: self.score(method, beta, grouping, buf),
+            top_id: self.top_id,
+            top_id_cos: self.id_max,
+            top_outlier,
+            top_outlier_cos: top_outlier.and(self.out_max),
+        }
+    }
+
     /// The method's score for this row.
     fn score(&self, method: Method, beta: f64, grouping: &NegGrouping, buf: &mut [f64]) -> f64 {
         match method {
