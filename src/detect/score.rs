@@ -29,11 +29,13 @@ use std::str::FromStr;
 
 use std::sync::Arc;
 
+use multiversion::multiversion;
 use ndarray::{Array2, ArrayView2, s};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
 use super::approx::{Approx, ApproxParams};
+use super::cosine::cosines;
 use super::index::VectorIndex;
 
 /// How far from 1 the L2 norm of an input embedding may be before [`Scorer`] rejects it.
@@ -646,8 +648,7 @@ impl Scorer {
         let w = self.bank.slice(s![start..end, ..]);
 
         // The one GEMM: cosines B × (end − start), C-contiguous so rows are slices.
-        let mut cos = Array2::<f32>::zeros((x.nrows(), end - start));
-        ndarray::linalg::general_mat_mul(1.0, &x, &w.t(), 0.0, &mut cos);
+        let cos = cosines(x, w);
 
         let grouping_tmp;
         let grouping = if method == Method::NegLabel
@@ -707,14 +708,14 @@ impl Scorer {
         let off_id = self.off_id();
         let start = if uses_no { 0 } else { off_id };
         let w = self.bank.slice(s![start..off_id + self.n_id, ..]);
-        let mut cos = Array2::<f32>::zeros((x.nrows(), w.nrows()));
-        ndarray::linalg::general_mat_mul(1.0, &x, &w.t(), 0.0, &mut cos);
+        let cos = cosines(x, w);
         // Cosines to the tail sample: a second, small GEMM.
         let n_sample = if scores_out { ap.sample_ids.len() } else { 0 };
-        let mut sample_cos = Array2::<f32>::zeros((x.nrows(), n_sample));
-        if n_sample > 0 {
-            ndarray::linalg::general_mat_mul(1.0, &x, &ap.sample_rows.t(), 0.0, &mut sample_cos);
-        }
+        let sample_cos = if n_sample > 0 {
+            cosines(x, ap.sample_rows.view())
+        } else {
+            Array2::zeros((x.nrows(), 0))
+        };
         let scale = f64::from(params.scale);
         let beta = f64::from(params.penalty_beta);
         let k_head = ap.params.candidates;
@@ -958,7 +959,12 @@ fn sum4(v: &[f64]) -> f64 {
 }
 
 /// `dst[i] = exp(s·cos[i] − m)`; returns their sum.
-#[inline]
+///
+/// Compiled twice (baseline x86-64 and AVX2 + FMA, picked at run time by CPU feature
+/// detection): with AVX2 the table look-up in [`fast_exp`] becomes a gather and the loop runs
+/// four lanes wide. Measured (1,000 ID + 200 outlier rows, batch 64, best of 30): `ole` 15.8 →
+/// 14.8 µs / image, `mcm` 13.3 → 12.4.
+#[multiversion(targets("x86_64+avx2+fma"))]
 fn exp_shifted(dst: &mut [f64], cos: &[f32], s: f64, m: f64) -> f64 {
     let dst = &mut dst[..cos.len()];
     for (d, &c) in dst.iter_mut().zip(cos) {
@@ -968,8 +974,9 @@ fn exp_shifted(dst: &mut [f64], cos: &[f32], s: f64, m: f64) -> f64 {
 }
 
 /// `dst[i] ← dst[i] · σ(s·(yes[i] − no[i]))`, with σ(t) = 1 / (1 + e^{−t}) (stable for both
-/// signs: e^{−t} → ∞ gives 0, → 0 gives 1); returns the sum.
-#[inline]
+/// signs: e^{−t} → ∞ gives 0, → 0 gives 1); returns the sum. Multiversioned like
+/// [`exp_shifted`].
+#[multiversion(targets("x86_64+avx2+fma"))]
 fn weight_by_yes(dst: &mut [f64], yes: &[f32], no: &[f32], s: f64) -> f64 {
     let dst = &mut dst[..yes.len()];
     for ((d, &y), &n) in dst.iter_mut().zip(yes).zip(no) {
@@ -1494,18 +1501,24 @@ mod tests {
         }
     }
 
+    /// An image scores the same alone as in any batch, up to f32 rounding: the GEMM takes a
+    /// matrix–vector path for one row (and may block small batches differently), so dot
+    /// products can differ in their last bits, as the encoder's outputs do (tests/encoder.rs).
     #[test]
     fn batch_equals_single() {
         let sc = random_scorer(300, 70, 512, true, 50);
         let x = rand_unit(33, 512, 51);
+        let mut worst = 0.0f64;
         for meth in Method::ALL {
             let p = params(meth);
             let batch = sc.score_batch_detailed(x.view(), meth, &p).unwrap();
             for (i, row) in x.rows().into_iter().enumerate() {
                 let xi = row.insert_axis(Axis(0));
                 let single = sc.score_batch_detailed(xi, meth, &p).unwrap();
+                let diff = (single[0].score - batch[i].score).abs() / batch[i].score.abs().max(1.0);
+                worst = worst.max(diff);
                 assert!(
-                    single[0].score == batch[i].score,
+                    diff < 1e-5,
                     "{meth} row {i}: {} vs {}",
                     single[0].score,
                     batch[i].score
@@ -1514,6 +1527,7 @@ mod tests {
                 assert_eq!(single[0].top_outlier, batch[i].top_outlier);
             }
         }
+        println!("largest relative difference, alone vs in a batch: {worst:.1e}");
     }
 
     #[test]
@@ -1799,10 +1813,8 @@ mod tests {
             let sc = random_scorer(1000, 200, d, with_no, 70);
             let x = rand_unit(64, d, 71);
             let w = sc.bank.view();
-            let mut c = Array2::<f32>::zeros((64, w.nrows()));
             let gemm = best_us_per_image(|| {
-                ndarray::linalg::general_mat_mul(1.0, &x, &w.t(), 0.0, &mut c);
-                std::hint::black_box(&c);
+                std::hint::black_box(cosines(x.view(), w));
             });
             println!(
                 "1000 ID + 200 outliers, T̄: {with_no}; GEMM alone over all {} rows: {gemm:.2} µs / image",
