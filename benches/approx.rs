@@ -1,6 +1,6 @@
 //! Exact vs approximate OLE scoring of a large outlier bank: D = 512, 1,000 ID rows, 100,000
-//! outlier rows, a batch of 64 (`detector.exact_limit` defaults to 100,000, so banks this size
-//! and up are where approximation starts).
+//! outlier rows, a batch of 64: where exact and approximate costs meet, which is what the
+//! default of `detector.exact_limit` rests on.
 //!
 //! Outlier rows are clustered, as word embeddings are: 2,000 random centres, each row
 //! `normalize(c + 0.8·u)`. Half the queries sit near an ID row, half near an outlier row.

@@ -77,37 +77,38 @@ impl Fixture {
         s(&self.model)
     }
 
-    /// `bank build` with the tiny model, CIFAR-10 and the word list; returns the parsed
-    /// `--json` summary.
+    /// `args` followed by `--model <tiny model> --device cpu`.
+    fn with_model<'a>(&'a self, args: &[&'a str]) -> Vec<&'a str> {
+        let mut v = args.to_vec();
+        v.extend_from_slice(&["--model", self.model(), "--device", "cpu"]);
+        v
+    }
+
+    /// The arguments of `bank build` with the tiny model, CIFAR-10 and the word list, writing
+    /// the bank `out` in the fixture folder, then `extra`.
+    fn build_args(&self, out: &str, extra: &[&str]) -> Vec<String> {
+        let path = |name: &str| s(&self.path(name)).to_owned();
+        let mut args: Vec<String> = ["bank", "build", "--id", "cifar10", "--outliers"]
+            .map(String::from)
+            .into();
+        args.push(path("words.txt"));
+        args.extend(["--templates", "mcm", "--k", "8", "--quantile", "0.5"].map(String::from));
+        args.extend([
+            "--cache".to_owned(),
+            path("cache"),
+            "-o".to_owned(),
+            path(out),
+        ]);
+        args.extend(extra.iter().map(|e| e.to_string()));
+        args
+    }
+
+    /// `bank build` (see [`Fixture::build_args`]); returns the parsed `--json` summary.
     fn build(&self, out: &str, extra: &[&str]) -> Value {
-        let words = self.path("words.txt");
-        let cache = self.path("cache");
-        let bank = self.path(out);
-        let mut args = vec![
-            "bank",
-            "build",
-            "--model",
-            self.model(),
-            "--device",
-            "cpu",
-            "--id",
-            "cifar10",
-            "--outliers",
-            s(&words),
-            "--templates",
-            "mcm",
-            "--k",
-            "8",
-            "--quantile",
-            "0.5",
-            "--cache",
-            s(&cache),
-            "--json",
-            "-o",
-            s(&bank),
-        ];
-        args.extend_from_slice(extra);
-        serde_json::from_str(&ok(&args)).expect("build --json prints JSON")
+        let mut args = self.build_args(out, extra);
+        args.push("--json".to_owned());
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        serde_json::from_str(&ok(&self.with_model(&args))).expect("build --json prints JSON")
     }
 }
 
@@ -147,30 +148,10 @@ fn file_len(p: &Path) -> u64 {
 #[test]
 fn hopg_needs_enough_id_classes() {
     let f = Fixture::new();
-    let words = f.path("words.txt");
     let bank = f.path("b.oodb");
-    let err = fail(&[
-        "bank",
-        "build",
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
-        "--id",
-        "cifar10",
-        "--outliers",
-        s(&words),
-        "--templates",
-        "mcm",
-        "--k",
-        "8",
-        "--quantile",
-        "0.5",
-        "--cache",
-        s(&f.path("cache")),
-        "-o",
-        s(&bank),
-    ]);
+    let args = f.build_args("b.oodb", &[]);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let err = fail(&f.with_model(&args));
     assert!(
         err.contains("150") && err.contains("only 10 ID classes") && err.contains("--no-hopg"),
         "{err}"
@@ -295,36 +276,23 @@ fn score_images_and_npy_agree() {
     let imgs = images();
 
     // No threshold anywhere: a clear error.
-    let err = fail(&[
-        "score",
-        "--bank",
-        s(&bank),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
-        s(&imgs),
-    ]);
+    let err = fail(&f.with_model(&["score", "--bank", s(&bank), s(&imgs)]));
     assert!(
         err.contains("no calibrated threshold") && err.contains("oodgate calibrate"),
         "{err}"
     );
 
     let threshold = 0.7219;
-    ok(&[
+    ok(&f.with_model(&[
         "score",
         "--bank",
         s(&bank),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
         "--threshold",
         &threshold.to_string(),
         s(&imgs),
         "-o",
         s(&out),
-    ]);
+    ]));
     let lines = jsonl(&out);
     assert_eq!(lines.len(), n_images());
     for l in &lines {
@@ -352,16 +320,7 @@ fn score_images_and_npy_agree() {
 
     // The same images as precomputed embeddings score the same.
     let npy = f.path("emb.npy");
-    ok(&[
-        "embed",
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
-        s(&imgs),
-        "-o",
-        s(&npy),
-    ]);
+    ok(&f.with_model(&["embed", s(&imgs), "-o", s(&npy)]));
     let out2 = f.path("scores2.jsonl");
     ok(&[
         "score",
@@ -418,21 +377,17 @@ fn calibrate_write_then_score_uses_it() {
     f.build("b.oodb", &["--no-hopg"]);
     let bank = f.path("b.oodb");
     let imgs = images();
-    let cal: Value = serde_json::from_str(&ok(&[
+    let cal: Value = serde_json::from_str(&ok(&f.with_model(&[
         "calibrate",
         "--bank",
         s(&bank),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
         "--id",
         s(&imgs),
         "--tpr",
         "0.8",
         "--write",
         "--json",
-    ]))
+    ])))
     .unwrap();
     let t = &cal["thresholds"][0];
     assert_eq!(t["method"], "ole");
@@ -446,18 +401,7 @@ fn calibrate_write_then_score_uses_it() {
     assert_eq!(j["version"], cal["bank_version"]);
 
     let out = f.path("s.jsonl");
-    ok(&[
-        "score",
-        "--bank",
-        s(&bank),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
-        s(&imgs),
-        "-o",
-        s(&out),
-    ]);
+    ok(&f.with_model(&["score", "--bank", s(&bank), s(&imgs), "-o", s(&out)]));
     let lines = jsonl(&out);
     assert!(
         lines
@@ -471,18 +415,14 @@ fn calibrate_write_then_score_uses_it() {
         lines.len()
     );
     // --threshold still wins.
-    let lines = ok(&[
+    let lines = ok(&f.with_model(&[
         "score",
         "--bank",
         s(&bank),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
         "--threshold",
         "2",
         s(&imgs.join("chelsea.jpg")),
-    ]);
+    ]));
     let l: Value = serde_json::from_str(lines.trim()).unwrap();
     assert_eq!(l["decision"], "ood");
 
@@ -633,18 +573,7 @@ fn export_import_round_trip_and_fingerprint_mismatch() {
     );
     let imgs = images();
     let score = |b: &Path| {
-        let out = ok(&[
-            "score",
-            "--bank",
-            s(b),
-            "--model",
-            f.model(),
-            "--device",
-            "cpu",
-            "--threshold",
-            "0.5",
-            s(&imgs),
-        ]);
+        let out = ok(&f.with_model(&["score", "--bank", s(b), "--threshold", "0.5", s(&imgs)]));
         out.lines()
             .map(|l| {
                 serde_json::from_str::<Value>(l).unwrap()["score"]
@@ -670,32 +599,17 @@ fn export_import_round_trip_and_fingerprint_mismatch() {
         s(&other),
     ]);
     let fp = orig["model_fingerprint"].as_str().unwrap();
-    let err = fail(&[
-        "score",
-        "--bank",
-        s(&other),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
-        "--threshold",
-        "0.5",
-        s(&imgs),
-    ]);
+    let err = fail(&f.with_model(&["score", "--bank", s(&other), "--threshold", "0.5", s(&imgs)]));
     assert!(err.contains("deadbeefcafe") && err.contains(fp), "{err}");
-    ok(&[
+    ok(&f.with_model(&[
         "score",
         "--bank",
         s(&other),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
         "--threshold",
         "0.5",
         "--force",
         s(&imgs),
-    ]);
+    ]));
     // Mismatched label count.
     let err = fail(&[
         "bank",
@@ -733,20 +647,16 @@ fn neglabel_bank_scores_with_neglabel() {
         "neglabel-noun"
     );
     assert_eq!(j["outliers_sample"][0]["kind"], "negative");
-    let out = ok(&[
+    let out = ok(&f.with_model(&[
         "score",
         "--bank",
         s(&bank),
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
         "--method",
         "neglabel",
         "--threshold",
         "0.5",
         s(&images().join("chelsea.jpg")),
-    ]);
+    ]));
     let l: Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(l["method"], "neglabel");
     let score = l["score"].as_f64().unwrap();
@@ -804,16 +714,7 @@ fn large_outlier_bank_scores_approximately_and_carries_its_index() {
     assert!(index_bytes > (m * id.ncols() * 4) as u64, "{index_bytes}");
 
     let emb = f.path("x.npy");
-    ok(&[
-        "embed",
-        "--model",
-        f.model(),
-        "--device",
-        "cpu",
-        s(&images()),
-        "-o",
-        s(&emb),
-    ]);
+    ok(&f.with_model(&["embed", s(&images()), "-o", s(&emb)]));
     let score = |extra: &[&str]| -> Vec<(f64, String)> {
         let mut args = vec!["score", "--bank", s(&bank), "--threshold", "0.5", s(&emb)];
         args.extend_from_slice(extra);

@@ -22,22 +22,32 @@ pub fn cosines(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>) -> Array2<f32> {
         return Array2::zeros((b, n));
     }
     // Computed as cᵀ = w · xᵀ (N × B): `gemm` is fastest with the long bank side as the
-    // output's rows (measured above); the copy back to B × N costs ~0.7 µs per image.
-    let mut t = Array2::<f32>::zeros((n, b));
+    // output's rows (measured above). Small outputs are written N × B and copied back to
+    // B × N (~0.7 µs per image, cheaper than gemm's strided stores); large ones (big banks)
+    // are written B × N in place, saving a second buffer of the same size and its page faults.
+    let direct = n * b > DIRECT_OUTPUT_ABOVE;
+    let mut out = if direct {
+        Array2::<f32>::zeros((b, n))
+    } else {
+        Array2::<f32>::zeros((n, b))
+    };
+    // (column stride, row stride) of cᵀ's element (j, i) in `out`.
+    let (dst_cs, dst_rs) = if direct { (n, 1) } else { (1, b) };
     let (ws, xs) = (w.strides(), x.strides());
-    // SAFETY: `t` is an owned n × b array in standard layout (row stride b, column stride 1).
-    // `w`'s element (j, k) lies at `w.as_ptr() + j·ws[0] + k·ws[1]` for j < n, k < d, and
-    // `xᵀ`'s element (k, i) = x[i, k] at `x.as_ptr() + i·xs[0] + k·xs[1]` for i < b: both
-    // views are alive and unaliased with `t` for the whole call. `read_dst` is false, so the
-    // zeros in `t` are overwritten, not read; the call runs on this thread only.
+    // SAFETY: `out` is an owned array in standard layout holding cᵀ's element (j, i) for
+    // j < n, i < b at `j·dst_rs + i·dst_cs`, every such offset within it. `w`'s element
+    // (j, k) lies at `w.as_ptr() + j·ws[0] + k·ws[1]` for k < d, and `xᵀ`'s element (k, i) =
+    // x[i, k] at `x.as_ptr() + i·xs[0] + k·xs[1]`: both views are alive and unaliased with
+    // `out` for the whole call. `read_dst` is false, so the zeros in `out` are overwritten,
+    // not read; the call runs on this thread only.
     unsafe {
         gemm::gemm(
             n,
             b,
             d,
-            t.as_mut_ptr(),
-            1,
-            b as isize,
+            out.as_mut_ptr(),
+            dst_cs as isize,
+            dst_rs as isize,
             false,
             w.as_ptr(),
             ws[1],
@@ -53,8 +63,15 @@ pub fn cosines(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>) -> Array2<f32> {
             gemm::Parallelism::None,
         );
     }
-    t.t().as_standard_layout().into_owned()
+    if direct {
+        out
+    } else {
+        out.t().as_standard_layout().into_owned()
+    }
 }
+
+/// Outputs with more elements than this (16 MiB of f32) are written in their final layout.
+const DIRECT_OUTPUT_ABOVE: usize = 1 << 22;
 
 #[cfg(test)]
 mod tests {
@@ -114,6 +131,17 @@ mod tests {
         assert_matches(xt.t(), w.view());
         // A slice of rows in the middle, as the scorer takes the ID block of a bank.
         assert_matches(x.view(), w.slice(s![10..60, ..]));
+    }
+
+    #[test]
+    fn large_outputs_written_in_place_match_too() {
+        // 3 × (DIRECT_OUTPUT_ABOVE / 3 + 5) outputs: written in place, the other store layout.
+        let n = DIRECT_OUTPUT_ABOVE / 3 + 5;
+        let w = matrix(n, 4, 7);
+        let x = matrix(3, 4, 8);
+        assert!(x.nrows() * n > DIRECT_OUTPUT_ABOVE);
+        assert_matches(x.view(), w.view());
+        assert_matches(x.slice(s![..;-1, ..]), w.slice(s![..;-1, ..]));
     }
 
     #[test]
