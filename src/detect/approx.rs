@@ -51,10 +51,10 @@ pub struct ApproxParams {
 impl Default for ApproxParams {
     fn default() -> Self {
         ApproxParams {
-            // Measured (benches/approx.rs, 2 cores): exact costs ~20 µs per 1,000 outlier rows
-            // per image, linear in the rows; the approximate path with a 256-row head costs
-            // ~2.8 ms per image at 100,000 rows and grows only with the HNSW depth. The
-            // crossover lies between 100,000 and 200,000 rows.
+            // Measured (benches/approx.rs, 2 cores): exact costs ~16 µs per 1,000 outlier rows
+            // per image, linear in the rows (1.65 ms at 100,000); the approximate path with a
+            // 256-row head costs ~3.2 ms per image at 100,000 rows and grows only with the
+            // HNSW depth. The crossover lies near 200,000 rows.
             exact_limit: 200_000,
             candidates: 256,
             ef_search: 256,
