@@ -13,3 +13,8 @@ pub mod eval;
 pub mod http;
 pub mod model;
 pub mod stream;
+
+/// Cores this process may use (1 when unknown): the one place that asks.
+pub fn available_cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}

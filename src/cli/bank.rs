@@ -22,7 +22,7 @@ use oodgate::detect::wordnet::{self, WordNet};
 use oodgate::model::{ClipTokenizer, ModelManifest, RANDOM_WEIGHTS_WARNING};
 
 use super::common::{ModelArgs, progress};
-use super::score::{load_bank, short};
+use super::common::{load_bank, short};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BankCommand {

@@ -6,15 +6,21 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+
+use oodgate::detect::detector::ThresholdChoice;
+use oodgate::stream::local_server::{self, LocalServer};
 use std::time::{Duration, Instant};
+use tokio_util::sync::CancellationToken;
 
 use anyhow::{Context, bail};
 use ndarray::{Array2, Array4};
 use oodgate::config::Settings;
 use oodgate::model::pipeline::collect_images;
 use oodgate::model::{Encoder, RANDOM_WEIGHTS_WARNING};
-use oodgate::stream::pipeline::Stats;
+use oodgate::stream::Stats;
 use oodgate::stream::setup;
+
+use super::common::worker::load_worker;
 
 #[derive(Debug, clap::Args)]
 pub struct BenchArgs {
@@ -79,9 +85,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     s.input.durable = "oodgate-bench".into();
     s.output.prefix = "oodgate.bench".into();
     s.output.stream = "OODGATE_BENCH_OUT".into();
-    let (mut encoder, mut detector, pre) =
-        super::serve::load_detector_with_threshold(&s, Some(0.5))?;
-    let random = detector.bank.meta.model_weights == "random"
+    // Route by the bank's threshold if it has one; the split does not change the work.
+    let (mut encoder, detector, pre) = load_worker(&s, ThresholdChoice::FromBankOr(0.5))?;
+    let random = detector.bank().meta.model_weights == "random"
         || encoder.info().weights == oodgate::model::Weights::Random;
     let provider = encoder.info().provider.clone();
     let threads = encoder.info().intra_threads;
@@ -118,7 +124,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     let pre_one = ok as f64 / t.elapsed().as_secs_f64();
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let cores = oodgate::available_cores();
     let t = Instant::now();
     let per = blobs.len().max(64);
     std::thread::scope(|sc| {
@@ -134,7 +140,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let pre_all = (per * cores) as f64 / t.elapsed().as_secs_f64();
 
     // 3. Scoring (one GEMM per batch) and HNSW explanations.
-    let d = detector.bank.meta.dim;
+    let d = detector.bank().meta.dim;
     let mut emb = Array2::<f32>::from_shape_fn((64, d), |(i, j)| {
         (((i * 31 + j * 17) % 97) as f32 - 48.0) / 97.0
     });
@@ -142,22 +148,19 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let reps = 200;
     let t = Instant::now();
     for _ in 0..reps {
-        detector
-            .scorer
-            .score_batch_detailed(emb.view(), detector.method, &detector.params)?;
+        detector.scores(emb.view())?;
     }
     let score_us = t.elapsed().as_secs_f64() * 1e6 / (reps * 64) as f64;
     let t = Instant::now();
     for r in emb.rows() {
-        detector
-            .index
-            .explain(&detector.bank, &r.to_vec(), detector.top_k);
+        detector.explain(&r.to_vec());
     }
     let explain_us = t.elapsed().as_secs_f64() * 1e6 / 64.0;
 
     // HNSW recall@10 against exact search on the bank's own ID rows, with queries mixed from
     // pairs of bank rows (close to real image embeddings near class boundaries).
-    let rows = detector.bank.id.view();
+    let index = detector.index().context("the detector has no HNSW index")?;
+    let rows = detector.bank().id.view();
     let nq = rows.nrows().min(200);
     let mut queries = Array2::<f32>::zeros((nq, d));
     for (i, mut q) in queries.rows_mut().into_iter().enumerate() {
@@ -165,8 +168,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         q.assign(&(&rows.row(a) + &(&rows.row(b) * 0.5)));
     }
     oodgate::detect::score::normalize_rows(&mut queries);
-    let recall10 =
-        oodgate::detect::index::recall_at_k(&detector.index.id, rows, queries.view(), 10);
+    let recall10 = oodgate::detect::index::recall_at_k(&index.id, rows, queries.view(), 10);
 
     // 4. End to end through NATS: publish a backlog, then time the worker draining it.
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -177,19 +179,14 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let url = match &a.nats {
         Some(u) => u.clone(),
         None => {
-            let (child, url, dir) = start_nats()?;
-            server = Some((child, dir));
+            let binary = local_server::find_binary(std::path::Path::new(".venv"))?;
+            let local = LocalServer::start(&binary)?;
+            let url = local.url();
+            server = Some(local);
             url
         }
     };
     s.nats.servers = vec![url.clone()];
-    // Route by the bank's threshold if it has one; the split does not change the work.
-    detector.threshold = detector
-        .bank
-        .meta
-        .thresholds
-        .get(&detector.method.to_string())
-        .map_or(0.5, |t| t.value);
     let cfg = super::serve::pipeline_config(&s, super::serve::topology(&s));
     let decode_workers = cfg.decode_workers;
     let total = a.messages.max(a.batch);
@@ -213,7 +210,9 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let stats = Arc::new(Stats::default());
         let ready = Arc::new(AtomicBool::new(false));
         let st = stats.clone();
-        let done = async move {
+        let done = CancellationToken::new();
+        let stop = done.clone();
+        tokio::spawn(async move {
             loop {
                 let n = st.id.load(Ordering::Relaxed)
                     + st.ood.load(Ordering::Relaxed)
@@ -223,7 +222,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
                 }
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
-        };
+            stop.cancel();
+        });
         let t = Instant::now();
         oodgate::stream::run(
             client,
@@ -240,10 +240,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let secs = t.elapsed().as_secs_f64();
         anyhow::Ok(total as f64 / secs)
     })?;
-    if let Some((mut c, _dir)) = server {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(server);
     let ratio = e2e / encoder_ips;
     let rss = peak_rss_mib();
     let report = serde_json::json!({
@@ -284,43 +281,4 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("| peak RSS | {rss:.0} MiB |");
     }
     Ok(ExitCode::SUCCESS)
-}
-
-fn start_nats() -> anyhow::Result<(std::process::Child, String, tempfile_dir::Dir)> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let dir = tempfile_dir::Dir::new()?;
-    let child = std::process::Command::new("nats-server")
-        .args(["-a", "127.0.0.1", "-p", &port.to_string(), "-js", "-sd"])
-        .arg(&dir.0)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .context("starting nats-server (install it with deploy/setup/system-deps.sh, or pass --nats URL)")?;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        if Instant::now() > deadline {
-            bail!("nats-server did not start");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    Ok((child, format!("nats://127.0.0.1:{port}"), dir))
-}
-
-/// A temporary folder removed on drop (the benchmark's JetStream store).
-mod tempfile_dir {
-    pub struct Dir(pub std::path::PathBuf);
-    impl Dir {
-        pub fn new() -> std::io::Result<Dir> {
-            let p = std::env::temp_dir().join(format!("oodgate-bench-{}", std::process::id()));
-            std::fs::create_dir_all(&p)?;
-            Ok(Dir(p))
-        }
-    }
-    impl Drop for Dir {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
 }

@@ -6,12 +6,15 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use std::sync::Arc;
+
 use anyhow::{Context, bail};
 use oodgate::detect::bank::Threshold;
+use oodgate::detect::detector::Detector;
 use oodgate::detect::score::Method;
 use oodgate::eval::calibrate::threshold_for_tpr;
 
-use super::score::{ApproxArgs, BankScoring, ModelCtx, OptModelArgs, load_bank, params_for, short};
+use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short};
 
 #[derive(Debug, clap::Args)]
 pub struct CalibrateArgs {
@@ -50,26 +53,32 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
              --scale (or calibrate without --write and pass --threshold to score)"
         );
     }
-    let mut bank = load_bank(&a.bank)?;
+    let bank = load_bank(&a.bank)?;
     let inputs: Vec<&PathBuf> = a.id.iter().collect();
     let mut ctx = ModelCtx::open(&a.model, &bank, &inputs)?;
     let emb = ctx.embed(&a.id, bank.meta.dim, "calibrating")?;
     if emb.x.nrows() == 0 {
         bail!("none of the ID inputs could be embedded");
     }
-    let scoring = BankScoring::new(&bank, a.approx.params(), false)?;
+    let first = a.method.first().copied().unwrap_or_default();
+    let base = Detector::new(bank, &scoring_spec(first, a.scale, &a.approx))
+        .with_context(|| format!("preparing method {first}"))?;
     let mut results = Vec::new();
     for &method in &a.method {
-        let params = params_for(method, a.scale);
-        let scores: Vec<f64> = scoring
-            .score_rows(&emb.x, method, &params)?
+        let detector = base
+            .with_spec(&scoring_spec(method, a.scale, &a.approx))
+            .with_context(|| format!("preparing method {method}"))?;
+        let scores: Vec<f64> = detector
+            .scores(emb.x.view())
+            .with_context(|| format!("scoring with method {method}"))?
             .iter()
             .map(|r| r.score)
             .collect();
         let t =
             threshold_for_tpr(&scores, a.tpr).with_context(|| format!("calibrating {method}"))?;
-        results.push((method, params.scale, t));
+        results.push((method, detector.params().scale, t));
     }
+    let mut bank = Arc::unwrap_or_clone(base.into_bank());
     if a.write {
         for (method, scale, t) in &results {
             bank.meta.thresholds.insert(

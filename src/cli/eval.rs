@@ -13,12 +13,13 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use oodgate::detect::bank::Bank;
+use oodgate::detect::detector::Detector;
 use oodgate::detect::score::Method;
 use oodgate::eval::metrics::{Metrics, evaluate, roc_curve};
 use oodgate::model::RANDOM_WEIGHTS_WARNING;
 use serde::Serialize;
 
-use super::score::{ApproxArgs, BankScoring, ModelCtx, OptModelArgs, load_bank, params_for};
+use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -127,13 +128,19 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         ood.push((name.clone(), e));
     }
 
-    let scoring = BankScoring::new(&bank, a.approx.params(), false)?;
+    let first = methods.first().copied().unwrap_or_default();
+    let base = Detector::new(bank, &scoring_spec(first, a.scale, &a.approx))
+        .with_context(|| format!("preparing method {first}"))?;
+    let bank = base.bank();
     let mut results = Vec::new();
     for &method in &methods {
-        let params = params_for(method, a.scale);
-        let score = |x| -> anyhow::Result<Vec<f64>> {
-            Ok(scoring
-                .score_rows(x, method, &params)?
+        let detector = base
+            .with_spec(&scoring_spec(method, a.scale, &a.approx))
+            .with_context(|| format!("preparing method {method}"))?;
+        let score = |x: &ndarray::Array2<f32>| -> anyhow::Result<Vec<f64>> {
+            Ok(detector
+                .scores(x.view())
+                .with_context(|| format!("scoring with method {method}"))?
                 .iter()
                 .map(|r| r.score)
                 .collect())
@@ -158,7 +165,7 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         };
         results.push(MethodResult {
             method,
-            scale: params.scale,
+            scale: detector.params().scale,
             sets: per_set,
             average,
             id_scores,

@@ -5,19 +5,16 @@ use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock, RwLock};
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use oodgate::config::Settings;
-use oodgate::detect::bank::Bank;
-use oodgate::detect::index::IndexParams;
-use oodgate::detect::score::{Method, ScoreParams};
-use oodgate::model::encoder::EncoderOptions;
-use oodgate::model::preprocess::Limits;
-use oodgate::model::{
-    Device, Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING,
-};
-use oodgate::stream::pipeline::{Detector, Stats};
+use oodgate::detect::detector::ThresholdChoice;
+use oodgate::model::Encoder;
+use oodgate::stream::route::OutputSubjects;
 use oodgate::stream::setup::{self, NatsOptions, Topology};
-use oodgate::stream::{PipelineConfig, metrics};
+use oodgate::stream::{PipelineConfig, Stats, metrics};
+use tokio_util::sync::CancellationToken;
+
+use super::common::worker::load_worker;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -57,10 +54,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
-}
-
 async fn serve(s: Settings) -> anyhow::Result<()> {
     let handle = metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let ready = Arc::new(AtomicBool::new(false));
@@ -91,20 +84,21 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     // Model and bank (blocking work off the reactor).
     let s2 = s.clone();
     let (encoder, detector, pre) =
-        tokio::task::spawn_blocking(move || load_detector(&s2)).await??;
+        tokio::task::spawn_blocking(move || load_worker(&s2, ThresholdChoice::FromBank)).await??;
     let batch_max = s.batch.max_size;
     let subjects = s.output_subjects();
     {
         let e = encoder.info();
+        let bank = detector.bank();
         if let Ok(mut i) = info.write() {
             *i = serde_json::json!({
                 "oodgate": env!("CARGO_PKG_VERSION"),
                 "onnxruntime": e.ort_version, "ort_library": e.ort_library,
                 "provider": e.provider, "device_requested": e.device_requested, "intra_threads": e.intra_threads,
                 "model": { "name": e.model, "weights": e.weights, "fingerprint": e.fingerprint, "embed_dim": e.embed_dim, "dir": s.model.dir },
-                "bank": { "path": s.detector.bank, "version": detector.bank.version(), "id_classes": detector.bank.id.nrows(),
-                          "outliers": detector.bank.outliers.nrows(), "theta": detector.bank.meta.theta },
-                "method": detector.method.to_string(), "threshold": detector.threshold, "score_direction": "higher = more in-distribution",
+                "bank": { "path": s.detector.bank, "version": bank.version(), "id_classes": bank.id.nrows(),
+                          "outliers": bank.outliers.nrows(), "theta": bank.meta.theta },
+                "method": detector.method().to_string(), "threshold": detector.threshold().map(|t| t.value), "score_direction": "higher = more in-distribution",
                 "subjects": { "input": s.input.filter_subject, "id": subjects.id, "ood": subjects.ood, "dlq": subjects.dlq },
                 "batch": { "max_size": batch_max, "max_wait": format!("{:?}", s.batch.max_wait) },
             });
@@ -121,16 +115,23 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
     let stats = Arc::new(Stats::default());
+    // The one shutdown signal: SIGINT or SIGTERM cancels the token every stage watches.
+    let shutdown = CancellationToken::new();
+    let on_signal = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        on_signal.cancel();
+    });
     oodgate::stream::run(
         client,
         consumer,
-        encoder,
+        Box::new(encoder),
         pre,
         detector,
         cfg,
         ready,
         stats.clone(),
-        shutdown_signal(),
+        shutdown,
     )
     .await?;
     use std::sync::atomic::Ordering::Relaxed;
@@ -143,92 +144,6 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
-}
-
-pub fn load_detector(s: &Settings) -> anyhow::Result<(Box<dyn Encoder>, Detector, Preprocessor)> {
-    let (enc, det, pre) = load_detector_with_threshold(s, None)?;
-    Ok((Box::new(enc), det, pre))
-}
-
-/// Loads encoder and bank; `fallback_threshold` is used when neither the settings nor the bank
-/// have one (benchmarks), otherwise that is an error.
-pub fn load_detector_with_threshold(
-    s: &Settings,
-    fallback_threshold: Option<f64>,
-) -> anyhow::Result<(OrtEncoder, Detector, Preprocessor)> {
-    let manifest = ModelManifest::load(&s.model.dir)
-        .with_context(|| format!("model.dir = {}", s.model.dir.display()))?;
-    if manifest.is_random() {
-        eprintln!("{RANDOM_WEIGHTS_WARNING}");
-        tracing::warn!("{RANDOM_WEIGHTS_WARNING}");
-    }
-    let device: Device = s.model.device.parse()?;
-    let mut enc = OrtEncoder::load(
-        manifest,
-        EncoderOptions {
-            device,
-            intra_threads: s.model.intra_threads,
-            ort_library: s.model.ort_library.clone(),
-            load_text: false,
-        },
-    )?;
-    tracing::info!(provider = %enc.info().provider, threads = enc.info().intra_threads, "encoder loaded");
-    if s.model.warm_up {
-        let mut sizes = vec![1, s.batch.max_size];
-        sizes.dedup();
-        enc.warm_up(&sizes)?;
-    }
-    let Some(bank_path) = &s.detector.bank else {
-        bail!("detector.bank is required for serve")
-    };
-    let bank = Bank::load(bank_path)?;
-    bank.check_model(&enc.info().fingerprint, s.detector.force_fingerprint)?;
-    let method: Method = s
-        .detector
-        .method
-        .parse()
-        .map_err(|e| anyhow::anyhow!("detector.method: {e}"))?;
-    let params = ScoreParams::for_method(method);
-    let threshold = match (
-        s.detector.threshold,
-        bank.meta.thresholds.get(&method.to_string()),
-    ) {
-        (Some(t), _) => t,
-        (None, Some(t)) => t.value,
-        (None, None) if fallback_threshold.is_some() => fallback_threshold.unwrap_or_default(),
-        (None, None) => bail!(
-            "no threshold for method {method}: set detector.threshold, or calibrate the bank with `oodgate calibrate --bank {} --method {method} --id ID_IMAGES --tpr 0.95 --write`",
-            bank_path.display()
-        ),
-    };
-    let index = bank.indexes(IndexParams::default());
-    let approx = s.detector.approx_params();
-    let scorer = bank
-        .scorer(&params)?
-        .with_approximation(index.outliers.clone(), approx)?;
-    let pre = Preprocessor::from_manifest(
-        enc.manifest(),
-        Limits {
-            max_bytes: s.limits.max_bytes as usize,
-            max_pixels: s.limits.max_pixels,
-        },
-    );
-    tracing::info!(bank = %bank.version(), %method, threshold, "bank loaded");
-    let fingerprint = enc.info().fingerprint.clone();
-    Ok((
-        enc,
-        Detector {
-            bank,
-            scorer,
-            index,
-            method,
-            params,
-            threshold,
-            top_k: s.detector.top_k,
-            model_fingerprint: fingerprint,
-        },
-        pre,
-    ))
 }
 
 /// Resolves on SIGINT or SIGTERM.
@@ -285,7 +200,11 @@ pub fn topology(s: &Settings) -> Topology {
         max_deliver: s.input.max_deliver,
         max_ack_pending: s.input.max_ack_pending,
         output_stream: s.output.stream.clone(),
-        output_subjects: [subjects.id, subjects.ood, subjects.dlq],
+        output_subjects: OutputSubjects {
+            id: subjects.id,
+            ood: subjects.ood,
+            dlq: subjects.dlq,
+        },
         create_output: s.output.create_if_missing,
         duplicate_window: s.output.duplicate_window,
     }
@@ -293,7 +212,7 @@ pub fn topology(s: &Settings) -> Topology {
 
 /// Decode workers when `batch.decode_workers = 0`: half the cores (the encoder takes the rest).
 pub fn auto_decode_workers() -> usize {
-    cores().div_ceil(2).max(1)
+    oodgate::available_cores().div_ceil(2).max(1)
 }
 
 pub fn pipeline_config(s: &Settings, topology: Topology) -> PipelineConfig {

@@ -4,6 +4,7 @@ pub mod approx;
 pub mod bank;
 pub mod build;
 pub mod cosine;
+pub mod detector;
 pub mod embed_cache;
 pub mod index;
 pub mod labels;

@@ -95,7 +95,7 @@ impl OrtEncoder {
     pub fn load(manifest: ModelManifest, opts: EncoderOptions) -> Result<Self, EncoderError> {
         let rt = runtime::init(opts.ort_library.as_deref())?;
         let threads = if opts.intra_threads == 0 {
-            std::thread::available_parallelism().map_or(1, |n| n.get())
+            crate::available_cores()
         } else {
             opts.intra_threads
         };

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer::pull, stream};
 
+use super::route::OutputSubjects;
+
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
     #[error("cannot connect to NATS at {servers}: {reason}")]
@@ -127,7 +129,7 @@ pub struct Topology {
     pub max_deliver: i64,
     pub max_ack_pending: i64,
     pub output_stream: String,
-    pub output_subjects: [String; 3],
+    pub output_subjects: OutputSubjects,
     pub create_output: bool,
     pub duplicate_window: Duration,
 }
@@ -164,7 +166,7 @@ pub async fn declare(
     if t.create_output {
         js.get_or_create_stream(stream::Config {
             name: t.output_stream.clone(),
-            subjects: t.output_subjects.to_vec(),
+            subjects: t.output_subjects.all(),
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
             ..Default::default()

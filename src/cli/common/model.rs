@@ -1,0 +1,86 @@
+//! Model flags and the one way every command (and `serve`) loads an encoder.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::Context;
+use oodgate::model::encoder::EncoderOptions;
+use oodgate::model::{Device, ModelManifest, OrtEncoder, RANDOM_WEIGHTS_WARNING};
+
+/// Loads the model folder `dir`, warning on the terminal (and in the log) when its weights
+/// are random.
+pub fn load_encoder(dir: &Path, opts: EncoderOptions) -> anyhow::Result<OrtEncoder> {
+    let manifest =
+        ModelManifest::load(dir).with_context(|| format!("reading model {}", dir.display()))?;
+    if manifest.is_random() {
+        eprintln!("{RANDOM_WEIGHTS_WARNING}");
+        tracing::warn!("{RANDOM_WEIGHTS_WARNING}");
+    }
+    OrtEncoder::load(manifest, opts).with_context(|| format!("loading model {}", dir.display()))
+}
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Model folder (with model.toml or model.json).
+    #[arg(long, env = "OODGATE_MODEL")]
+    pub model: PathBuf,
+    /// Execution provider: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "OODGATE_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// ONNX Runtime intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .ort/lib).
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+}
+
+impl ModelArgs {
+    pub fn options(&self, load_text: bool) -> anyhow::Result<EncoderOptions> {
+        let device: Device = self.device.parse()?;
+        Ok(EncoderOptions {
+            device,
+            intra_threads: self.threads,
+            ort_library: self.ort_library.clone(),
+            load_text,
+        })
+    }
+
+    pub fn load(&self, load_text: bool) -> anyhow::Result<OrtEncoder> {
+        load_encoder(&self.model, self.options(load_text)?)
+    }
+}
+
+/// Model flags where the model is optional (inputs may be precomputed embeddings).
+#[derive(Debug, Clone, clap::Args)]
+pub struct OptModelArgs {
+    /// Model folder: needed for image inputs; with .npy inputs it only checks the bank's
+    /// model fingerprint.
+    #[arg(long, env = "OODGATE_MODEL")]
+    pub model: Option<PathBuf>,
+    /// Execution provider: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "OODGATE_DEVICE", default_value = "auto")]
+    pub device: String,
+    /// ONNX Runtime intra-op threads (0 = all cores).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
+    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .ort/lib).
+    #[arg(long)]
+    pub ort_library: Option<PathBuf>,
+    /// Use the bank even if it was built with another model (fingerprint mismatch).
+    #[arg(long)]
+    pub force: bool,
+    /// Images per encoder batch.
+    #[arg(long, default_value_t = 32)]
+    pub batch: usize,
+}
+
+impl OptModelArgs {
+    pub fn full(&self, model: &Path) -> ModelArgs {
+        ModelArgs {
+            model: model.to_path_buf(),
+            device: self.device.clone(),
+            threads: self.threads,
+            ort_library: self.ort_library.clone(),
+        }
+    }
+}

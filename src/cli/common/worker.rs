@@ -1,0 +1,80 @@
+//! What `serve` and `bench` load from settings: the encoder, the detector and the
+//! preprocessing of one worker.
+
+use anyhow::{Context, bail};
+use oodgate::config::Settings;
+use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
+use oodgate::detect::score::Method;
+use oodgate::model::encoder::EncoderOptions;
+use oodgate::model::preprocess::Limits;
+use oodgate::model::{Device, Encoder, OrtEncoder, Preprocessor};
+
+use super::{load_bank, load_encoder};
+
+/// The detector spec of `detector.*`; `threshold` decides what happens without
+/// `detector.threshold`.
+pub fn detector_spec(s: &Settings, threshold: ThresholdChoice) -> anyhow::Result<DetectorSpec> {
+    let method: Method = s
+        .detector
+        .method
+        .parse()
+        .map_err(|e| anyhow::anyhow!("detector.method: {e}"))?;
+    Ok(DetectorSpec {
+        method,
+        scale: None,
+        threshold: s
+            .detector
+            .threshold
+            .map_or(threshold, ThresholdChoice::Given),
+        // Outputs always name their top label and nearest outliers.
+        top_k: s.detector.top_k.max(1),
+        approx: s.detector.approx_params(),
+    })
+}
+
+/// Loads the encoder (warmed up when `model.warm_up`), the bank (checked against the
+/// model's fingerprint) and the detector. `threshold` applies when `detector.threshold` is
+/// not set.
+pub fn load_worker(
+    s: &Settings,
+    threshold: ThresholdChoice,
+) -> anyhow::Result<(OrtEncoder, Detector, Preprocessor)> {
+    let device: Device = s.model.device.parse()?;
+    let mut enc = load_encoder(
+        &s.model.dir,
+        EncoderOptions {
+            device,
+            intra_threads: s.model.intra_threads,
+            ort_library: s.model.ort_library.clone(),
+            load_text: false,
+        },
+    )
+    .with_context(|| format!("model.dir = {}", s.model.dir.display()))?;
+    tracing::info!(provider = %enc.info().provider, threads = enc.info().intra_threads, "encoder loaded");
+    if s.model.warm_up {
+        let mut sizes = vec![1, s.batch.max_size];
+        sizes.dedup();
+        enc.warm_up(&sizes)?;
+    }
+    let Some(bank_path) = &s.detector.bank else {
+        bail!("detector.bank is required for serve")
+    };
+    let bank = load_bank(bank_path)?;
+    bank.check_model(&enc.info().fingerprint, s.detector.force_fingerprint)?;
+    let detector = Detector::new(bank, &detector_spec(s, threshold)?)
+        .with_context(|| format!("detector.bank = {}", bank_path.display()))?;
+    let pre = Preprocessor::from_manifest(
+        enc.manifest(),
+        Limits {
+            max_bytes: s.limits.max_bytes as usize,
+            max_pixels: s.limits.max_pixels,
+        },
+    );
+    tracing::info!(
+        bank = %detector.bank().version(),
+        method = %detector.method(),
+        threshold = detector.threshold().map(|t| t.value),
+        "bank loaded"
+    );
+    Ok((enc, detector, pre))
+}

@@ -1,0 +1,217 @@
+//! Intake of one input: resolve its payload (inline image or claim check), decode it on the
+//! blocking pool into a pooled tensor, and queue it for the batcher. Inputs that cannot be
+//! decoded are dead-lettered from here; transient fetch failures are NAKed.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_nats::HeaderMap;
+use async_nats::jetstream;
+use bytes::Bytes;
+use metrics::{counter, histogram};
+use tokio::sync::{Semaphore, mpsc};
+
+use super::batcher::Queued;
+use super::claim_check::{self, FetchError};
+use super::inflight::InFlight;
+use super::message::{self as msg, Payload};
+use super::metrics as m;
+use super::route::{DeadKind, Router};
+use super::sink::Routed;
+use crate::model::Preprocessor;
+
+/// A decoded image waiting for the batcher.
+pub struct Decoded {
+    pub input: InFlight,
+    pub payload: Bytes,
+    pub headers: Option<HeaderMap>,
+    pub tensor: Vec<f32>,
+    pub queued_at: Instant,
+}
+
+impl Queued for Decoded {
+    fn queued_at(&self) -> Instant {
+        self.queued_at
+    }
+}
+
+/// Reusable image tensors: decoding writes into a pooled buffer and the batcher returns it
+/// after copying, so the steady state allocates nothing per image.
+pub struct BufPool {
+    len: usize,
+    free: Mutex<Vec<Vec<f32>>>,
+}
+
+impl BufPool {
+    pub fn new(len: usize) -> BufPool {
+        BufPool {
+            len,
+            free: Mutex::new(Vec::new()),
+        }
+    }
+    pub fn take(&self) -> Vec<f32> {
+        self.free
+            .lock()
+            .ok()
+            .and_then(|mut f| f.pop())
+            .unwrap_or_else(|| vec![0f32; self.len])
+    }
+    pub fn give(&self, v: Vec<f32>) {
+        if v.len() != self.len {
+            return;
+        }
+        if let Ok(mut f) = self.free.lock()
+            && f.len() < 1024
+        {
+            f.push(v);
+        }
+    }
+}
+
+/// What the intake stage shares across inputs.
+pub struct Intake {
+    pub js: jetstream::Context,
+    pub pre: Preprocessor,
+    pub pool: Arc<BufPool>,
+    /// Bounds concurrent decodes (the encoder needs the other cores).
+    pub decode_slots: Arc<Semaphore>,
+    pub router: Arc<Router>,
+    pub to_batcher: mpsc::Sender<Decoded>,
+    pub to_sink: mpsc::Sender<Routed<InFlight>>,
+    /// Images decoded and waiting for the batcher (the queue-depth gauge).
+    pub queued: Arc<AtomicUsize>,
+    pub object_max_bytes: usize,
+    pub nak_delay: Duration,
+}
+
+impl Intake {
+    async fn to_sink(&self, r: Routed<InFlight>) {
+        // If the sink is gone the item is dropped here and its guard NAKs it.
+        let _ = self.to_sink.send(r).await;
+    }
+
+    async fn dead_letter(
+        &self,
+        input: InFlight,
+        payload: Bytes,
+        headers: Option<&HeaderMap>,
+        kind: DeadKind,
+        why: &str,
+    ) {
+        tracing::info!(source = %input.source.label(), %kind, error = why, "dead-lettering input");
+        counter!(m::DLQ, "kind" => kind.as_str()).increment(1);
+        let output = self.router.dead(&input.source, headers, kind, why);
+        self.to_sink(Routed::Publish {
+            input,
+            payload,
+            output,
+        })
+        .await;
+    }
+
+    /// Resolves, decodes and queues one input.
+    pub async fn process(
+        self: Arc<Self>,
+        input: InFlight,
+        payload: Bytes,
+        headers: Option<HeaderMap>,
+    ) {
+        let started = Instant::now();
+        let image = match msg::classify(&payload) {
+            Err(e) => {
+                let why = e.to_string();
+                return self
+                    .dead_letter(
+                        input,
+                        payload,
+                        headers.as_ref(),
+                        DeadKind::BadEnvelope,
+                        &why,
+                    )
+                    .await;
+            }
+            Ok(Payload::Image) => payload.clone(),
+            Ok(Payload::Envelope(env)) => {
+                match claim_check::fetch(&self.js, &env.object, self.object_max_bytes).await {
+                    Ok(bytes) => {
+                        histogram!(m::STAGE_SECONDS, "stage" => "fetch")
+                            .record(started.elapsed().as_secs_f64());
+                        bytes
+                    }
+                    Err(FetchError::Permanent { kind, why }) => {
+                        return self
+                            .dead_letter(input, payload, headers.as_ref(), kind, &why)
+                            .await;
+                    }
+                    Err(FetchError::Transient(why)) => {
+                        tracing::warn!(source = %input.source.label(), %why, "object fetch failed; NAK");
+                        let delay = Some(self.nak_delay);
+                        return self
+                            .to_sink(Routed::Nak {
+                                input,
+                                delay,
+                                reason: "fetch",
+                            })
+                            .await;
+                    }
+                }
+            }
+        };
+        let Ok(_slot) = self.decode_slots.clone().acquire_owned().await else {
+            return;
+        };
+        let this = self.clone();
+        let decoded = tokio::task::spawn_blocking(move || {
+            let t0 = Instant::now();
+            let mut buf = this.pool.take();
+            let r = this.pre.preprocess_into(&image, &mut buf);
+            histogram!(m::STAGE_SECONDS, "stage" => "decode").record(t0.elapsed().as_secs_f64());
+            match r {
+                Ok(()) => {
+                    this.queued.fetch_add(1, Ordering::Relaxed);
+                    let item = Decoded {
+                        input,
+                        payload,
+                        headers,
+                        tensor: buf,
+                        queued_at: Instant::now(),
+                    };
+                    // Blocks this decode thread while the batcher's queue is full.
+                    match this.to_batcher.blocking_send(item) {
+                        Ok(()) => Ok(()),
+                        Err(back) => {
+                            this.queued.fetch_sub(1, Ordering::Relaxed);
+                            // The rest of the item drops here; its guard NAKs the input.
+                            let Decoded { tensor, .. } = back.0;
+                            this.pool.give(tensor);
+                            Err(None)
+                        }
+                    }
+                }
+                Err(e) => {
+                    this.pool.give(buf);
+                    Err(Some((input, payload, headers, e)))
+                }
+            }
+        })
+        .await;
+        match decoded {
+            Ok(Ok(())) => {}
+            Ok(Err(Some((input, payload, headers, e)))) => {
+                let why = e.to_string();
+                self.dead_letter(
+                    input,
+                    payload,
+                    headers.as_ref(),
+                    DeadKind::of_preprocess(&e),
+                    &why,
+                )
+                .await
+            }
+            // The batcher is gone (shutdown): the input's guard NAKs it when dropped.
+            Ok(Err(None)) => {}
+            Err(e) => tracing::error!(error = %e, "decode task failed"),
+        }
+    }
+}

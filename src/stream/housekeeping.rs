@@ -1,0 +1,134 @@
+//! Housekeeping beside the data path: progress acks for inputs that wait, the consumer's
+//! pending gauge, and dead-lettering inputs the server gave up on (max-deliveries advisories).
+//! Each loop ends when `shutdown` is cancelled.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_nats::Subject;
+use async_nats::jetstream::{self, AckKind};
+use futures::StreamExt;
+use metrics::{counter, gauge};
+use tokio_util::sync::CancellationToken;
+
+use super::inflight::{Source, Tracker};
+use super::metrics as m;
+use super::route::{DeadKind, Router};
+use super::sink::{Publish, publish_with_retry};
+
+/// Sends +WPI for inputs waiting longer than half the ack wait, so they are not redelivered
+/// to another worker while still queued here.
+pub async fn progress_acks(
+    js: jetstream::Context,
+    tracker: Arc<Tracker>,
+    ack_wait: Duration,
+    shutdown: CancellationToken,
+) {
+    let every = (ack_wait / 4).max(Duration::from_millis(250));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(every) => {}
+        }
+        let old: Vec<Subject> = tracker.older_than(ack_wait / 2);
+        for reply in old {
+            let _ = jetstream::message::Acker::new(js.clone(), Some(reply))
+                .ack_with(AckKind::Progress)
+                .await;
+        }
+        gauge!(m::IN_FLIGHT).set(tracker.len() as f64);
+    }
+}
+
+/// Keeps the `oodgate_consumer_pending` gauge current.
+pub async fn pending_gauge(
+    mut consumer: jetstream::consumer::PullConsumer,
+    shutdown: CancellationToken,
+) {
+    loop {
+        if let Ok(info) = consumer.info().await {
+            gauge!(m::PENDING).set(info.num_pending as f64);
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(15)) => {}
+        }
+    }
+}
+
+/// The server drops an input silently once it has been delivered `max_deliver` times. Every
+/// worker listens for that advisory and dead-letters the input (kind `max_deliveries`) under
+/// the input's output `Nats-Msg-Id`, so several workers, or an output that was in fact
+/// published, collapse into one message. Advisories are not persisted: one raised while no
+/// worker runs is missed.
+#[allow(clippy::too_many_arguments)]
+pub async fn max_deliveries<P: Publish>(
+    client: async_nats::Client,
+    js: jetstream::Context,
+    input_stream: String,
+    durable: String,
+    router: Arc<Router>,
+    publisher: P,
+    retries: u32,
+    shutdown: CancellationToken,
+) {
+    let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{input_stream}.{durable}");
+    let Ok(mut sub) = client.subscribe(subject.clone()).await else {
+        tracing::warn!(%subject, "cannot subscribe to max-deliveries advisories");
+        return;
+    };
+    #[derive(serde::Deserialize)]
+    struct Advisory {
+        stream_seq: u64,
+        #[serde(default)]
+        deliveries: u64,
+    }
+    loop {
+        let advisory = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            m = sub.next() => match m { Some(m) => m, None => return },
+        };
+        let Ok(a) = serde_json::from_slice::<Advisory>(&advisory.payload) else {
+            continue;
+        };
+        let Ok(stream) = js.get_stream(&input_stream).await else {
+            continue;
+        };
+        let Ok(original) = stream.get_raw_message(a.stream_seq).await else {
+            tracing::warn!(
+                seq = a.stream_seq,
+                "max-deliveries advisory for a message no longer in the stream"
+            );
+            continue;
+        };
+        let source = Source {
+            stream: input_stream.clone(),
+            sequence: a.stream_seq,
+            delivered: a.deliveries as i64,
+        };
+        let why = format!(
+            "input {} was delivered {} times without being processed (input.max_deliver)",
+            source.label(),
+            a.deliveries
+        );
+        let output = router.dead(
+            &source,
+            Some(&original.headers),
+            DeadKind::MaxDeliveries,
+            &why,
+        );
+        match publish_with_retry(&publisher, &output, &original.payload, retries).await {
+            Ok(stored) if stored.duplicate => {}
+            Ok(_) => {
+                counter!(m::DLQ, "kind" => DeadKind::MaxDeliveries.as_str()).increment(1);
+                tracing::warn!(
+                    seq = a.stream_seq,
+                    "dead-lettered an input that hit max_deliver"
+                );
+            }
+            Err(e) => {
+                tracing::error!(seq = a.stream_seq, error = %e, "cannot dead-letter an input that hit max_deliver")
+            }
+        }
+    }
+}

@@ -1,0 +1,298 @@
+//! Routing: a verdict or a failure becomes an output subject and its headers. One header
+//! builder serves the ID, OOD and dead-letter outputs, so every output carries the same
+//! identity (source, bank, model, `Nats-Msg-Id`). Pure: no I/O, testable without NATS.
+
+use async_nats::HeaderMap;
+
+use super::inflight::Source;
+use super::message as msg;
+use crate::detect::detector::{Decision, Verdict};
+use crate::model::preprocess::PreprocessError;
+
+/// The three output subjects, by name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutputSubjects {
+    pub id: String,
+    pub ood: String,
+    pub dlq: String,
+}
+
+impl OutputSubjects {
+    pub fn all(&self) -> Vec<String> {
+        vec![self.id.clone(), self.ood.clone(), self.dlq.clone()]
+    }
+}
+
+/// Why an input is dead-lettered: the value of `Oodgate-Error-Kind` (a contract).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeadKind {
+    /// A JSON payload that is not a valid claim-check envelope.
+    BadEnvelope,
+    /// The envelope's bucket or object does not exist.
+    MissingObject,
+    /// Payload or object above `limits.max_bytes`.
+    TooLarge,
+    Empty,
+    NotImage,
+    UnsupportedFormat,
+    TooManyPixels,
+    Corrupt,
+    Resize,
+    /// Delivered `input.max_deliver` times without an output.
+    MaxDeliveries,
+}
+
+impl DeadKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DeadKind::BadEnvelope => "bad_envelope",
+            DeadKind::MissingObject => "missing_object",
+            DeadKind::TooLarge => "too_large",
+            DeadKind::Empty => "empty",
+            DeadKind::NotImage => "not_image",
+            DeadKind::UnsupportedFormat => "unsupported_format",
+            DeadKind::TooManyPixels => "too_many_pixels",
+            DeadKind::Corrupt => "corrupt",
+            DeadKind::Resize => "resize",
+            DeadKind::MaxDeliveries => "max_deliveries",
+        }
+    }
+
+    /// The dead-letter kind of a decoding failure.
+    pub fn of_preprocess(e: &PreprocessError) -> DeadKind {
+        match e {
+            PreprocessError::Empty => DeadKind::Empty,
+            PreprocessError::TooLarge { .. } => DeadKind::TooLarge,
+            PreprocessError::NotAnImage { .. } => DeadKind::NotImage,
+            PreprocessError::UnsupportedFormat(_) => DeadKind::UnsupportedFormat,
+            PreprocessError::TooManyPixels { .. } => DeadKind::TooManyPixels,
+            PreprocessError::Corrupt { .. } | PreprocessError::ZeroSize { .. } => DeadKind::Corrupt,
+            PreprocessError::Resize(_) => DeadKind::Resize,
+        }
+    }
+}
+
+impl std::fmt::Display for DeadKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Where an input ended up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    Id,
+    Ood,
+    Dead(DeadKind),
+}
+
+impl Outcome {
+    /// The `decision` label of `oodgate_messages_out_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Outcome::Id => "id",
+            Outcome::Ood => "ood",
+            Outcome::Dead(_) => "dlq",
+        }
+    }
+}
+
+/// An output ready to publish.
+#[derive(Debug, Clone)]
+pub struct Output {
+    pub subject: String,
+    pub headers: HeaderMap,
+    pub outcome: Outcome,
+}
+
+/// Turns verdicts and failures into outputs for one bank, model and method.
+#[derive(Debug, Clone)]
+pub struct Router {
+    subjects: OutputSubjects,
+    bank_version: String,
+    model_fingerprint: String,
+    method: String,
+    threshold: String,
+}
+
+impl Router {
+    pub fn new(
+        subjects: OutputSubjects,
+        bank_version: &str,
+        model_fingerprint: &str,
+        method: &str,
+        threshold: f64,
+    ) -> Router {
+        Router {
+            subjects,
+            bank_version: bank_version.to_string(),
+            model_fingerprint: model_fingerprint.to_string(),
+            method: method.to_string(),
+            threshold: msg::header_value(&format!("{threshold}")),
+        }
+    }
+
+    pub fn subjects(&self) -> &OutputSubjects {
+        &self.subjects
+    }
+
+    /// The headers every output carries: the input's own (minus NATS control headers), the
+    /// source, bank, model and the output's `Nats-Msg-Id`.
+    fn base(&self, source: &Source, inbound: Option<&HeaderMap>) -> HeaderMap {
+        let mut h = msg::carry_headers(inbound);
+        h.insert(msg::H_BANK, self.bank_version.as_str());
+        h.insert(msg::H_MODEL, self.model_fingerprint.as_str());
+        h.insert(msg::H_SOURCE, source.label().as_str());
+        h.insert(
+            msg::H_MSG_ID,
+            msg::output_msg_id(&source.stream, source.sequence, &self.bank_version).as_str(),
+        );
+        h
+    }
+
+    /// The ID or OOD output of a scored input.
+    pub fn verdict(&self, source: &Source, inbound: Option<&HeaderMap>, v: &Verdict) -> Output {
+        let mut h = self.base(source, inbound);
+        h.insert(msg::H_DECISION, v.decision.as_str());
+        h.insert(msg::H_SCORE, format!("{:.6e}", v.score).as_str());
+        h.insert(msg::H_METHOD, self.method.as_str());
+        h.insert(msg::H_THRESHOLD, self.threshold.as_str());
+        h.insert(msg::H_TOP_LABEL, msg::header_value(&v.top_label).as_str());
+        let outliers: Vec<&str> = v
+            .explanation
+            .as_ref()
+            .map(|e| e.nearest_outliers.iter().map(|o| o.0.as_str()).collect())
+            .unwrap_or_default();
+        h.insert(
+            msg::H_NEAREST_OUTLIERS,
+            msg::header_value(&outliers.join(", ")).as_str(),
+        );
+        let (subject, outcome) = match v.decision {
+            Decision::Id => (&self.subjects.id, Outcome::Id),
+            Decision::Ood => (&self.subjects.ood, Outcome::Ood),
+        };
+        Output {
+            subject: subject.clone(),
+            headers: h,
+            outcome,
+        }
+    }
+
+    /// The dead-letter output of an input that cannot be processed.
+    pub fn dead(
+        &self,
+        source: &Source,
+        inbound: Option<&HeaderMap>,
+        kind: DeadKind,
+        why: &str,
+    ) -> Output {
+        let mut h = self.base(source, inbound);
+        h.insert(msg::H_ERROR, msg::header_value(why).as_str());
+        h.insert(msg::H_ERROR_KIND, kind.as_str());
+        Output {
+            subject: self.subjects.dlq.clone(),
+            headers: h,
+            outcome: Outcome::Dead(kind),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::detect::bank::Explanation;
+
+    fn router() -> Router {
+        Router::new(
+            OutputSubjects {
+                id: "o.id".into(),
+                ood: "o.ood".into(),
+                dlq: "o.dlq".into(),
+            },
+            "bank1",
+            "model1",
+            "ole",
+            0.25,
+        )
+    }
+
+    fn source() -> Source {
+        Source {
+            stream: "IMAGES".into(),
+            sequence: 7,
+            delivered: 1,
+        }
+    }
+
+    fn get<'a>(h: &'a HeaderMap, k: &str) -> Option<&'a str> {
+        h.get(k).map(|v| v.as_str())
+    }
+
+    #[test]
+    fn verdicts_route_by_decision_with_every_header() {
+        let mut inbound = HeaderMap::new();
+        inbound.insert("Nats-Msg-Id", "producer-1");
+        inbound.insert("X-Trace", "t-1");
+        let v = Verdict {
+            score: 0.123456789,
+            decision: Decision::Ood,
+            top_label: "dog\r\n".into(),
+            explanation: Some(Explanation {
+                top_labels: vec![("dog".into(), 0.3)],
+                nearest_outliers: vec![("cat".into(), 0.2), ("car".into(), 0.1)],
+            }),
+        };
+        let out = router().verdict(&source(), Some(&inbound), &v);
+        assert_eq!(out.subject, "o.ood");
+        assert_eq!(out.outcome, Outcome::Ood);
+        let h = &out.headers;
+        assert_eq!(get(h, msg::H_DECISION), Some("ood"));
+        assert_eq!(get(h, msg::H_SCORE), Some("1.234568e-1"));
+        assert_eq!(get(h, msg::H_METHOD), Some("ole"));
+        assert_eq!(get(h, msg::H_THRESHOLD), Some("0.25"));
+        assert_eq!(get(h, msg::H_TOP_LABEL), Some("dog  "));
+        assert_eq!(get(h, msg::H_NEAREST_OUTLIERS), Some("cat, car"));
+        assert_eq!(get(h, msg::H_BANK), Some("bank1"));
+        assert_eq!(get(h, msg::H_MODEL), Some("model1"));
+        assert_eq!(get(h, msg::H_SOURCE), Some("IMAGES:7"));
+        // The producer's message id never travels as the output's: the output has its own.
+        assert_eq!(get(h, msg::H_MSG_ID), Some("IMAGES:7:bank1"));
+        assert_eq!(get(h, "X-Trace"), Some("t-1"));
+        assert!(get(h, msg::H_ERROR).is_none());
+
+        let id = router().verdict(
+            &source(),
+            None,
+            &Verdict {
+                decision: Decision::Id,
+                explanation: None,
+                ..v
+            },
+        );
+        assert_eq!((id.subject.as_str(), id.outcome), ("o.id", Outcome::Id));
+        assert_eq!(get(&id.headers, msg::H_NEAREST_OUTLIERS), Some(""));
+    }
+
+    #[test]
+    fn failures_go_to_the_dead_letter_subject() {
+        let out = router().dead(&source(), None, DeadKind::BadEnvelope, "no\nbucket");
+        assert_eq!(out.subject, "o.dlq");
+        assert_eq!(out.outcome, Outcome::Dead(DeadKind::BadEnvelope));
+        assert_eq!(out.outcome.label(), "dlq");
+        let h = &out.headers;
+        assert_eq!(get(h, msg::H_ERROR_KIND), Some("bad_envelope"));
+        assert_eq!(get(h, msg::H_ERROR), Some("no bucket"));
+        assert_eq!(get(h, msg::H_MSG_ID), Some("IMAGES:7:bank1"));
+        assert!(get(h, msg::H_DECISION).is_none());
+    }
+
+    #[test]
+    fn dead_kinds_keep_their_contract_names() {
+        assert_eq!(
+            DeadKind::of_preprocess(&PreprocessError::Empty).as_str(),
+            "empty"
+        );
+        assert_eq!(DeadKind::MaxDeliveries.to_string(), "max_deliveries");
+        assert_eq!(DeadKind::MissingObject.as_str(), "missing_object");
+    }
+}
