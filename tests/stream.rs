@@ -390,6 +390,69 @@ fn every_input_leaves_exactly_once_with_the_contract_headers() {
     }
 }
 
+/// `serve` and `score` decide through the same `Detector` code: on the same images, bank and
+/// threshold they give the same scores (to the encoder's batch-size tolerance) and decisions.
+#[test]
+fn serve_and_score_agree_through_the_same_detector() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let _w = Worker::start(&nats, &bank, threshold, &[]);
+    let payloads = good_payloads();
+    publish(&nats.url(), &payloads);
+    let outs = outputs(&nats.url(), payloads.len(), Duration::from_secs(60));
+    assert_eq!(outs.len(), payloads.len());
+    let paths: Vec<PathBuf> = GOOD
+        .iter()
+        .map(|n| common::fixture("images").join(n))
+        .collect();
+    let out = common::oodgate()
+        .arg("score")
+        .arg("--bank")
+        .arg(&bank)
+        .arg("--model")
+        .arg(common::tiny_model())
+        .args(["--device", "cpu", "--threads", "1", "--threshold"])
+        .arg(threshold.to_string())
+        .args(&paths)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), GOOD.len());
+    for line in &lines {
+        let input = line["input"].as_str().unwrap();
+        let name = Path::new(input).file_name().unwrap().to_str().unwrap();
+        let served = outs
+            .iter()
+            .find(|o| o.headers["X-Name"] == name)
+            .unwrap_or_else(|| panic!("no output for {name}"));
+        let served_score: f64 = served.headers["Oodgate-Score"].parse().unwrap();
+        let score = line["score"].as_f64().unwrap();
+        assert!(
+            (served_score - score).abs() <= 1e-5 * score.abs().max(1e-12),
+            "{name}: serve {served_score} vs score {score}"
+        );
+        assert_eq!(
+            served.headers["Oodgate-Decision"],
+            line["decision"].as_str().unwrap(),
+            "{name}: same decision"
+        );
+        assert_eq!(
+            served.headers["Oodgate-Bank"],
+            line["bank_version"].as_str().unwrap()
+        );
+    }
+}
+
 #[test]
 fn object_store_claim_checks_and_bad_envelopes() {
     let nats = NatsServer::start();

@@ -28,7 +28,10 @@ if [ ! -f "$bank" ]; then
   say "bank: ImageNet-1k ID classes, WordNet nouns as outlier labels (templates: $TEMPLATES; first run only)"
   "$bin" bank build --model "$model" --id imagenet1k --outliers wordnet --templates "$TEMPLATES" -o "$bank.tmp"
   # Threshold: keep 95% of the demo's ID-like images (a real deployment calibrates on held-out ID data).
-  "$bin" calibrate --bank "$bank.tmp" --model "$model" --method ole --id "$demo/id" --tpr 0.95 --write >&2
+  # The bank is finished under a temporary name (an interrupted first run never leaves a bank
+  # without a threshold); report it under the name it is about to get.
+  "$bin" calibrate --bank "$bank.tmp" --model "$model" --method ole --id "$demo/id" --tpr 0.95 --write \
+    | sed "s|$bank.tmp|$bank|" >&2
   mv "$bank.tmp" "$bank"
 else
   say "bank: reusing $bank"
