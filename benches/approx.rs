@@ -7,6 +7,7 @@
 //! Besides the timings it prints how far the approximate scores are from the exact ones
 //! (relative error, and decisions that flip at a threshold keeping 95% of the ID-like
 //! queries). Synthetic vectors: a measurement of the estimator, not of detection quality.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 mod common;
 

@@ -1,12 +1,12 @@
-//! The cost of forming a batch tensor: copying N decoded `[3, 224, 224]` tensors into the
-//! preallocated `[32, 3, 224, 224]` array, exactly as the daemon's inference loop does
-//! (`tensor.slice_mut(s![i, .., .., ..]).as_slice_mut().copy_from_slice(..)`) before handing
-//! `tensor.slice(s![..n, ..])` to the encoder. Compare with `benches/encoder.rs`.
+//! The cost of forming a batch tensor: `oodgate::stream::batcher::assemble` copies N decoded
+//! `[3, 224, 224]` tensors into one `[N, 3, 224, 224]` array, exactly as the daemon's batcher
+//! does before handing it to the encoder thread. Compare with `benches/encoder.rs`.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic in a bench is a failed assertion
 
 use std::hint::black_box;
 
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use ndarray::{Array4, s};
+use oodgate::stream::batcher::assemble;
 
 const SIZE: usize = 224;
 const MAX: usize = 32;
@@ -20,21 +20,15 @@ fn bench_batch_copy(c: &mut Criterion) {
                 .collect()
         })
         .collect();
-    let mut tensor = Array4::<f32>::zeros((MAX, 3, SIZE, SIZE));
 
     let mut g = c.benchmark_group("batch_copy");
     for n in [1usize, 8, 32] {
         g.throughput(Throughput::Elements(n as u64));
         g.bench_with_input(BenchmarkId::from_parameter(n), &n, |b, &n| {
             b.iter(|| {
-                for (i, item) in items.iter().take(n).enumerate() {
-                    if let Some(dst) = tensor.slice_mut(s![i, .., .., ..]).as_slice_mut() {
-                        dst.copy_from_slice(black_box(item));
-                    }
-                }
-                // The view the encoder receives; as_standard_layout() on it is a borrow.
-                let view = tensor.slice(s![..n, .., .., ..]);
-                black_box(view.as_standard_layout().as_ptr());
+                let tensor =
+                    assemble(items.iter().take(n).map(|v| black_box(v.as_slice())), SIZE).unwrap();
+                black_box(tensor.as_ptr());
             })
         });
     }

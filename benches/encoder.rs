@@ -5,6 +5,7 @@
 //!
 //! Few samples and a short measurement time keep the run to a few minutes on 2 cores (one
 //! batch-32 image call is over a second there); expect criterion to stretch the time.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 use std::hint::black_box;
 use std::path::PathBuf;

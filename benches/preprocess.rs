@@ -5,6 +5,7 @@
 //! compresses better than a real 1080p photo, so the 1080p figures are slightly optimistic.
 //!
 //! `preprocess_into` writes into a reused buffer, as the daemon's decode workers do.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 use std::hint::black_box;
 use std::io::Cursor;

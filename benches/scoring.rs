@@ -5,6 +5,7 @@
 //! t and a random unit u, so each sits near one label as an image embedding does; uniform
 //! random queries (every row nearly orthogonal) are the worst case for HNSW, and their recall
 //! is printed too.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! Layered settings: the embedded defaults, file and environment precedence, unknown keys,
 //! validation messages that name the key, and the key table that documents it all.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;

@@ -5,6 +5,7 @@
 //! (checked against a real nats-server) and nothing more.
 //!
 //! No Docker engine or Kubernetes cluster is needed (or used).
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::TcpListener;

@@ -1,5 +1,6 @@
 //! `oodgate bank build|inspect|export|import`, `score`, `calibrate` and `eval`, end to end: the
 //! real binary on the tiny random-weight CLIP, the image fixtures and a small word list.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 mod common;
 

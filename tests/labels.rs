@@ -1,5 +1,6 @@
 //! Label sets, templates, the WordNet reader and outlier cleaning, on the shipped data files and
 //! (where installed) the real WordNet 3.0 dictionary.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 use std::collections::HashSet;
 use std::io::Write;

@@ -7,6 +7,7 @@
 //! manifest is the shipped Xenova one with `embed_dim = 64`. The server supports Range
 //! requests and, when told through its environment, cuts the first response for each file
 //! short, ignores Range, or announces a wrong SHA-256.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! The README's configuration reference is generated from the typed settings; this keeps the
 //! two from drifting apart.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 mod common;
 

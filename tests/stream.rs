@@ -1,5 +1,6 @@
 //! The daemon end to end against a real nats-server with JetStream: routing, dead letters,
 //! claim checks, shared consumers, SIGKILL + restart, server restart, SIGTERM drain.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 mod common;
 

@@ -20,6 +20,7 @@ use super::metrics as m;
 use super::route::{DeadKind, Router};
 use super::sink::Routed;
 use crate::model::Preprocessor;
+use crate::model::preprocess::PreprocessError;
 
 /// A decoded image waiting for the batcher.
 pub struct Decoded {
@@ -67,6 +68,14 @@ impl BufPool {
             f.push(v);
         }
     }
+}
+
+/// How decoding one input ended.
+enum Decode {
+    Queued,
+    /// The batcher has stopped (shutdown).
+    BatcherGone,
+    Failed(Box<(InFlight, Bytes, Option<HeaderMap>, PreprocessError)>),
 }
 
 /// What the intake stage shares across inputs.
@@ -179,26 +188,27 @@ impl Intake {
                     };
                     // Blocks this decode thread while the batcher's queue is full.
                     match this.to_batcher.blocking_send(item) {
-                        Ok(()) => Ok(()),
+                        Ok(()) => Decode::Queued,
                         Err(back) => {
                             this.queued.fetch_sub(1, Ordering::Relaxed);
                             // The rest of the item drops here; its guard NAKs the input.
                             let Decoded { tensor, .. } = back.0;
                             this.pool.give(tensor);
-                            Err(None)
+                            Decode::BatcherGone
                         }
                     }
                 }
                 Err(e) => {
                     this.pool.give(buf);
-                    Err(Some((input, payload, headers, e)))
+                    Decode::Failed(Box::new((input, payload, headers, e)))
                 }
             }
         })
         .await;
         match decoded {
-            Ok(Ok(())) => {}
-            Ok(Err(Some((input, payload, headers, e)))) => {
+            Ok(Decode::Queued) => {}
+            Ok(Decode::Failed(failed)) => {
+                let (input, payload, headers, e) = *failed;
                 let why = e.to_string();
                 self.dead_letter(
                     input,
@@ -210,7 +220,7 @@ impl Intake {
                 .await
             }
             // The batcher is gone (shutdown): the input's guard NAKs it when dropped.
-            Ok(Err(None)) => {}
+            Ok(Decode::BatcherGone) => {}
             Err(e) => tracing::error!(error = %e, "decode task failed"),
         }
     }
