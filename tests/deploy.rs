@@ -8,13 +8,13 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a panic here is a failed assertion
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use oodgate::config::{KEYS, Settings};
+use oodgate::stream::local_server::{self, LocalServer};
 use serde_json::Value;
 
 fn root() -> PathBuf {
@@ -992,68 +992,53 @@ fn nats_permissions_name_oodgate_default_subjects() {
     assert!(KEYS.iter().any(|k| k.key == "input.durable"));
 }
 
-/// A nats-server started with deploy/nats/nats-server.conf on free loopback ports.
+/// A nats-server started with deploy/nats/nats-server.conf on free loopback ports (the
+/// library's launcher, as the stream tests and `oodgate bench` use).
 struct Server {
-    child: Child,
     url: String,
-    _store: tempfile::TempDir,
+    _server: LocalServer,
 }
 
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+fn start_server() -> Server {
+    let conf = read("deploy/nats/nats-server.conf");
+    let http = free_port();
+    let server = LocalServer::start_with(
+        &nats_server(),
+        &[
+            ("OODGATE_WORKER_PASSWORD", WORKER_PASSWORD),
+            ("OODGATE_PUBLISHER_PASSWORD", PUBLISHER_PASSWORD),
+        ],
+        |port, dir| {
+            // The configuration with its store_dir moved to the temp dir (--sd would be a
+            // duplicate).
+            let line = conf
+                .lines()
+                .find(|l| l.trim_start().starts_with("store_dir:"))
+                .expect("store_dir line");
+            let conf = conf.replace(line, &format!("  store_dir: {:?}", dir.to_string_lossy()));
+            let conf_path = dir.join("nats-server.conf");
+            std::fs::write(&conf_path, conf)?;
+            Ok(vec![
+                "-c".into(),
+                conf_path.display().to_string(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-m".into(),
+                http.to_string(),
+            ])
+        },
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    Server {
+        url: server.url(),
+        _server: server,
     }
 }
 
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
-}
-
-fn start_server() -> Server {
-    let store = tempfile::tempdir().expect("store dir");
-    // The configuration with its store_dir moved to a temp dir (--sd would be a duplicate).
-    let conf = read("deploy/nats/nats-server.conf");
-    let line = conf
-        .lines()
-        .find(|l| l.trim_start().starts_with("store_dir:"))
-        .expect("store_dir line");
-    let conf = conf.replace(
-        line,
-        &format!("  store_dir: {:?}", store.path().to_string_lossy()),
-    );
-    let conf_path = store.path().join("nats-server.conf");
-    std::fs::write(&conf_path, conf).expect("write conf");
-    let (port, http) = (free_port(), free_port());
-    let child = nats_cmd_raw()
-        .arg("-c")
-        .arg(&conf_path)
-        .args([
-            "-a",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-m",
-            &http.to_string(),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start nats-server");
-    let server = Server {
-        child,
-        url: format!("nats://127.0.0.1:{port}"),
-        _store: store,
-    };
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nats-server did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    server
+    local_server::free_port().expect("free port")
 }
 
 async fn connect(url: &str, user: &str, password: &str) -> async_nats::jetstream::Context {

@@ -61,18 +61,48 @@ pub fn find_binary(venv: &Path) -> Result<PathBuf, LocalServerError> {
 pub struct LocalServer {
     child: Option<Child>,
     binary: PathBuf,
+    args: Vec<String>,
+    envs: Vec<(String, String)>,
     pub port: u16,
     pub dir: tempfile::TempDir,
 }
 
 impl LocalServer {
-    /// Starts `binary` on a free port with a fresh store.
+    /// Starts `binary` with JetStream on a free loopback port with a fresh store.
     pub fn start(binary: &Path) -> Result<LocalServer, LocalServerError> {
+        LocalServer::start_with(binary, &[], |port, dir| {
+            Ok(vec![
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                dir.display().to_string(),
+            ])
+        })
+    }
+
+    /// Starts `binary` with the environment `envs` and the arguments `args(port, dir)` gives
+    /// for a free port and a fresh temporary folder (where it may write a configuration file).
+    pub fn start_with(
+        binary: &Path,
+        envs: &[(&str, &str)],
+        args: impl FnOnce(u16, &Path) -> std::io::Result<Vec<String>>,
+    ) -> Result<LocalServer, LocalServerError> {
+        let port = free_port()?;
+        let dir = tempfile::tempdir()?;
+        let args = args(port, dir.path())?;
         let mut s = LocalServer {
             child: None,
             binary: binary.to_path_buf(),
-            port: free_port()?,
-            dir: tempfile::tempdir()?,
+            args,
+            envs: envs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            port,
+            dir,
         };
         s.spawn()?;
         Ok(s)
@@ -80,15 +110,8 @@ impl LocalServer {
 
     fn spawn(&mut self) -> Result<(), LocalServerError> {
         let child = Command::new(&self.binary)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
-            .arg(self.dir.path())
+            .args(&self.args)
+            .envs(self.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
