@@ -121,7 +121,7 @@ struct Worker {
 impl Worker {
     fn start(nats: &NatsServer, bank: &Path, threshold: f64, extra: &[(&str, &str)]) -> Worker {
         let http = free_port();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_oodgate"));
+        let mut cmd = Command::new(common::oodgate_bin());
         cmd.arg("serve")
             .env("OODGATE__NATS__SERVERS", nats.url())
             .env("OODGATE__MODEL__DIR", common::tiny_model())
@@ -452,6 +452,168 @@ fn serve_and_score_agree_through_the_same_detector() {
             line["bank_version"].as_str().unwrap()
         );
     }
+}
+
+/// `bytes` (a JPEG) grown to exactly `len` bytes with comment segments after SOI: still a
+/// valid image.
+fn pad_jpeg(bytes: &[u8], len: usize) -> Vec<u8> {
+    assert!(bytes.starts_with(&[0xFF, 0xD8]) && len >= bytes.len());
+    let mut out = bytes[..2].to_vec();
+    let mut pad = len - bytes.len();
+    while pad > 0 {
+        // A segment is at least 4 bytes (marker + length) and at most 65,537.
+        let seg = pad.min(65_537);
+        let seg = if pad - seg > 0 && pad - seg < 4 {
+            seg - 4
+        } else {
+            seg
+        };
+        assert!(seg >= 4, "cannot pad by {pad} bytes");
+        let body = seg - 2;
+        out.extend_from_slice(&[0xFF, 0xFE, (body >> 8) as u8, (body & 0xFF) as u8]);
+        out.extend(std::iter::repeat_n(b'p', body - 2));
+        pad -= seg;
+    }
+    out.extend_from_slice(&bytes[2..]);
+    assert_eq!(out.len(), len);
+    out
+}
+
+/// An image that fits the server's max_payload but whose output (payload + oodgate's
+/// headers) does not: one `too_large` dead letter without the payload, the input acked,
+/// never a redelivery loop.
+#[test]
+fn an_output_above_max_payload_is_dead_lettered_without_its_payload() {
+    let max = 64 * 1024;
+    let nats = NatsServer::start_with_conf(&format!("max_payload: {max}\n"));
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let _w = Worker::start(&nats, &bank, threshold, &[]);
+    let jpeg = std::fs::read(common::fixture("images").join("chelsea.jpg")).unwrap();
+    let big = pad_jpeg(&jpeg, max - 200);
+    publish(
+        &nats.url(),
+        &[
+            ("big.jpg".to_string(), big),
+            ("chelsea.jpg".to_string(), jpeg.clone()),
+        ],
+    );
+    let outs = outputs(&nats.url(), 2, Duration::from_secs(30));
+    assert_eq!(outs.len(), 2, "one output per input");
+    let big_out = outs
+        .iter()
+        .find(|o| o.headers["X-Name"] == "big.jpg")
+        .unwrap();
+    assert_eq!(big_out.subject, "oodgate.dlq");
+    assert_eq!(big_out.headers["Oodgate-Error-Kind"], "too_large");
+    assert!(
+        big_out.headers["Oodgate-Error"].contains("max_payload of 65536"),
+        "{}",
+        big_out.headers["Oodgate-Error"]
+    );
+    assert!(big_out.payload.is_empty(), "the payload is dropped");
+    let small = outs
+        .iter()
+        .find(|o| o.headers["X-Name"] == "chelsea.jpg")
+        .unwrap();
+    assert_eq!(small.payload, jpeg);
+    // Both inputs are acked: nothing pending, nothing waiting for redelivery.
+    rt().block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut consumer: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream("IMAGES")
+            .await
+            .unwrap()
+            .get_consumer("oodgate")
+            .await
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let info = consumer.info().await.unwrap();
+            if info.num_ack_pending == 0 && info.num_pending == 0 {
+                assert_eq!(info.num_redelivered, 0, "no redelivery");
+                break;
+            }
+            assert!(Instant::now() < deadline, "inputs not acked: {info:?}");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+}
+
+/// Deletes the input stream (its sequences restart at 1 when it is created again).
+fn delete_input_stream(url: &str) {
+    rt().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.delete_stream("IMAGES").await.unwrap();
+    });
+}
+
+/// A recreated input stream restarts its sequences at 1: its inputs must still get outputs
+/// (their ids include the stream's identity), whether the running worker notices the new
+/// stream or a worker starts on it; a producer's own `Nats-Msg-Id` travels on.
+#[test]
+fn a_recreated_input_stream_gets_new_outputs() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let fast = [
+        ("OODGATE__INPUT__HEARTBEAT", "500ms"),
+        ("OODGATE__INPUT__PULL_EXPIRES", "1s"),
+    ];
+    let mut w = Worker::start(&nats, &bank, threshold, &fast);
+    let three = |tag: &str| -> Vec<(String, Vec<u8>)> {
+        good_payloads()
+            .into_iter()
+            .take(3)
+            .map(|(n, b)| (format!("{tag}-{n}"), b))
+            .collect()
+    };
+    // A producer's own message id is kept beside the output's.
+    rt().block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        let mut h = async_nats::HeaderMap::new();
+        h.insert("X-Name", "with-id");
+        h.insert("Nats-Msg-Id", "producer-7");
+        let bytes = std::fs::read(common::fixture("images").join("tiny.png")).unwrap();
+        js.publish_with_headers("images.in", h, bytes.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    publish(&nats.url(), &three("first"));
+    let outs = outputs(&nats.url(), 4, Duration::from_secs(30));
+    assert_eq!(outs.len(), 4);
+    let with_id = outs.iter().find(|o| o.headers["X-Name"] == "with-id").unwrap();
+    assert_eq!(with_id.headers["Oodgate-Input-Msg-Id"], "producer-7");
+    assert_ne!(with_id.headers["Nats-Msg-Id"], "producer-7");
+
+    // The running worker: the stream is deleted and created again under it.
+    delete_input_stream(&nats.url());
+    std::thread::sleep(Duration::from_secs(2));
+    publish(&nats.url(), &three("second"));
+    let outs = outputs(&nats.url(), 7, Duration::from_secs(30));
+    assert_eq!(outs.len(), 7, "the recreated stream's inputs got outputs");
+
+    // A new worker on a stream recreated while no worker ran.
+    w.child.kill().unwrap();
+    w.child.wait().unwrap();
+    delete_input_stream(&nats.url());
+    publish(&nats.url(), &three("third"));
+    let _w2 = Worker::start(&nats, &bank, threshold, &fast);
+    let outs = outputs(&nats.url(), 10, Duration::from_secs(30));
+    assert_eq!(outs.len(), 10, "every input of every stream incarnation has one output");
+    let mut names: Vec<&str> = outs.iter().map(|o| o.headers["X-Name"].as_str()).collect();
+    names.sort();
+    names.dedup();
+    assert_eq!(names.len(), 10, "no duplicates");
+    let mut ids: Vec<&str> = outs.iter().map(|o| o.headers["Nats-Msg-Id"].as_str()).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), 10, "distinct output ids");
 }
 
 #[test]

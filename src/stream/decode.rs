@@ -111,6 +111,7 @@ impl Intake {
         tracing::info!(source = %input.source.label(), %kind, error = why, "dead-lettering input");
         counter!(m::DLQ, "kind" => kind.as_str()).increment(1);
         let output = self.router.dead(&input.source, headers, kind, why);
+        let (output, payload) = self.router.fit(&input.source, headers, output, payload);
         self.to_sink(Routed::Publish {
             input,
             payload,

@@ -94,6 +94,7 @@ pub async fn max_deliveries<P: Publish>(
         let Ok(stream) = js.get_stream(&input_stream).await else {
             continue;
         };
+        let epoch = super::setup::epoch_of(stream.cached_info());
         let Ok(original) = stream.get_raw_message(a.stream_seq).await else {
             tracing::warn!(
                 seq = a.stream_seq,
@@ -103,6 +104,7 @@ pub async fn max_deliveries<P: Publish>(
         };
         let source = Source {
             stream: input_stream.clone(),
+            epoch,
             sequence: a.stream_seq,
             delivered: a.deliveries as i64,
         };

@@ -68,6 +68,9 @@ impl Tracker {
 #[derive(Debug, Clone)]
 pub struct Source {
     pub stream: String,
+    /// The stream's identity: its creation time in Unix nanoseconds (see
+    /// [`super::message::output_msg_id`]).
+    pub epoch: String,
     pub sequence: u64,
     pub delivered: i64,
 }

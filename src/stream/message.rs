@@ -15,6 +15,8 @@ pub const H_SOURCE: &str = "Oodgate-Source";
 pub const H_ERROR: &str = "Oodgate-Error";
 pub const H_ERROR_KIND: &str = "Oodgate-Error-Kind";
 pub const H_MSG_ID: &str = "Nats-Msg-Id";
+/// A producer's own `Nats-Msg-Id`, carried onto the output (the output has its own id).
+pub const H_INPUT_MSG_ID: &str = "Oodgate-Input-Msg-Id";
 
 /// A claim check: the image lives in a NATS Object Store bucket.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -63,10 +65,12 @@ pub fn classify(bytes: &[u8]) -> Result<Payload, PayloadError> {
     Ok(Payload::Envelope(env))
 }
 
-/// `Nats-Msg-Id` of an output: input stream, stream sequence and bank version. A redelivered
-/// input maps to the same id, so the output stream drops the second copy inside its window.
-pub fn output_msg_id(stream: &str, sequence: u64, bank_version: &str) -> String {
-    format!("{stream}:{sequence}:{bank_version}")
+/// `Nats-Msg-Id` of an output: input stream, the stream's identity (`epoch`: its creation
+/// time, so a deleted and recreated stream whose sequences restart at 1 never reuses an id),
+/// stream sequence and bank version. A redelivered input maps to the same id, so the output
+/// stream drops the second copy inside its duplicate window.
+pub fn output_msg_id(stream: &str, epoch: &str, sequence: u64, bank_version: &str) -> String {
+    format!("{stream}:{epoch}:{sequence}:{bank_version}")
 }
 
 /// Header values may not contain CR/LF; long explanations are capped.
@@ -84,6 +88,19 @@ pub fn header_value(s: &str) -> String {
     } else {
         clean
     }
+}
+
+/// Bytes a header map takes on the wire: `NATS/1.0\r\n`, one `Name: value\r\n` per value,
+/// and the closing `\r\n`. The server's `max_payload` applies to headers plus payload.
+pub fn header_bytes(h: &HeaderMap) -> usize {
+    let mut n = "NATS/1.0\r\n".len() + 2;
+    for (name, values) in h.iter() {
+        let name = name.to_string().len();
+        for v in values {
+            n += name + 2 + v.as_str().len() + 2;
+        }
+    }
+    n
 }
 
 /// The input's headers minus NATS control headers (`Nats-*`: message id, expectations), which
@@ -129,12 +146,19 @@ mod tests {
 
     #[test]
     fn msg_id_and_headers() {
-        assert_eq!(output_msg_id("IMAGES", 42, "abcd"), "IMAGES:42:abcd");
+        assert_eq!(
+            output_msg_id("IMAGES", "1764000000000000000", 42, "abcd"),
+            "IMAGES:1764000000000000000:42:abcd"
+        );
         assert_eq!(header_value("a\r\nb"), "a  b");
         let mut h = HeaderMap::new();
         h.insert("Nats-Msg-Id", "x");
         h.insert("Nats-Expected-Stream", "y");
         h.insert("X-Custom", "keep");
+        assert_eq!(
+            header_bytes(&h),
+            "NATS/1.0\r\nNats-Msg-Id: x\r\nNats-Expected-Stream: y\r\nX-Custom: keep\r\n\r\n".len()
+        );
         let out = carry_headers(Some(&h));
         assert!(out.get("Nats-Msg-Id").is_none());
         assert!(out.get("Nats-Expected-Stream").is_none());

@@ -90,13 +90,16 @@ pub async fn run(
     let threshold = detector.threshold().ok_or(PipelineError::NoThreshold)?;
     let info = encoder.info().clone();
     gauge!(m::PROVIDER, "provider" => info.provider.clone()).set(1.0);
-    let router = Arc::new(Router::new(
-        cfg.topology.output_subjects.clone(),
-        detector.bank().version(),
-        &info.fingerprint,
-        detector.method().as_str(),
-        threshold.value,
-    ));
+    let router = Arc::new(
+        Router::new(
+            cfg.topology.output_subjects.clone(),
+            detector.bank().version(),
+            &info.fingerprint,
+            detector.method().as_str(),
+            threshold.value,
+        )
+        .with_max_payload(client.server_info().max_payload),
+    );
     let tracker = Arc::new(Tracker::default());
     let (to_sink, sink_rx) = mpsc::channel::<Routed<InFlight>>(cfg.batch_max.max(1) * 4);
     let (to_batcher, batcher_rx) = mpsc::channel::<Decoded>(cfg.queue_depth.max(1));
@@ -163,6 +166,7 @@ pub async fn run(
     );
     intake_tasks.spawn(pull::run(
         consumer.clone(),
+        cfg.topology.clone(),
         PullConfig {
             batch: cfg.pull_batch,
             expires: cfg.pull_expires,
@@ -353,14 +357,16 @@ impl Core {
         };
         for (item, v) in batch.into_iter().zip(verdicts) {
             histogram!(m::SCORE).record(v.score);
-            let output = self
-                .router
-                .verdict(&item.input.source, item.headers.as_ref(), &v);
+            let source = &item.input.source;
+            let output = self.router.verdict(source, item.headers.as_ref(), &v);
+            let (output, payload) =
+                self.router
+                    .fit(source, item.headers.as_ref(), output, item.payload);
             let _ = self
                 .to_sink
                 .send(Routed::Publish {
                     input: item.input,
-                    payload: item.payload,
+                    payload,
                     output,
                 })
                 .await;

@@ -16,6 +16,7 @@ use super::decode::Intake;
 use super::inflight::{InFlight, Source, Tracker};
 use super::metrics as m;
 use super::pipeline::Stats;
+use super::setup::{self, SetupError, Topology};
 
 #[derive(Debug, Clone)]
 pub struct PullConfig {
@@ -24,10 +25,14 @@ pub struct PullConfig {
     pub heartbeat: Duration,
 }
 
-/// Pulls until `shutdown` is cancelled; each input's intake runs on `intake_tasks`.
+/// Pulls until `shutdown` is cancelled; each input's intake runs on `intake_tasks`. When
+/// pulling cannot start (the consumer or the input stream was deleted) the topology is
+/// declared again, and the input stream's identity re-read, so inputs of a recreated stream
+/// never share output ids with the old one's.
 #[allow(clippy::too_many_arguments)]
 pub async fn run(
-    consumer: jetstream::consumer::PullConsumer,
+    mut consumer: jetstream::consumer::PullConsumer,
+    topology: Topology,
     cfg: PullConfig,
     intake: Arc<Intake>,
     tracker: Arc<Tracker>,
@@ -36,19 +41,42 @@ pub async fn run(
     intake_tasks: TaskTracker,
     shutdown: CancellationToken,
 ) {
+    let js = intake.js.clone();
     let mut backoff = Duration::from_millis(100);
+    let mut epoch: Option<String> = None;
+    let mut redeclare = false;
     'outer: while !shutdown.is_cancelled() {
-        let stream = consumer
-            .stream()
-            .max_messages_per_batch(cfg.batch.max(1))
-            .expires(cfg.expires)
-            .heartbeat(cfg.heartbeat)
-            .messages()
-            .await;
-        let mut stream = match stream {
-            Ok(s) => s,
+        let started = async {
+            if redeclare {
+                consumer = setup::declare(&js, &topology).await?;
+                tracing::info!(stream = %topology.input_stream, "input stream and consumer declared again");
+            }
+            let e = setup::input_epoch(&js, &topology.input_stream).await?;
+            let stream = consumer
+                .stream()
+                .max_messages_per_batch(cfg.batch.max(1))
+                .expires(cfg.expires)
+                .heartbeat(cfg.heartbeat)
+                .messages()
+                .await
+                .map_err(|e| SetupError::JetStream {
+                    what: format!("pulling from consumer {}", topology.durable),
+                    reason: e.to_string(),
+                })?;
+            Ok::<_, SetupError>((e, stream))
+        };
+        let mut stream = match started.await {
+            Ok((e, s)) => {
+                if epoch.as_ref().is_some_and(|old| *old != e) {
+                    tracing::warn!(stream = %topology.input_stream, "the input stream was recreated (new identity); its sequences restart");
+                }
+                epoch = Some(e);
+                redeclare = false;
+                s
+            }
             Err(e) => {
-                tracing::warn!(error = %e, retry_in = ?backoff, "cannot start pulling; retrying");
+                tracing::warn!(error = %e, retry_in = ?backoff, "cannot start pulling; declaring the topology again");
+                redeclare = true;
                 tokio::select! {
                     _ = shutdown.cancelled() => break 'outer,
                     _ = tokio::time::sleep(backoff) => {}
@@ -57,6 +85,7 @@ pub async fn run(
                 continue;
             }
         };
+        let epoch = epoch.clone().unwrap_or_default();
         loop {
             // Back-pressure: take a slot before pulling the next message.
             let permit = tokio::select! {
@@ -84,6 +113,7 @@ pub async fn run(
                     let source = match message.info() {
                         Ok(i) => Source {
                             stream: i.stream.to_string(),
+                            epoch: epoch.clone(),
                             sequence: i.stream_sequence,
                             delivered: i.delivered,
                         },

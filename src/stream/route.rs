@@ -109,6 +109,8 @@ pub struct Output {
 #[derive(Debug, Clone)]
 pub struct Router {
     subjects: OutputSubjects,
+    /// The server's limit on headers + payload (0 = none).
+    max_payload: usize,
     bank_version: String,
     model_fingerprint: String,
     method: String,
@@ -125,11 +127,18 @@ impl Router {
     ) -> Router {
         Router {
             subjects,
+            max_payload: 0,
             bank_version: bank_version.to_string(),
             model_fingerprint: model_fingerprint.to_string(),
             method: method.to_string(),
             threshold: msg::header_value(&format!("{threshold}")),
         }
+    }
+
+    /// Outputs above `max_payload` bytes (headers + payload) are dead-lettered by [`Router::fit`].
+    pub fn with_max_payload(mut self, max_payload: usize) -> Router {
+        self.max_payload = max_payload;
+        self
     }
 
     pub fn subjects(&self) -> &OutputSubjects {
@@ -145,8 +154,17 @@ impl Router {
         h.insert(msg::H_SOURCE, source.label().as_str());
         h.insert(
             msg::H_MSG_ID,
-            msg::output_msg_id(&source.stream, source.sequence, &self.bank_version).as_str(),
+            msg::output_msg_id(
+                &source.stream,
+                &source.epoch,
+                source.sequence,
+                &self.bank_version,
+            )
+            .as_str(),
         );
+        if let Some(id) = inbound.and_then(|h| h.get(msg::H_MSG_ID)) {
+            h.insert(msg::H_INPUT_MSG_ID, msg::header_value(id.as_str()).as_str());
+        }
         h
     }
 
@@ -197,6 +215,42 @@ impl Router {
     }
 }
 
+impl Router {
+    /// Checks that `output` with `payload` fits the server's `max_payload`. One that does not
+    /// would be refused on every redelivery, so it becomes a `too_large` dead letter without
+    /// the payload (the input stays in its stream, named by `Oodgate-Source`); if even the
+    /// input's own headers make that too large, they are dropped as well.
+    pub fn fit(
+        &self,
+        source: &Source,
+        inbound: Option<&HeaderMap>,
+        output: Output,
+        payload: bytes::Bytes,
+    ) -> (Output, bytes::Bytes) {
+        let headers = msg::header_bytes(&output.headers);
+        let size = payload.len() + headers;
+        if self.max_payload == 0 || size <= self.max_payload {
+            return (output, payload);
+        }
+        let why = format!(
+            "the {} output is {size} bytes (payload {}, headers {headers}), above the server's \
+             max_payload of {} bytes: published without the payload",
+            output.outcome.label(),
+            payload.len(),
+            self.max_payload
+        );
+        tracing::warn!(source = %source.label(), %why, "output too large");
+        let dead = self.dead(source, inbound, DeadKind::TooLarge, &why);
+        if msg::header_bytes(&dead.headers) <= self.max_payload {
+            return (dead, bytes::Bytes::new());
+        }
+        (
+            self.dead(source, None, DeadKind::TooLarge, &why),
+            bytes::Bytes::new(),
+        )
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -219,6 +273,7 @@ mod tests {
     fn source() -> Source {
         Source {
             stream: "IMAGES".into(),
+            epoch: "1000".into(),
             sequence: 7,
             delivered: 1,
         }
@@ -255,8 +310,10 @@ mod tests {
         assert_eq!(get(h, msg::H_BANK), Some("bank1"));
         assert_eq!(get(h, msg::H_MODEL), Some("model1"));
         assert_eq!(get(h, msg::H_SOURCE), Some("IMAGES:7"));
-        // The producer's message id never travels as the output's: the output has its own.
-        assert_eq!(get(h, msg::H_MSG_ID), Some("IMAGES:7:bank1"));
+        // The producer's message id never travels as the output's: the output has its own,
+        // and the producer's is kept beside it.
+        assert_eq!(get(h, msg::H_MSG_ID), Some("IMAGES:1000:7:bank1"));
+        assert_eq!(get(h, msg::H_INPUT_MSG_ID), Some("producer-1"));
         assert_eq!(get(h, "X-Trace"), Some("t-1"));
         assert!(get(h, msg::H_ERROR).is_none());
 
@@ -282,8 +339,45 @@ mod tests {
         let h = &out.headers;
         assert_eq!(get(h, msg::H_ERROR_KIND), Some("bad_envelope"));
         assert_eq!(get(h, msg::H_ERROR), Some("no bucket"));
-        assert_eq!(get(h, msg::H_MSG_ID), Some("IMAGES:7:bank1"));
+        assert_eq!(get(h, msg::H_MSG_ID), Some("IMAGES:1000:7:bank1"));
         assert!(get(h, msg::H_DECISION).is_none());
+    }
+
+    #[test]
+    fn outputs_above_max_payload_become_too_large_dead_letters_without_payload() {
+        let v = Verdict {
+            score: 0.5,
+            decision: Decision::Id,
+            top_label: "dog".into(),
+            explanation: None,
+        };
+        let out = router().verdict(&source(), None, &v);
+        let headers = msg::header_bytes(&out.headers);
+        let payload = bytes::Bytes::from(vec![7u8; 1000]);
+        // Exactly at the limit: unchanged.
+        let r = router().with_max_payload(1000 + headers);
+        let (o, p) = r.fit(&source(), None, out.clone(), payload.clone());
+        assert_eq!((o.outcome, p.len()), (Outcome::Id, 1000));
+        // One byte over: a dead letter without the payload.
+        let r = router().with_max_payload(999 + headers);
+        let (o, p) = r.fit(&source(), None, out.clone(), payload.clone());
+        assert_eq!(o.outcome, Outcome::Dead(DeadKind::TooLarge));
+        assert_eq!(o.subject, "o.dlq");
+        assert!(p.is_empty());
+        assert!(
+            get(&o.headers, msg::H_ERROR)
+                .unwrap()
+                .contains("max_payload")
+        );
+        assert_eq!(get(&o.headers, msg::H_MSG_ID), Some("IMAGES:1000:7:bank1"));
+        // Inbound headers that alone are too large are dropped too.
+        let mut inbound = HeaderMap::new();
+        inbound.insert("X-Big", "x".repeat(2000).as_str());
+        let out = router().verdict(&source(), Some(&inbound), &v);
+        let (o, _) = r.fit(&source(), Some(&inbound), out, payload);
+        assert_eq!(o.outcome, Outcome::Dead(DeadKind::TooLarge));
+        assert!(get(&o.headers, "X-Big").is_none());
+        assert!(msg::header_bytes(&o.headers) <= 999 + headers);
     }
 
     #[test]

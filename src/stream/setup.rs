@@ -134,6 +134,24 @@ pub struct Topology {
     pub duplicate_window: Duration,
 }
 
+/// The input stream's identity: its creation time in Unix nanoseconds. A stream that is
+/// deleted and created again restarts its sequences at 1 but gets a new identity.
+pub async fn input_epoch(js: &jetstream::Context, stream: &str) -> Result<String, SetupError> {
+    let s = js
+        .get_stream(stream)
+        .await
+        .map_err(|e| SetupError::JetStream {
+            what: format!("input stream {stream}"),
+            reason: e.to_string(),
+        })?;
+    Ok(epoch_of(s.cached_info()))
+}
+
+/// The identity string of a stream: its creation time in Unix nanoseconds.
+pub fn epoch_of(info: &stream::Info) -> String {
+    info.created.unix_timestamp_nanos().to_string()
+}
+
 /// Declares (or looks up) the streams and the durable consumer.
 pub async fn declare(
     js: &jetstream::Context,

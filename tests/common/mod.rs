@@ -54,9 +54,17 @@ pub fn tiny_model() -> PathBuf {
     test_model("tiny")
 }
 
+/// The oodgate binary under test: the one built for this test run, or `OODGATE_TEST_BIN`
+/// (to show that a test fails on an older build).
+pub fn oodgate_bin() -> PathBuf {
+    std::env::var_os("OODGATE_TEST_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_oodgate")))
+}
+
 /// The oodgate binary built for this test run.
 pub fn oodgate() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_oodgate"));
+    let mut c = Command::new(oodgate_bin());
     c.env("NO_COLOR", "1").env("RUST_LOG", "warn");
     c
 }

@@ -23,6 +23,33 @@ impl NatsServer {
         }
     }
 
+    /// A server started with the configuration lines `conf` (e.g. `max_payload: 65536`) on
+    /// top of the usual flags.
+    pub fn start_with_conf(conf: &str) -> NatsServer {
+        let binary = local_server::find_binary(&super::root().join(".venv"))
+            .unwrap_or_else(|e| panic!("{e}"));
+        let inner = LocalServer::start_with(&binary, &[], |port, dir| {
+            let path = dir.join("extra.conf");
+            std::fs::write(&path, conf)?;
+            Ok(vec![
+                "-c".into(),
+                path.display().to_string(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-js".into(),
+                "-sd".into(),
+                dir.display().to_string(),
+            ])
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        NatsServer {
+            port: inner.port,
+            inner,
+        }
+    }
+
     pub fn url(&self) -> String {
         self.inner.url()
     }
