@@ -602,21 +602,101 @@ fn a_recreated_input_stream_gets_new_outputs() {
     publish(&nats.url(), &three("third"));
     let _w2 = Worker::start(&nats, &bank, threshold, &fast);
     let outs = outputs(&nats.url(), 10, Duration::from_secs(30));
-    assert_eq!(outs.len(), 10, "every input of every stream incarnation has one output");
+    assert_eq!(
+        outs.len(),
+        10,
+        "every input of every stream incarnation has one output"
+    );
     let mut names: Vec<&str> = outs.iter().map(|o| o.headers["X-Name"].as_str()).collect();
     names.sort();
     names.dedup();
     assert_eq!(names.len(), 10, "no duplicates");
-    let mut ids: Vec<&str> = outs.iter().map(|o| o.headers["Nats-Msg-Id"].as_str()).collect();
+    let mut ids: Vec<&str> = outs
+        .iter()
+        .map(|o| o.headers["Nats-Msg-Id"].as_str())
+        .collect();
     ids.sort();
     ids.dedup();
     assert_eq!(ids.len(), 10, "distinct output ids");
-    let with_id = outs.iter().find(|o| o.headers["X-Name"] == "with-id").unwrap();
+    let with_id = outs
+        .iter()
+        .find(|o| o.headers["X-Name"] == "with-id")
+        .unwrap();
     assert_eq!(
-        with_id.headers.get("Oodgate-Input-Msg-Id").map(String::as_str),
+        with_id
+            .headers
+            .get("Oodgate-Input-Msg-Id")
+            .map(String::as_str),
         Some("producer-7")
     );
     assert_ne!(with_id.headers["Nats-Msg-Id"], "producer-7");
+}
+
+/// The output stream the worker declares (as `output.create_if_missing` does).
+fn create_output_stream(url: &str) {
+    rt().block_on(async {
+        let client = async_nats::connect(url).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.get_or_create_stream(async_nats::jetstream::stream::Config {
+            name: "OODGATE_OUT".into(),
+            subjects: vec!["oodgate.id".into(), "oodgate.ood".into(), "oodgate.dlq".into()],
+            duplicate_window: Duration::from_secs(900),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+}
+
+/// The output stream is unavailable for longer than every input's deliveries would last if
+/// failed publishes spent them: the worker pauses intake, reports not ready, holds what it
+/// has, and routes everything once the stream is back, with nothing in the dead-letter
+/// subject.
+#[test]
+fn an_output_outage_spends_no_deliveries_and_loses_nothing() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let env = [
+        ("OODGATE__INPUT__ACK_WAIT", "2s"),
+        ("OODGATE__INPUT__MAX_DELIVER", "3"),
+    ];
+    let w = Worker::start(&nats, &bank, threshold, &env);
+    rt().block_on(async {
+        let client = async_nats::connect(nats.url()).await.unwrap();
+        let js = async_nats::jetstream::new(client);
+        js.delete_stream("OODGATE_OUT").await.unwrap();
+    });
+    let mut payloads = Vec::new();
+    for r in 0..3 {
+        for (n, p) in good_payloads() {
+            payloads.push((format!("{r}-{n}"), p));
+        }
+    }
+    publish(&nats.url(), &payloads);
+    // Longer than 3 deliveries × (ack_wait + NAK delay): long enough to exhaust them.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let mut saw_not_ready = false;
+    while Instant::now() < deadline {
+        if let Some((503, _)) = w.get("/readyz") {
+            saw_not_ready = true;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(saw_not_ready, "/readyz reports not ready while outputs cannot be stored");
+    create_output_stream(&nats.url());
+    let outs = outputs(&nats.url(), payloads.len(), Duration::from_secs(60));
+    let dead: Vec<&str> = outs
+        .iter()
+        .filter(|o| o.subject == "oodgate.dlq")
+        .map(|o| o.headers["X-Name"].as_str())
+        .collect();
+    assert!(dead.is_empty(), "dead-lettered: {dead:?}");
+    assert_eq!(outs.len(), payloads.len(), "every input routed once");
+    let mut s = sources(&outs);
+    s.dedup();
+    assert_eq!(s.len(), payloads.len(), "no duplicates");
+    w.wait_ready();
 }
 
 #[test]

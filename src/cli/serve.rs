@@ -236,6 +236,9 @@ pub fn pipeline_config(s: &Settings, topology: Topology) -> PipelineConfig {
         max_in_flight: (s.input.pull_batch + s.batch.queue_depth + 2 * batch_max).max(1),
         drain_timeout: s.shutdown.drain_timeout,
         nak_delay: std::time::Duration::from_secs(2),
+        nak_delay_max: std::time::Duration::from_secs(60),
+        retry_max_delay: std::time::Duration::from_secs(5),
+        max_processing: std::time::Duration::from_secs(600),
         object_max_bytes: s.limits.max_bytes as usize,
     }
 }

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream;
@@ -17,7 +17,7 @@ use super::claim_check::{self, FetchError};
 use super::inflight::InFlight;
 use super::message::{self as msg, Payload};
 use super::metrics as m;
-use super::route::{DeadKind, Router};
+use super::route::{DeadKind, Retry, Router};
 use super::sink::Routed;
 use crate::model::Preprocessor;
 use crate::model::preprocess::PreprocessError;
@@ -91,7 +91,6 @@ pub struct Intake {
     /// Images decoded and waiting for the batcher (the queue-depth gauge).
     pub queued: Arc<AtomicUsize>,
     pub object_max_bytes: usize,
-    pub nak_delay: Duration,
 }
 
 impl Intake {
@@ -156,14 +155,23 @@ impl Intake {
                     }
                     Err(FetchError::Transient(why)) => {
                         tracing::warn!(source = %input.source.label(), %why, "object fetch failed; NAK");
-                        let delay = Some(self.nak_delay);
-                        return self
-                            .to_sink(Routed::Nak {
+                        let routed = match self.router.after_transient_failure(
+                            &input.source,
+                            headers.as_ref(),
+                            &why,
+                        ) {
+                            Retry::Nak(delay) => Routed::Nak {
                                 input,
-                                delay,
+                                delay: Some(delay),
                                 reason: "fetch",
-                            })
-                            .await;
+                            },
+                            Retry::Dead(output) => Routed::Publish {
+                                input,
+                                payload,
+                                output,
+                            },
+                        };
+                        return self.to_sink(routed).await;
                     }
                 }
             }

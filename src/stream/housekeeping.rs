@@ -11,17 +11,20 @@ use futures::StreamExt;
 use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
+use super::breaker::Breaker;
 use super::inflight::{Source, Tracker};
 use super::metrics as m;
 use super::route::{DeadKind, Router};
-use super::sink::{Publish, publish_with_retry};
+use super::sink::{Publish, RetryPolicy, publish_until_stored};
 
 /// Sends +WPI for inputs waiting longer than half the ack wait, so they are not redelivered
-/// to another worker while still queued here.
+/// to another worker while still queued here, until they have been in flight for
+/// `max_processing`: a stage that hangs then loses its input to redelivery.
 pub async fn progress_acks(
     js: jetstream::Context,
     tracker: Arc<Tracker>,
     ack_wait: Duration,
+    max_processing: Duration,
     shutdown: CancellationToken,
 ) {
     let every = (ack_wait / 4).max(Duration::from_millis(250));
@@ -30,7 +33,7 @@ pub async fn progress_acks(
             _ = shutdown.cancelled() => return,
             _ = tokio::time::sleep(every) => {}
         }
-        let old: Vec<Subject> = tracker.older_than(ack_wait / 2);
+        let old: Vec<Subject> = tracker.aged(ack_wait / 2, max_processing);
         for reply in old {
             let _ = jetstream::message::Acker::new(js.clone(), Some(reply))
                 .ack_with(AckKind::Progress)
@@ -69,7 +72,8 @@ pub async fn max_deliveries<P: Publish>(
     durable: String,
     router: Arc<Router>,
     publisher: P,
-    retries: u32,
+    retry: RetryPolicy,
+    breaker: Arc<Breaker>,
     shutdown: CancellationToken,
 ) {
     let subject = format!("$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{input_stream}.{durable}");
@@ -119,7 +123,17 @@ pub async fn max_deliveries<P: Publish>(
             DeadKind::MaxDeliveries,
             &why,
         );
-        match publish_with_retry(&publisher, &output, &original.payload, retries).await {
+        // Retried like any output, while the output is unavailable too.
+        let stored = publish_until_stored(
+            &publisher,
+            &output,
+            &original.payload,
+            &retry,
+            Some(&breaker),
+            shutdown.cancelled(),
+        )
+        .await;
+        match stored {
             Ok(stored) if stored.duplicate => {}
             Ok(_) => {
                 counter!(m::DLQ, "kind" => DeadKind::MaxDeliveries.as_str()).increment(1);

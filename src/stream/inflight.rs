@@ -41,14 +41,17 @@ impl Tracker {
         self.len() == 0
     }
 
-    /// Reply subjects of inputs in flight for longer than `age`.
-    pub fn older_than(&self, age: Duration) -> Vec<Subject> {
+    /// Reply subjects of inputs in flight for at least `min` and less than `max`.
+    pub fn aged(&self, min: Duration, max: Duration) -> Vec<Subject> {
         let now = Instant::now();
         self.open
             .lock()
             .map(|m| {
                 m.values()
-                    .filter(|(t, _)| now.duration_since(*t) >= age)
+                    .filter(|(t, _)| {
+                        let age = now.duration_since(*t);
+                        age >= min && age < max
+                    })
                     .map(|(_, s)| s.clone())
                     .collect()
             })

@@ -16,6 +16,7 @@ pub const QUEUE_DEPTH: &str = "oodgate_queue_depth";
 pub const PROVIDER: &str = "oodgate_execution_provider";
 pub const PENDING: &str = "oodgate_consumer_pending";
 pub const READY: &str = "oodgate_ready";
+pub const OUTPUT_BLOCKED: &str = "oodgate_output_blocked";
 
 /// Installs the global recorder once and returns its render handle.
 pub fn install() -> Result<PrometheusHandle, String> {
@@ -55,7 +56,11 @@ pub fn install() -> Result<PrometheusHandle, String> {
     );
     describe_gauge!(
         READY,
-        "1 when model and bank are loaded and NATS is connected"
+        "1 when model and bank are loaded, NATS is connected and outputs can be published"
+    );
+    describe_gauge!(
+        OUTPUT_BLOCKED,
+        "1 while publishing fails and intake is paused (the output circuit breaker is open)"
     );
     let _ = HANDLE.set(handle.clone());
     Ok(handle)

@@ -12,6 +12,7 @@
 //! redelivered input is deduplicated by the output stream. See docs/delivery.md.
 
 pub mod batcher;
+pub mod breaker;
 pub mod claim_check;
 pub mod decode;
 pub mod housekeeping;

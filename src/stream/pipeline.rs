@@ -18,15 +18,16 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::batcher::{self, BatchPolicy};
+use super::breaker::Breaker;
 use super::decode::{BufPool, Decoded, Intake};
 use super::housekeeping;
 use super::infer::EncoderHandle;
 use super::inflight::{InFlight, Tracker};
 use super::metrics as m;
 use super::pull::{self, PullConfig};
-use super::route::Router;
+use super::route::{Redelivery, Retry, Router};
 use super::setup::Topology;
-use super::sink::{self, JetStreamPublisher, Routed, SinkConfig};
+use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
 use crate::detect::detector::Detector;
 use crate::model::{Encoder, Preprocessor};
 
@@ -47,8 +48,15 @@ pub struct PipelineConfig {
     /// Inputs received and not yet acked/NAKed, across all stages.
     pub max_in_flight: usize,
     pub drain_timeout: Duration,
-    /// Delay before a transiently failed input is redelivered.
+    /// Delay before a transiently failed input is redelivered; it doubles with each
+    /// delivery up to `nak_delay_max`.
     pub nak_delay: Duration,
+    pub nak_delay_max: Duration,
+    /// Longest wait between two attempts to store an output while the output is unavailable.
+    pub retry_max_delay: Duration,
+    /// How long an input may stay in flight (progress acks stop then; an output that still
+    /// cannot be stored is given up and the input NAKed).
+    pub max_processing: Duration,
     pub object_max_bytes: usize,
 }
 
@@ -98,8 +106,14 @@ pub async fn run(
             detector.method().as_str(),
             threshold.value,
         )
-        .with_max_payload(client.server_info().max_payload),
+        .with_max_payload(client.server_info().max_payload)
+        .with_redelivery(Redelivery {
+            nak_delay: cfg.nak_delay,
+            nak_delay_max: cfg.nak_delay_max,
+            max_deliver: cfg.topology.max_deliver,
+        }),
     );
+    let breaker = Arc::new(Breaker::new(ready.clone(), shutdown.clone()));
     let tracker = Arc::new(Tracker::default());
     let (to_sink, sink_rx) = mpsc::channel::<Routed<InFlight>>(cfg.batch_max.max(1) * 4);
     let (to_batcher, batcher_rx) = mpsc::channel::<Decoded>(cfg.queue_depth.max(1));
@@ -116,7 +130,6 @@ pub async fn run(
         to_sink: to_sink.clone(),
         queued: queued.clone(),
         object_max_bytes: cfg.object_max_bytes,
-        nak_delay: cfg.nak_delay,
     });
     let (encoder, encoder_thread) = EncoderHandle::spawn(encoder, 1)?;
     let publisher = JetStreamPublisher {
@@ -131,16 +144,24 @@ pub async fn run(
         TaskTracker::new(),
     );
     let (intake_done, core_done) = (CancellationToken::new(), CancellationToken::new());
+    let retry = RetryPolicy {
+        quick_retries: cfg.publish_retries,
+        base_delay: Duration::from_millis(100),
+        max_delay: cfg.retry_max_delay,
+    };
     sink_tasks.spawn(sink::run(
         sink_rx,
         publisher.clone(),
         SinkConfig {
-            publish_retries: cfg.publish_retries,
+            retry: retry.clone(),
             max_inflight_publishes: cfg.max_inflight_publishes,
             nak_delay: cfg.nak_delay,
+            max_processing: cfg.max_processing,
         },
         stats.clone(),
+        breaker.clone(),
         core_done.clone(),
+        shutdown.clone(),
     ));
     core_tasks.spawn(
         Core {
@@ -151,7 +172,6 @@ pub async fn run(
             pool,
             queued,
             size,
-            nak_delay: cfg.nak_delay,
             tasks: core_tasks.clone(),
             shutdown: shutdown.clone(),
         }
@@ -174,6 +194,7 @@ pub async fn run(
         },
         intake,
         tracker.clone(),
+        breaker.clone(),
         Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
         stats.clone(),
         intake_tasks.clone(),
@@ -184,6 +205,7 @@ pub async fn run(
         js.clone(),
         tracker.clone(),
         t.ack_wait,
+        cfg.max_processing,
         shutdown.clone(),
     ));
     chores.spawn(housekeeping::pending_gauge(consumer, shutdown.clone()));
@@ -194,7 +216,8 @@ pub async fn run(
         t.durable.clone(),
         router,
         publisher,
-        cfg.publish_retries,
+        retry,
+        breaker,
         shutdown.clone(),
     ));
     chores.close();
@@ -263,7 +286,6 @@ struct Core {
     pool: Arc<BufPool>,
     queued: Arc<AtomicUsize>,
     size: usize,
-    nak_delay: Duration,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -299,7 +321,7 @@ impl Core {
                 Ok(t) => t,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot assemble the batch; NAK");
-                    this.nak_all(batch, Some(this.nak_delay), "batch").await;
+                    this.retry_all(batch, "batch", &e.to_string()).await;
                     continue;
                 }
             };
@@ -328,6 +350,30 @@ impl Core {
         }
     }
 
+    /// A failure of the encoder or scorer on a batch: each input is NAKed with a delay that
+    /// grows with its deliveries, or dead-lettered on its last delivery.
+    async fn retry_all(&self, batch: Vec<Decoded>, reason: &'static str, why: &str) {
+        for item in batch {
+            let routed = match self.router.after_transient_failure(
+                &item.input.source,
+                item.headers.as_ref(),
+                why,
+            ) {
+                Retry::Nak(delay) => Routed::Nak {
+                    input: item.input,
+                    delay: Some(delay),
+                    reason,
+                },
+                Retry::Dead(output) => Routed::Publish {
+                    input: item.input,
+                    payload: item.payload,
+                    output,
+                },
+            };
+            let _ = self.to_sink.send(routed).await;
+        }
+    }
+
     async fn infer_and_route(&self, batch: Vec<Decoded>, tensor: ndarray::Array4<f32>) {
         let n = batch.len();
         let t0 = Instant::now();
@@ -337,7 +383,7 @@ impl Core {
             Ok(e) => e,
             Err(e) => {
                 tracing::error!(error = %e, batch = n, "encoder failed; NAKing the batch");
-                return self.nak_all(batch, Some(self.nak_delay), "encoder").await;
+                return self.retry_all(batch, "encoder", &e.to_string()).await;
             }
         };
         let t1 = Instant::now();
@@ -348,11 +394,11 @@ impl Core {
             Ok(Ok(v)) => v,
             Ok(Err(e)) => {
                 tracing::error!(error = %e, "scoring failed; NAKing the batch");
-                return self.nak_all(batch, Some(self.nak_delay), "score").await;
+                return self.retry_all(batch, "score", &e.to_string()).await;
             }
             Err(e) => {
                 tracing::error!(error = %e, "scoring task failed; NAKing the batch");
-                return self.nak_all(batch, Some(self.nak_delay), "score").await;
+                return self.retry_all(batch, "score", &e.to_string()).await;
             }
         };
         for (item, v) in batch.into_iter().zip(verdicts) {

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::breaker::Breaker;
 use super::decode::Intake;
 use super::inflight::{InFlight, Source, Tracker};
 use super::metrics as m;
@@ -36,6 +37,7 @@ pub async fn run(
     cfg: PullConfig,
     intake: Arc<Intake>,
     tracker: Arc<Tracker>,
+    breaker: Arc<Breaker>,
     in_flight: Arc<Semaphore>,
     stats: Arc<Stats>,
     intake_tasks: TaskTracker,
@@ -87,6 +89,17 @@ pub async fn run(
         };
         let epoch = epoch.clone().unwrap_or_default();
         loop {
+            if breaker.is_open() {
+                // The output is unavailable: take nothing new until a publish succeeds. The
+                // pull is dropped so the server stops sending; messages it had sent and this
+                // worker had not taken are redelivered after ack_wait.
+                tracing::info!("output unavailable: pull paused");
+                tokio::select! {
+                    _ = shutdown.cancelled() => break 'outer,
+                    _ = breaker.closed() => {}
+                }
+                break;
+            }
             // Back-pressure: take a slot before pulling the next message.
             let permit = tokio::select! {
                 _ = shutdown.cancelled() => break 'outer,

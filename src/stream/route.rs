@@ -109,6 +109,7 @@ pub struct Output {
 #[derive(Debug, Clone)]
 pub struct Router {
     subjects: OutputSubjects,
+    redelivery: Redelivery,
     /// The server's limit on headers + payload (0 = none).
     max_payload: usize,
     bank_version: String,
@@ -127,6 +128,7 @@ impl Router {
     ) -> Router {
         Router {
             subjects,
+            redelivery: Redelivery::default(),
             max_payload: 0,
             bank_version: bank_version.to_string(),
             model_fingerprint: model_fingerprint.to_string(),
@@ -138,6 +140,12 @@ impl Router {
     /// Outputs above `max_payload` bytes (headers + payload) are dead-lettered by [`Router::fit`].
     pub fn with_max_payload(mut self, max_payload: usize) -> Router {
         self.max_payload = max_payload;
+        self
+    }
+
+    /// How inputs are retried after a transient failure they may have caused.
+    pub fn with_redelivery(mut self, redelivery: Redelivery) -> Router {
+        self.redelivery = redelivery;
         self
     }
 
@@ -215,7 +223,63 @@ impl Router {
     }
 }
 
+/// Redelivery after a transient failure an input may have caused (an object fetch, the
+/// encoder or the scorer failing on its batch): NAK delays double with each delivery up to a
+/// cap; on its last delivery the input is dead-lettered (`max_deliveries`) by the worker
+/// instead of being dropped by the server. Output outages never come here: the sink holds
+/// those inputs (see [`super::breaker`]).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Redelivery {
+    pub nak_delay: std::time::Duration,
+    pub nak_delay_max: std::time::Duration,
+    /// The consumer's `max_deliver` (−1 or 0: unlimited).
+    pub max_deliver: i64,
+}
+
+impl Default for Redelivery {
+    fn default() -> Self {
+        Redelivery {
+            nak_delay: std::time::Duration::from_secs(2),
+            nak_delay_max: std::time::Duration::from_secs(60),
+            max_deliver: -1,
+        }
+    }
+}
+
+/// What becomes of an input after a transient failure.
+#[derive(Debug, Clone)]
+pub enum Retry {
+    /// Redeliver after this delay.
+    Nak(std::time::Duration),
+    /// Its last delivery: dead-letter it.
+    Dead(Output),
+}
+
 impl Router {
+    /// NAK with a delay that grows with the input's deliveries, or dead-letter it on its last.
+    pub fn after_transient_failure(
+        &self,
+        source: &Source,
+        inbound: Option<&HeaderMap>,
+        why: &str,
+    ) -> Retry {
+        let r = self.redelivery;
+        let delivered = source.delivered.max(1);
+        if r.max_deliver > 0 && delivered >= r.max_deliver {
+            let why = format!(
+                "delivered {delivered} times (input.max_deliver = {}); last failure: {why}",
+                r.max_deliver
+            );
+            return Retry::Dead(self.dead(source, inbound, DeadKind::MaxDeliveries, &why));
+        }
+        let doublings = u32::try_from(delivered - 1).unwrap_or(u32::MAX).min(20);
+        Retry::Nak(
+            r.nak_delay
+                .saturating_mul(1u32 << doublings)
+                .min(r.nak_delay_max),
+        )
+    }
+
     /// Checks that `output` with `payload` fits the server's `max_payload`. One that does not
     /// would be refused on every redelivery, so it becomes a `too_large` dead letter without
     /// the payload (the input stays in its stream, named by `Oodgate-Source`); if even the
@@ -378,6 +442,41 @@ mod tests {
         assert_eq!(o.outcome, Outcome::Dead(DeadKind::TooLarge));
         assert!(get(&o.headers, "X-Big").is_none());
         assert!(msg::header_bytes(&o.headers) <= 999 + headers);
+    }
+
+    #[test]
+    fn transient_failures_back_off_then_dead_letter_on_the_last_delivery() {
+        let r = router().with_redelivery(Redelivery {
+            nak_delay: std::time::Duration::from_secs(2),
+            nak_delay_max: std::time::Duration::from_secs(10),
+            max_deliver: 5,
+        });
+        let at = |delivered| Source {
+            delivered,
+            ..source()
+        };
+        let delays: Vec<u64> = (1..=4)
+            .map(
+                |d| match r.after_transient_failure(&at(d), None, "timeout") {
+                    Retry::Nak(d) => d.as_secs(),
+                    Retry::Dead(o) => panic!("{o:?}"),
+                },
+            )
+            .collect();
+        assert_eq!(delays, [2, 4, 8, 10]);
+        match r.after_transient_failure(&at(5), None, "encoder failed") {
+            Retry::Dead(o) => {
+                assert_eq!(o.outcome, Outcome::Dead(DeadKind::MaxDeliveries));
+                let why = get(&o.headers, msg::H_ERROR).unwrap();
+                assert!(why.contains("delivered 5 times") && why.contains("encoder failed"));
+            }
+            Retry::Nak(d) => panic!("NAK {d:?} on the last delivery"),
+        }
+        // Unlimited deliveries: always NAK.
+        assert!(matches!(
+            router().after_transient_failure(&at(100), None, "x"),
+            Retry::Nak(_)
+        ));
     }
 
     #[test]

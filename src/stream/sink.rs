@@ -17,6 +17,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::breaker::Breaker;
 use super::inflight::InFlight;
 use super::metrics as m;
 use super::pipeline::Stats;
@@ -109,29 +110,72 @@ impl Settle for InFlight {
     }
 }
 
-/// Publishes, retrying up to `retries` times with exponential backoff (100 ms doubling).
+/// How long to keep trying to store an output.
+#[derive(Debug, Clone)]
+pub struct RetryPolicy {
+    /// Quick retries before the output counts as unavailable (the breaker opens).
+    pub quick_retries: u32,
+    /// First backoff delay; it doubles up to `max_delay`, with jitter.
+    pub base_delay: Duration,
+    pub max_delay: Duration,
+}
+
+/// `d` scaled by a random factor in [0.5, 1): spreads the retries of many workers.
+fn jitter(d: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let r = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    d.mul_f64(0.5 + (r >> 11) as f64 / (1u64 << 53) as f64 / 2.0)
+}
+
+/// The delay before retry number `attempt` (1-based): `base · 2^(attempt−1)`, capped, jittered.
+pub fn backoff(base: Duration, max: Duration, attempt: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << attempt.saturating_sub(1).min(20));
+    jitter(exp.min(max))
+}
+
+/// Publishes until the output is stored, `give_up` resolves, or (with no breaker) the quick
+/// retries are spent. Failures beyond the quick retries open `breaker`, a success closes it.
 /// The output keeps its `Nats-Msg-Id`, so an attempt that timed out after being stored is
 /// deduplicated by the stream.
-pub async fn publish_with_retry<P: Publish>(
+pub async fn publish_until_stored<P: Publish>(
     publisher: &P,
     output: &Output,
     payload: &Bytes,
-    retries: u32,
+    policy: &RetryPolicy,
+    breaker: Option<&Breaker>,
+    give_up: impl Future<Output = ()>,
 ) -> Result<Stored, PublishError> {
+    tokio::pin!(give_up);
     let mut attempt = 0u32;
     loop {
-        match publisher
+        let e = match publisher
             .publish(&output.subject, &output.headers, payload)
             .await
         {
-            Ok(stored) => return Ok(stored),
-            Err(e) if attempt >= retries => return Err(e),
-            Err(e) => {
-                tracing::warn!(subject = %output.subject, attempt, error = %e, "publish failed")
+            Ok(stored) => {
+                if let Some(b) = breaker {
+                    b.reset();
+                }
+                return Ok(stored);
+            }
+            Err(e) => e,
+        };
+        attempt += 1;
+        if attempt > policy.quick_retries {
+            match breaker {
+                Some(b) => b.trip(),
+                None => return Err(e),
             }
         }
-        attempt += 1;
-        tokio::time::sleep(Duration::from_millis(100 * (1 << attempt.min(6)))).await;
+        if attempt == 1 || attempt.is_power_of_two() {
+            tracing::warn!(subject = %output.subject, attempt, error = %e, "publish failed; retrying");
+        }
+        tokio::select! {
+            _ = &mut give_up => return Err(e),
+            _ = tokio::time::sleep(backoff(policy.base_delay, policy.max_delay, attempt)) => {}
+        }
     }
 }
 
@@ -151,19 +195,25 @@ pub enum Routed<S> {
 
 #[derive(Debug, Clone)]
 pub struct SinkConfig {
-    pub publish_retries: u32,
+    pub retry: RetryPolicy,
     /// Publishes awaiting their PubAck at once.
     pub max_inflight_publishes: usize,
-    /// Redelivery delay after a failed publish.
+    /// Redelivery delay after giving up on an output.
     pub nak_delay: Duration,
+    /// How long after its receipt an input may be held while its output cannot be stored;
+    /// then it is NAKed (and its progress acks stop).
+    pub max_processing: Duration,
 }
 
-/// Settles one input: publish then ack, or NAK.
+/// Settles one input: publish then ack, or NAK. An output that cannot be stored is retried
+/// (with the breaker open) until it is, the input's processing cap passes, or `shutdown`.
 pub async fn deliver<P: Publish, S: Settle>(
     publisher: &P,
     item: Routed<S>,
     cfg: &SinkConfig,
     stats: &Stats,
+    breaker: &Breaker,
+    shutdown: &CancellationToken,
 ) {
     match item {
         Routed::Nak {
@@ -181,8 +231,22 @@ pub async fn deliver<P: Publish, S: Settle>(
             output,
         } => {
             let t0 = Instant::now();
-            let published = publish_with_retry(publisher, &output, &payload, cfg.publish_retries)
-                .await
+            let cap = tokio::time::Instant::from_std(input.received() + cfg.max_processing);
+            let give_up = async {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(cap) => {}
+                    _ = shutdown.cancelled() => {}
+                }
+            };
+            let published = publish_until_stored(
+                publisher,
+                &output,
+                &payload,
+                &cfg.retry,
+                Some(breaker),
+                give_up,
+            )
+            .await
                 .inspect_err(|e| tracing::warn!(source = %input.label(), error = %e, "giving up publishing; NAK"));
             histogram!(m::STAGE_SECONDS, "stage" => "publish").record(t0.elapsed().as_secs_f64());
             if published.is_err() {
@@ -227,12 +291,15 @@ pub async fn recv_until<T>(
 
 /// The sink stage: settles every routed input with at most `max_inflight_publishes`
 /// publishes awaiting their PubAck; returns once upstream is done and everything is settled.
+#[allow(clippy::too_many_arguments)]
 pub async fn run<P: Publish, S: Settle>(
     mut rx: mpsc::Receiver<Routed<S>>,
     publisher: P,
     cfg: SinkConfig,
     stats: Arc<Stats>,
+    breaker: Arc<Breaker>,
     upstream_done: CancellationToken,
+    shutdown: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(cfg.max_inflight_publishes.max(1)));
     let tasks = TaskTracker::new();
@@ -242,8 +309,9 @@ pub async fn run<P: Publish, S: Settle>(
             break;
         };
         let (publisher, cfg, stats) = (publisher.clone(), cfg.clone(), stats.clone());
+        let (breaker, shutdown) = (breaker.clone(), shutdown.clone());
         tasks.spawn(async move {
-            deliver(&publisher, item, &cfg, &stats).await;
+            deliver(&publisher, item, &cfg, &stats, &breaker, &shutdown).await;
             drop(slot);
         });
     }
@@ -254,6 +322,7 @@ pub async fn run<P: Publish, S: Settle>(
 #[cfg(test)]
 mod tests {
     use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
 
     use super::*;
     use crate::stream::route::DeadKind;
@@ -318,12 +387,27 @@ mod tests {
         }
     }
 
-    fn cfg(retries: u32) -> SinkConfig {
+    fn cfg(max_processing: Duration) -> SinkConfig {
         SinkConfig {
-            publish_retries: retries,
+            retry: RetryPolicy {
+                quick_retries: 1,
+                base_delay: Duration::from_millis(100),
+                max_delay: Duration::from_secs(5),
+            },
             max_inflight_publishes: 4,
             nak_delay: Duration::from_secs(2),
+            max_processing,
         }
+    }
+
+    fn breaker() -> (Breaker, Arc<AtomicBool>, CancellationToken) {
+        let ready = Arc::new(AtomicBool::new(true));
+        let shutdown = CancellationToken::new();
+        (
+            Breaker::new(ready.clone(), shutdown.clone()),
+            ready,
+            shutdown,
+        )
     }
 
     fn setup(fail: u32) -> (Flaky, Log) {
@@ -346,29 +430,103 @@ mod tests {
             payload: Bytes::from_static(b"x"),
             output: output("o.id", Outcome::Id),
         };
-        deliver(&p, item, &cfg(3), &stats).await;
+        let (b, ready, shutdown) = breaker();
+        deliver(
+            &p,
+            item,
+            &cfg(Duration::from_secs(60)),
+            &stats,
+            &b,
+            &shutdown,
+        )
+        .await;
         assert_eq!(
             *log.lock().unwrap(),
             ["fail o.id", "fail o.id", "stored o.id", "ack 1"]
         );
+        // The second failure opened the breaker, the stored output closed it.
+        assert!(!b.is_open() && ready.load(Ordering::SeqCst));
         assert_eq!(stats.id.load(Ordering::Relaxed), 1);
         assert_eq!(stats.naks.load(Ordering::Relaxed), 0);
     }
 
     #[tokio::test(start_paused = true)]
+    async fn an_unavailable_output_holds_the_input_until_stored_without_a_nak() {
+        // 40 failures: far more than any fixed retry count, well within the processing cap.
+        let (p, log) = setup(40);
+        let stats = Stats::default();
+        let item = Routed::Publish {
+            input: Input(3, log.clone()),
+            payload: Bytes::new(),
+            output: output("o.ood", Outcome::Ood),
+        };
+        let (b, ready, shutdown) = breaker();
+        let b = Arc::new(b);
+        let task = tokio::spawn({
+            let b = b.clone();
+            async move {
+                deliver(
+                    &p,
+                    item,
+                    &cfg(Duration::from_secs(3600)),
+                    &stats,
+                    &b,
+                    &shutdown,
+                )
+                .await;
+                stats
+            }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(
+            b.is_open() && !ready.load(Ordering::SeqCst),
+            "intake paused"
+        );
+        let stats = task.await.unwrap();
+        let log = log.lock().unwrap().clone();
+        assert_eq!(log.len(), 42, "{log:?}");
+        assert_eq!(&log[40..], ["stored o.ood", "ack 3"]);
+        assert!(
+            !log.iter().any(|l| l.starts_with("nak")),
+            "no delivery spent"
+        );
+        assert_eq!(stats.ood.load(Ordering::Relaxed), 1);
+        assert!(!b.is_open() && ready.load(Ordering::SeqCst), "resumed");
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_cap_with_jitter() {
+        let (base, max) = (Duration::from_millis(100), Duration::from_secs(5));
+        for (attempt, full) in [(1, 100), (2, 200), (3, 400), (7, 5000), (40, 5000)] {
+            let d = backoff(base, max, attempt).as_millis() as u64;
+            assert!(d >= full / 2 && d <= full, "attempt {attempt}: {d} ms");
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn naks_when_publishing_keeps_failing() {
-        let (p, log) = setup(10);
+        let (p, log) = setup(1000);
         let stats = Stats::default();
         let item = Routed::Publish {
             input: Input(2, log.clone()),
             payload: Bytes::new(),
             output: output("o.dlq", Outcome::Dead(DeadKind::Corrupt)),
         };
-        deliver(&p, item, &cfg(1), &stats).await;
-        assert_eq!(
-            *log.lock().unwrap(),
-            ["fail o.dlq", "fail o.dlq", "nak 2 Some(2s)"]
-        );
+        // The processing cap passes while the output is still unavailable.
+        let (b, _, shutdown) = breaker();
+        deliver(
+            &p,
+            item,
+            &cfg(Duration::from_secs(10)),
+            &stats,
+            &b,
+            &shutdown,
+        )
+        .await;
+        let log = log.lock().unwrap().clone();
+        assert!(log.len() > 3, "{log:?}");
+        assert_eq!(log.last().map(String::as_str), Some("nak 2 Some(2s)"));
+        assert!(!log.iter().any(|l| l.starts_with("stored")));
         assert_eq!(stats.dlq.load(Ordering::Relaxed), 0);
         assert_eq!(stats.naks.load(Ordering::Relaxed), 1);
     }
@@ -379,7 +537,16 @@ mod tests {
         let stats = Arc::new(Stats::default());
         let (tx, rx) = mpsc::channel(8);
         let done = CancellationToken::new();
-        let sink = tokio::spawn(run(rx, p, cfg(0), stats.clone(), done.clone()));
+        let (b, _, shutdown) = breaker();
+        let sink = tokio::spawn(run(
+            rx,
+            p,
+            cfg(Duration::from_secs(60)),
+            stats.clone(),
+            Arc::new(b),
+            done.clone(),
+            shutdown,
+        ));
         tx.send(Routed::Publish {
             input: Input(1, log.clone()),
             payload: Bytes::new(),
