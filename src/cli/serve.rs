@@ -10,14 +10,11 @@ use oodgate::config::Settings;
 use oodgate::detect::bank::Bank;
 use oodgate::detect::index::IndexParams;
 use oodgate::detect::score::{Method, ScoreParams};
-use oodgate::model::encoder::EncoderOptions;
 use oodgate::model::preprocess::Limits;
-use oodgate::model::{
-    Device, Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING,
-};
+use oodgate::model::{Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING};
+use oodgate::stream::metrics;
 use oodgate::stream::pipeline::{Detector, Stats};
-use oodgate::stream::setup::{self, NatsOptions, Topology};
-use oodgate::stream::{PipelineConfig, metrics};
+use oodgate::stream::setup;
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -55,10 +52,6 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
         .build()?;
     rt.block_on(serve(settings))?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn cores() -> usize {
-    std::thread::available_parallelism().map_or(1, |n| n.get())
 }
 
 async fn serve(s: Settings) -> anyhow::Result<()> {
@@ -111,13 +104,13 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         }
     }
 
-    let nats = nats_options(&s);
+    let nats = s.nats_options();
     let client = setup::connect(&nats).await?;
     let _ = client_cell.set(client.clone());
-    let topology = topology(&s);
+    let topology = s.topology();
     let js = async_nats::jetstream::new(client.clone());
     let consumer = setup::declare(&js, &topology).await?;
-    let cfg = pipeline_config(&s, topology);
+    let cfg = s.pipeline_config(topology);
     let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
     let stats = Arc::new(Stats::default());
@@ -162,16 +155,7 @@ pub fn load_detector_with_threshold(
         eprintln!("{RANDOM_WEIGHTS_WARNING}");
         tracing::warn!("{RANDOM_WEIGHTS_WARNING}");
     }
-    let device: Device = s.model.device.parse()?;
-    let mut enc = OrtEncoder::load(
-        manifest,
-        EncoderOptions {
-            device,
-            intra_threads: s.model.intra_threads,
-            ort_library: s.model.ort_library.clone(),
-            load_text: false,
-        },
-    )?;
+    let mut enc = OrtEncoder::load(manifest, s.model.encoder_options()?)?;
     tracing::info!(provider = %enc.info().provider, threads = enc.info().intra_threads, "encoder loaded");
     if s.model.warm_up {
         let mut sizes = vec![1, s.batch.max_size];
@@ -254,69 +238,4 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("signal received");
-}
-
-pub fn nats_options(s: &Settings) -> NatsOptions {
-    NatsOptions {
-        servers: s.nats.servers.clone(),
-        name: s.nats.name.clone(),
-        user: s.nats.user.clone(),
-        password: s.nats.password.as_ref().map(|p| p.expose().to_string()),
-        token: s.nats.token.as_ref().map(|p| p.expose().to_string()),
-        nkey: s.nats.nkey.as_ref().map(|p| p.expose().to_string()),
-        creds_file: s.nats.creds_file.clone(),
-        tls_ca: s.nats.tls_ca.clone(),
-        tls_cert: s.nats.tls_cert.clone(),
-        tls_key: s.nats.tls_key.clone(),
-        tls_required: s.nats.tls_required,
-        connect_timeout: s.nats.connect_timeout,
-    }
-}
-
-pub fn topology(s: &Settings) -> Topology {
-    let subjects = s.output_subjects();
-    Topology {
-        input_stream: s.input.stream.clone(),
-        input_subjects: s.input.subjects.clone(),
-        create_input: s.input.create_if_missing,
-        filter_subject: s.input.filter_subject.clone(),
-        durable: s.input.durable.clone(),
-        ack_wait: s.input.ack_wait,
-        max_deliver: s.input.max_deliver,
-        max_ack_pending: s.input.max_ack_pending,
-        output_stream: s.output.stream.clone(),
-        output_subjects: [subjects.id, subjects.ood, subjects.dlq],
-        create_output: s.output.create_if_missing,
-        duplicate_window: s.output.duplicate_window,
-    }
-}
-
-/// Decode workers when `batch.decode_workers = 0`: half the cores (the encoder takes the rest).
-pub fn auto_decode_workers() -> usize {
-    cores().div_ceil(2).max(1)
-}
-
-pub fn pipeline_config(s: &Settings, topology: Topology) -> PipelineConfig {
-    let batch_max = s.batch.max_size;
-    PipelineConfig {
-        topology,
-        pull_batch: s.input.pull_batch,
-        pull_expires: s.input.pull_expires,
-        heartbeat: s.input.heartbeat,
-        publish_timeout: s.output.publish_timeout,
-        publish_retries: s.output.publish_retries,
-        max_inflight_publishes: s.output.max_inflight_publishes,
-        batch_max,
-        batch_wait: s.batch.max_wait,
-        decode_workers: if s.batch.decode_workers == 0 {
-            auto_decode_workers()
-        } else {
-            s.batch.decode_workers
-        },
-        queue_depth: s.batch.queue_depth,
-        max_in_flight: (s.input.pull_batch + s.batch.queue_depth + 2 * batch_max).max(1),
-        drain_timeout: s.shutdown.drain_timeout,
-        nak_delay: std::time::Duration::from_secs(2),
-        object_max_bytes: s.limits.max_bytes as usize,
-    }
 }

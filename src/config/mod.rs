@@ -19,8 +19,8 @@
 //! - `keys.rs`: the key table [`KEYS`] and the configuration reference rendered from it;
 //! - `load.rs`: layered loading, unknown keys (with suggestions) and raw value types;
 //! - `validate.rs`: value checks, each [`Problem`] naming its key;
-//! - `resolve.rs`: settings resolved into what runs: NATS authentication, output subjects,
-//!   device, score method and approximation parameters.
+//! - `resolve.rs`: settings resolved into what runs: NATS options, JetStream topology, pipeline,
+//!   encoder options, score method and approximation parameters.
 
 mod keys;
 mod load;
@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::detect::approx::ApproxParams;
 
 pub use keys::{KEYS, KeyInfo, Kind, default_values, env_var_for, key_info};
-pub use resolve::{NatsAuth, OutputSubjects};
+pub use resolve::{NatsAuth, OutputSubjects, auto_decode_workers};
 use validate::list_problems;
 pub use validate::{Problem, subject_covers};
 
