@@ -280,7 +280,8 @@ pub struct ModelSettings {
     pub dir: PathBuf,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ort_library: Option<PathBuf>,
-    /// `auto`, `cpu`, `cuda` or `cuda:N`; parsed by [`ModelSettings::device`].
+    /// `auto`, `cpu`, `cuda` (alias `gpu`) or `cuda:N`; parsed by [`ModelSettings::device`]
+    /// with `model::Device`'s grammar.
     pub device: String,
     pub intra_threads: usize,
     pub warm_up: bool,

@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use super::validate::{Problem, check_device, method_message};
+use super::validate::{Problem, device_problem, method_message};
 use super::{
     ConfigError, DetectorSettings, HttpSettings, ModelSettings, NatsSettings, Secret, Settings,
 };
@@ -62,15 +62,12 @@ impl OutputSubjects {
 }
 
 impl ModelSettings {
-    /// The configured execution device.
+    /// The configured execution device, parsed by [`Device`]'s `FromStr` (the one device
+    /// grammar; validation uses the same parser).
     pub fn device(&self) -> Result<Device, ConfigError> {
-        check_device(&self.device)
-            .map_err(|m| ConfigError::Invalid(vec![Problem::new("model.device", m)]))?;
         self.device
             .parse()
-            .map_err(|e: crate::model::RuntimeError| {
-                ConfigError::Invalid(vec![Problem::new("model.device", e.to_string())])
-            })
+            .map_err(|_| ConfigError::Invalid(vec![device_problem(&self.device)]))
     }
 
     /// How the encoder is loaded: `model.device`, `model.intra_threads`, `model.ort_library`.

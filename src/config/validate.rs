@@ -7,6 +7,7 @@ use std::time::Duration;
 use super::keys::env_var_for;
 use super::{ConfigError, Settings};
 use crate::detect::score::Method;
+use crate::model::Device;
 
 /// One invalid value: the key and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -348,8 +349,8 @@ impl Settings {
         if m.dir.as_os_str().is_empty() {
             p.push(Problem::new("model.dir", "must not be empty"));
         }
-        if let Err(msg) = check_device(&m.device) {
-            p.push(Problem::new("model.device", msg));
+        if m.device.parse::<Device>().is_err() {
+            p.push(device_problem(&m.device));
         }
         range_u(p, "model.intra_threads", m.intra_threads as u64, 0, 1024);
 
@@ -498,18 +499,12 @@ fn name_ok(p: &mut Vec<Problem>, key: &str, name: &str) {
     }
 }
 
-pub(super) fn check_device(d: &str) -> Result<(), String> {
-    let ok = matches!(d, "auto" | "cpu" | "cuda")
-        || d.strip_prefix("cuda:").is_some_and(|n| {
-            !n.is_empty() && n.len() <= 4 && n.bytes().all(|b| b.is_ascii_digit())
-        });
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "must be \"auto\", \"cpu\", \"cuda\" or \"cuda:N\" (got {d:?})"
-        ))
-    }
+/// `model.device` rejected by [`Device`]'s parser (the only device grammar).
+pub(super) fn device_problem(got: &str) -> Problem {
+    Problem::new(
+        "model.device",
+        format!("must be {} (got {got:?})", Device::FORMS),
+    )
 }
 
 fn check_server_url(s: &str) -> Result<(), String> {
@@ -584,4 +579,97 @@ pub fn subject_covers(pattern: &str, subject: &str) -> bool {
         }
     }
     s.len() == p.len()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Validation problems of `model.device` for the value `d`, with defaults elsewhere.
+    fn device_problems(d: &str) -> Vec<Problem> {
+        let mut s = Settings::default();
+        s.model.device = d.to_string();
+        let mut p = Vec::new();
+        s.check(&mut p);
+        p.retain(|p| p.key == "model.device");
+        p
+    }
+
+    #[test]
+    fn validation_and_runtime_accept_the_same_device_strings() {
+        let candidates = [
+            "auto",
+            "cpu",
+            "cuda",
+            "gpu",
+            "cuda:0",
+            "cuda:1",
+            "cuda:0012",
+            "cuda:12345",
+            "cuda:2147483647",
+            " cpu ",
+            "cuda\n",
+            "",
+            " ",
+            "tpu",
+            "CUDA",
+            "Cpu",
+            "gpu:0",
+            "cuda:",
+            "cuda:x",
+            "cuda:-1",
+            "cuda:+1",
+            "cuda:1.0",
+            "cuda: 1",
+            "cuda:2147483648",
+            "cuda:\u{0663}",
+            "cuda:0:1",
+        ];
+        let mut accepted = Vec::new();
+        for d in candidates {
+            let runtime = d.parse::<Device>();
+            let problems = device_problems(d);
+            assert_eq!(
+                runtime.is_ok(),
+                problems.is_empty(),
+                "{d:?}: runtime {runtime:?}, validation {problems:?}"
+            );
+            let mut m = Settings::default().model;
+            m.device = d.to_string();
+            assert_eq!(m.device().ok(), runtime.as_ref().ok().copied(), "{d:?}");
+            if runtime.is_ok() {
+                accepted.push(d);
+            }
+        }
+        assert_eq!(
+            accepted,
+            [
+                "auto",
+                "cpu",
+                "cuda",
+                "gpu",
+                "cuda:0",
+                "cuda:1",
+                "cuda:0012",
+                "cuda:12345",
+                "cuda:2147483647",
+                " cpu ",
+                "cuda\n",
+            ]
+        );
+    }
+
+    #[test]
+    fn device_problem_lists_the_accepted_forms() {
+        let p = device_problems("tpu");
+        assert_eq!(
+            p.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            [r#"model.device must be "auto", "cpu", "cuda" or "cuda:N" (got "tpu")"#]
+        );
+        let e = "tpu".parse::<Device>().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            r#"invalid device "tpu": expected "auto", "cpu", "cuda" or "cuda:N""#
+        );
+    }
 }
