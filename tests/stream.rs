@@ -639,7 +639,11 @@ fn create_output_stream(url: &str) {
         let js = async_nats::jetstream::new(client);
         js.get_or_create_stream(async_nats::jetstream::stream::Config {
             name: "OODGATE_OUT".into(),
-            subjects: vec!["oodgate.id".into(), "oodgate.ood".into(), "oodgate.dlq".into()],
+            subjects: vec![
+                "oodgate.id".into(),
+                "oodgate.ood".into(),
+                "oodgate.dlq".into(),
+            ],
             duplicate_window: Duration::from_secs(900),
             ..Default::default()
         })
@@ -695,7 +699,10 @@ fn an_output_outage_spends_no_deliveries_and_loses_nothing() {
     let mut s = sources(&outs);
     s.dedup();
     assert_eq!(s.len(), payloads.len(), "no duplicates");
-    assert!(saw_not_ready, "/readyz reports not ready while outputs cannot be stored");
+    assert!(
+        saw_not_ready,
+        "/readyz reports not ready while outputs cannot be stored"
+    );
     w.wait_ready();
 }
 

@@ -187,11 +187,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     };
     s.nats.servers = vec![url.clone()];
-    let cfg = super::serve::pipeline_config(&s, super::serve::topology(&s));
+    let cfg = s.pipeline_config(s.topology());
     let decode_workers = cfg.decode_workers;
     let total = a.messages.max(a.batch);
     let e2e = rt.block_on(async {
-        let client = setup::connect(&super::serve::nats_options(&s)).await?;
+        let client = setup::connect(&s.nats_options()).await?;
         let js = async_nats::jetstream::new(client.clone());
         let _ = js.delete_stream(&s.input.stream).await;
         let _ = js.delete_stream(&s.output.stream).await;

@@ -9,9 +9,8 @@ use anyhow::Context;
 use oodgate::config::Settings;
 use oodgate::detect::detector::ThresholdChoice;
 use oodgate::model::Encoder;
-use oodgate::stream::route::OutputSubjects;
-use oodgate::stream::setup::{self, NatsOptions, Topology};
-use oodgate::stream::{PipelineConfig, Stats, metrics};
+use oodgate::stream::setup;
+use oodgate::stream::{Stats, metrics};
 use tokio_util::sync::CancellationToken;
 
 use super::common::worker::load_worker;
@@ -105,13 +104,13 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         }
     }
 
-    let nats = nats_options(&s);
+    let nats = s.nats_options();
     let client = setup::connect(&nats).await?;
     let _ = client_cell.set(client.clone());
-    let topology = topology(&s);
+    let topology = s.topology();
     let js = async_nats::jetstream::new(client.clone());
     let consumer = setup::declare(&js, &topology).await?;
-    let cfg = pipeline_config(&s, topology);
+    let cfg = s.pipeline_config(topology);
     let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
     let stats = Arc::new(Stats::default());
@@ -169,76 +168,4 @@ async fn shutdown_signal() {
         let _ = ctrl_c.await;
     }
     tracing::info!("signal received");
-}
-
-pub fn nats_options(s: &Settings) -> NatsOptions {
-    NatsOptions {
-        servers: s.nats.servers.clone(),
-        name: s.nats.name.clone(),
-        user: s.nats.user.clone(),
-        password: s.nats.password.as_ref().map(|p| p.expose().to_string()),
-        token: s.nats.token.as_ref().map(|p| p.expose().to_string()),
-        nkey: s.nats.nkey.as_ref().map(|p| p.expose().to_string()),
-        creds_file: s.nats.creds_file.clone(),
-        tls_ca: s.nats.tls_ca.clone(),
-        tls_cert: s.nats.tls_cert.clone(),
-        tls_key: s.nats.tls_key.clone(),
-        tls_required: s.nats.tls_required,
-        connect_timeout: s.nats.connect_timeout,
-    }
-}
-
-pub fn topology(s: &Settings) -> Topology {
-    let subjects = s.output_subjects();
-    Topology {
-        input_stream: s.input.stream.clone(),
-        input_subjects: s.input.subjects.clone(),
-        create_input: s.input.create_if_missing,
-        filter_subject: s.input.filter_subject.clone(),
-        durable: s.input.durable.clone(),
-        ack_wait: s.input.ack_wait,
-        max_deliver: s.input.max_deliver,
-        max_ack_pending: s.input.max_ack_pending,
-        output_stream: s.output.stream.clone(),
-        output_subjects: OutputSubjects {
-            id: subjects.id,
-            ood: subjects.ood,
-            dlq: subjects.dlq,
-        },
-        create_output: s.output.create_if_missing,
-        duplicate_window: s.output.duplicate_window,
-    }
-}
-
-/// Decode workers when `batch.decode_workers = 0`: half the cores (the encoder takes the rest).
-pub fn auto_decode_workers() -> usize {
-    oodgate::available_cores().div_ceil(2).max(1)
-}
-
-pub fn pipeline_config(s: &Settings, topology: Topology) -> PipelineConfig {
-    let batch_max = s.batch.max_size;
-    PipelineConfig {
-        topology,
-        pull_batch: s.input.pull_batch,
-        pull_expires: s.input.pull_expires,
-        heartbeat: s.input.heartbeat,
-        publish_timeout: s.output.publish_timeout,
-        publish_retries: s.output.publish_retries,
-        max_inflight_publishes: s.output.max_inflight_publishes,
-        batch_max,
-        batch_wait: s.batch.max_wait,
-        decode_workers: if s.batch.decode_workers == 0 {
-            auto_decode_workers()
-        } else {
-            s.batch.decode_workers
-        },
-        queue_depth: s.batch.queue_depth,
-        max_in_flight: (s.input.pull_batch + s.batch.queue_depth + 2 * batch_max).max(1),
-        drain_timeout: s.shutdown.drain_timeout,
-        nak_delay: std::time::Duration::from_secs(2),
-        nak_delay_max: std::time::Duration::from_secs(60),
-        retry_max_delay: std::time::Duration::from_secs(5),
-        max_processing: std::time::Duration::from_secs(600),
-        object_max_bytes: s.limits.max_bytes as usize,
-    }
 }

@@ -25,13 +25,17 @@ pub enum RuntimeError {
         "ONNX Runtime was already loaded from {loaded}; cannot also load {requested} in the same process"
     )]
     AlreadyLoaded { loaded: PathBuf, requested: PathBuf },
-    #[error("invalid device {0:?}: expected \"auto\", \"cpu\", \"cuda\" or \"cuda:N\"")]
+    #[error("invalid device {0:?}: expected {forms}", forms = Device::FORMS)]
     BadDevice(String),
     #[error("device \"cuda\" requested but {0}")]
     Cuda(String),
 }
 
-/// Where inference runs, as configured (`device = "auto" | "cpu" | "cuda" | "cuda:N"`).
+/// Where inference runs, as configured (`device = "auto" | "cpu" | "cuda" | "cuda:N"`; `gpu`
+/// is accepted as an alias of `cuda`).
+///
+/// Its `FromStr` is the one device grammar: the `--device` options and the configuration's
+/// `model.device` (validation included) all parse with it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Device {
     /// CUDA when it registers, else CPU with a WARN naming the reason.
@@ -42,8 +46,16 @@ pub enum Device {
     Cuda(i32),
 }
 
+impl Device {
+    /// The accepted forms, as error messages list them. `gpu`, an alias of `cuda` that the
+    /// command line has always taken, is accepted too but not listed.
+    pub const FORMS: &'static str = "\"auto\", \"cpu\", \"cuda\" or \"cuda:N\"";
+}
+
 impl std::str::FromStr for Device {
     type Err = RuntimeError;
+    /// `auto`, `cpu`, `cuda` (or `gpu`), `cuda:N` with N decimal digits (a device ordinal that
+    /// fits an `i32`); surrounding whitespace is ignored, case is not.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s.trim() {
             "auto" => Ok(Device::Auto),
@@ -51,8 +63,8 @@ impl std::str::FromStr for Device {
             "cuda" | "gpu" => Ok(Device::Cuda(0)),
             other => other
                 .strip_prefix("cuda:")
+                .filter(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
                 .and_then(|n| n.parse::<i32>().ok())
-                .filter(|n| *n >= 0)
                 .map(Device::Cuda)
                 .ok_or_else(|| RuntimeError::BadDevice(s.to_string())),
         }
@@ -201,6 +213,19 @@ mod tests {
         assert!("cuda:-1".parse::<Device>().is_err());
         assert!("tpu".parse::<Device>().is_err());
         assert_eq!(Device::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn device_grammar_edges() {
+        assert_eq!("gpu".parse::<Device>().ok(), Some(Device::Cuda(0)));
+        assert_eq!(" cpu ".parse::<Device>().ok(), Some(Device::Cpu));
+        assert_eq!("cuda:007".parse::<Device>().ok(), Some(Device::Cuda(7)));
+        for bad in [
+            "", "cuda:", "cuda:+1", "cuda: 1", "cuda:1.0", "CUDA", "gpu:0",
+        ] {
+            assert!(bad.parse::<Device>().is_err(), "{bad:?}");
+        }
+        assert!("cuda:2147483648".parse::<Device>().is_err(), "beyond i32");
     }
 
     #[test]

@@ -18,8 +18,9 @@ pub struct OutputSubjects {
 }
 
 impl OutputSubjects {
-    pub fn all(&self) -> Vec<String> {
-        vec![self.id.clone(), self.ood.clone(), self.dlq.clone()]
+    /// `[id, ood, dlq]`: the subjects of the output stream.
+    pub fn all(&self) -> [&str; 3] {
+        [&self.id, &self.ood, &self.dlq]
     }
 }
 

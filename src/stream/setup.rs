@@ -184,7 +184,7 @@ pub async fn declare(
     if t.create_output {
         js.get_or_create_stream(stream::Config {
             name: t.output_stream.clone(),
-            subjects: t.output_subjects.all(),
+            subjects: t.output_subjects.all().map(String::from).to_vec(),
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
             ..Default::default()

@@ -1,0 +1,240 @@
+//! Resolution of validated settings into the types the rest of oodgate runs with: NATS
+//! authentication and connection options, output subjects, the JetStream topology, the pipeline
+//! configuration, the execution device and encoder options, the score method and the
+//! approximation parameters. The target types stay where they are defined (`stream`, `model`,
+//! `detect`); only this file knows how keys map onto them.
+
+use std::net::SocketAddr;
+use std::path::Path;
+
+use super::validate::{Problem, device_problem, method_message};
+use super::{
+    ConfigError, DetectorSettings, HttpSettings, ModelSettings, NatsSettings, Secret, Settings,
+};
+use crate::detect::approx::ApproxParams;
+use crate::detect::score::Method;
+use crate::model::Device;
+use crate::model::encoder::EncoderOptions;
+use crate::stream::PipelineConfig;
+use crate::stream::route::OutputSubjects;
+use crate::stream::setup::{NatsOptions, Topology};
+
+/// How the worker authenticates to NATS (at most one method; see [`NatsSettings::auth`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NatsAuth<'a> {
+    None,
+    UserPassword { user: &'a str, password: &'a Secret },
+    Token(&'a Secret),
+    NKeySeed(&'a Secret),
+    CredsFile(&'a Path),
+}
+
+impl NatsSettings {
+    /// The configured authentication method. [`Settings::validate`] guarantees at most one.
+    pub fn auth(&self) -> NatsAuth<'_> {
+        if let (Some(user), Some(password)) = (&self.user, &self.password) {
+            NatsAuth::UserPassword { user, password }
+        } else if let Some(t) = &self.token {
+            NatsAuth::Token(t)
+        } else if let Some(s) = &self.nkey {
+            NatsAuth::NKeySeed(s)
+        } else if let Some(p) = &self.creds_file {
+            NatsAuth::CredsFile(p)
+        } else {
+            NatsAuth::None
+        }
+    }
+}
+
+impl ModelSettings {
+    /// The configured execution device, parsed by [`Device`]'s `FromStr` (the one device
+    /// grammar; validation uses the same parser).
+    pub fn device(&self) -> Result<Device, ConfigError> {
+        self.device
+            .parse()
+            .map_err(|_| ConfigError::Invalid(vec![device_problem(&self.device)]))
+    }
+
+    /// How the encoder is loaded: `model.device`, `model.intra_threads`, `model.ort_library`.
+    /// The daemon embeds images only, so the text encoder is not loaded.
+    pub fn encoder_options(&self) -> Result<EncoderOptions, ConfigError> {
+        Ok(EncoderOptions {
+            device: self.device()?,
+            intra_threads: self.intra_threads,
+            ort_library: self.ort_library.clone(),
+            load_text: false,
+        })
+    }
+}
+
+impl DetectorSettings {
+    /// When and how large outlier banks are scored approximately.
+    pub fn approx_params(&self) -> ApproxParams {
+        ApproxParams {
+            exact_limit: self.exact_limit,
+            candidates: self.approx_candidates,
+            ef_search: self.approx_ef_search,
+            tail_sample: self.approx_tail_sample,
+            seed: 0,
+        }
+    }
+
+    /// The configured score method.
+    pub fn method(&self) -> Result<Method, ConfigError> {
+        self.method.parse().map_err(|_| {
+            ConfigError::Invalid(vec![Problem::new(
+                "detector.method",
+                method_message(&self.method),
+            )])
+        })
+    }
+}
+
+impl HttpSettings {
+    pub fn listen_addr(&self) -> Result<SocketAddr, ConfigError> {
+        self.listen.trim().parse().map_err(|_| {
+            ConfigError::Invalid(vec![Problem::new(
+                "http.listen",
+                format!("must be IP:PORT, e.g. 0.0.0.0:9464 (got {:?})", self.listen),
+            )])
+        })
+    }
+}
+
+impl Settings {
+    /// The output subjects, `<prefix>.id|ood|dlq` unless set explicitly.
+    pub fn output_subjects(&self) -> OutputSubjects {
+        let o = &self.output;
+        let pick = |explicit: &str, suffix: &str| {
+            let explicit = explicit.trim();
+            if explicit.is_empty() {
+                format!("{}.{suffix}", o.prefix.trim())
+            } else {
+                explicit.to_string()
+            }
+        };
+        OutputSubjects {
+            id: pick(&o.id_subject, "id"),
+            ood: pick(&o.ood_subject, "ood"),
+            dlq: pick(&o.dlq_subject, "dlq"),
+        }
+    }
+
+    /// The consumer's ack subject prefix, `$JS.ACK.<stream>.<durable>` (for permissions).
+    pub fn ack_subject_prefix(&self) -> String {
+        format!("$JS.ACK.{}.{}", self.input.stream, self.input.durable)
+    }
+
+    /// Connection options for `stream::setup::connect`, from `[nats]`.
+    pub fn nats_options(&self) -> NatsOptions {
+        let n = &self.nats;
+        NatsOptions {
+            servers: n.servers.clone(),
+            name: n.name.clone(),
+            user: n.user.clone(),
+            password: n.password.as_ref().map(|p| p.expose().to_string()),
+            token: n.token.as_ref().map(|p| p.expose().to_string()),
+            nkey: n.nkey.as_ref().map(|p| p.expose().to_string()),
+            creds_file: n.creds_file.clone(),
+            tls_ca: n.tls_ca.clone(),
+            tls_cert: n.tls_cert.clone(),
+            tls_key: n.tls_key.clone(),
+            tls_required: n.tls_required,
+            connect_timeout: n.connect_timeout,
+        }
+    }
+
+    /// The streams and the consumer `stream::setup::declare` creates or checks, from `[input]`
+    /// and `[output]`.
+    pub fn topology(&self) -> Topology {
+        let subjects = self.output_subjects();
+        Topology {
+            input_stream: self.input.stream.clone(),
+            input_subjects: self.input.subjects.clone(),
+            create_input: self.input.create_if_missing,
+            filter_subject: self.input.filter_subject.clone(),
+            durable: self.input.durable.clone(),
+            ack_wait: self.input.ack_wait,
+            max_deliver: self.input.max_deliver,
+            max_ack_pending: self.input.max_ack_pending,
+            output_stream: self.output.stream.clone(),
+            output_subjects: subjects,
+            create_output: self.output.create_if_missing,
+            duplicate_window: self.output.duplicate_window,
+        }
+    }
+
+    /// The pipeline's configuration around `topology` (usually [`Settings::topology`]).
+    /// `batch.decode_workers = 0` resolves to [`auto_decode_workers`].
+    pub fn pipeline_config(&self, topology: Topology) -> PipelineConfig {
+        let batch_max = self.batch.max_size;
+        PipelineConfig {
+            topology,
+            pull_batch: self.input.pull_batch,
+            pull_expires: self.input.pull_expires,
+            heartbeat: self.input.heartbeat,
+            publish_timeout: self.output.publish_timeout,
+            publish_retries: self.output.publish_retries,
+            max_inflight_publishes: self.output.max_inflight_publishes,
+            batch_max,
+            batch_wait: self.batch.max_wait,
+            decode_workers: if self.batch.decode_workers == 0 {
+                auto_decode_workers()
+            } else {
+                self.batch.decode_workers
+            },
+            queue_depth: self.batch.queue_depth,
+            max_in_flight: (self.input.pull_batch + self.batch.queue_depth + 2 * batch_max).max(1),
+            drain_timeout: self.shutdown.drain_timeout,
+            nak_delay: self.input.nak_delay,
+            nak_delay_max: self.input.nak_delay_max,
+            retry_max_delay: self.output.retry_max_delay,
+            max_processing: self.input.max_processing,
+            object_max_bytes: self.limits.max_bytes as usize,
+        }
+    }
+}
+
+/// Decode workers when `batch.decode_workers = 0`: half the cores (the encoder takes the rest).
+pub fn auto_decode_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cores.div_ceil(2).max(1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stage_configurations_follow_the_settings() {
+        let mut s = Settings::default();
+        s.output.prefix = "filter".into();
+        s.output.dlq_subject = "dead.letters".into();
+        s.nats.password = Some(Secret::new("pw"));
+        s.batch.decode_workers = 0;
+
+        let n = s.nats_options();
+        assert_eq!(n.servers, ["nats://127.0.0.1:4222"]);
+        assert_eq!(n.password.as_deref(), Some("pw"));
+
+        let t = s.topology();
+        assert_eq!(
+            t.output_subjects.all(),
+            ["filter.id", "filter.ood", "dead.letters"]
+        );
+        assert_eq!(t.filter_subject, "images.in");
+
+        let c = s.pipeline_config(t);
+        assert_eq!(c.decode_workers, auto_decode_workers());
+        assert!(c.decode_workers >= 1);
+        assert_eq!(c.max_in_flight, 32 + 64 + 2 * 32);
+        assert_eq!(c.object_max_bytes, 32 * 1024 * 1024);
+        s.batch.decode_workers = 3;
+        assert_eq!(s.pipeline_config(s.topology()).decode_workers, 3);
+
+        let e = s.model.encoder_options().expect("default device");
+        assert_eq!(e.device, Device::Auto);
+        assert!(!e.load_text);
+        assert_eq!(s.detector.approx_params().seed, 0);
+    }
+}
