@@ -822,7 +822,7 @@ impl DetectorSettings {
     }
 
     /// The configured score method.
-    pub fn method(&self) -> Result<crate::detect::score::Method, ConfigError> {
+    pub fn method(&self) -> Result<crate::detect::method::Method, ConfigError> {
         self.method.parse().map_err(|_| {
             ConfigError::Invalid(vec![Problem::new(
                 "detector.method",
@@ -833,7 +833,7 @@ impl DetectorSettings {
 }
 
 fn method_message(got: &str) -> String {
-    let names: Vec<&str> = crate::detect::score::Method::ALL
+    let names: Vec<&str> = crate::detect::method::Method::ALL
         .iter()
         .map(|m| m.as_str())
         .collect();
@@ -1413,7 +1413,7 @@ impl Settings {
         range_u(p, "model.intra_threads", m.intra_threads as u64, 0, 1024);
 
         let d = &self.detector;
-        if d.method.parse::<crate::detect::score::Method>().is_err() {
+        if d.method.parse::<crate::detect::method::Method>().is_err() {
             p.push(Problem::new("detector.method", method_message(&d.method)));
         }
         if let Some(t) = d.threshold

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use oodgate::detect::bank::Threshold;
-use oodgate::detect::score::Method;
+use oodgate::detect::method::Method;
 use oodgate::eval::calibrate::threshold_for_tpr;
 
 use super::score::{ApproxArgs, BankScoring, ModelCtx, OptModelArgs, load_bank, params_for, short};

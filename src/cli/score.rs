@@ -14,7 +14,7 @@ use oodgate::detect::approx::ApproxParams;
 use oodgate::detect::bank::{Bank, BankIndex};
 use oodgate::detect::build::{normalize_embeddings, read_npy};
 use oodgate::detect::index::IndexParams;
-use oodgate::detect::score::{Method, ScoreParams, ScoreRow};
+use oodgate::detect::method::{Method, ScoreParams, ScoreRow};
 use oodgate::model::pipeline::{collect_images, embed_image_files};
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING};

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use oodgate::config::Settings;
 use oodgate::detect::bank::Bank;
 use oodgate::detect::index::IndexParams;
-use oodgate::detect::score::{Method, ScoreParams};
+use oodgate::detect::method::{Method, ScoreParams};
 use oodgate::model::encoder::EncoderOptions;
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::index::{IndexDump, IndexParams, VectorIndex};
-use super::score::{ScoreError, ScoreParams, Scorer};
+use super::method::{ScoreError, ScoreParams};
+use super::scorer::Scorer;
 
 pub const BANK_FORMAT: u32 = 1;
 const META_KEY: &str = "oodgate";
@@ -267,7 +268,7 @@ impl Bank {
                     )));
                 }
                 if normalize {
-                    super::score::normalize_rows(m);
+                    super::norm::normalize_rows(m);
                 }
             }
         }

@@ -20,10 +20,11 @@ use thiserror::Error;
 
 use super::bank::{BANK_FORMAT, Bank, BankError, BankMeta, OutlierRow};
 use super::embed_cache::{CacheError, EmbedCache};
+use super::kmeans::{KMeansParams, kmeans};
 use super::labels::{IdLabels, Templates};
 use super::prototypes::{
-    self, KMeansParams, OplCounts, OplParams, ProtoError, hard_prototypes, kmeans, nearest_words,
-    outlier_prototypes, refine,
+    self, OplCounts, OplParams, ProtoError, hard_prototypes, nearest_words, outlier_prototypes,
+    refine,
 };
 use crate::model::tokenizer::END_OF_TEXT;
 use crate::model::{ClipTokenizer, Encoder, EncoderError};

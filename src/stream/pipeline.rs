@@ -22,7 +22,8 @@ use super::message::{self as msg, Payload};
 use super::metrics as m;
 use super::setup::Topology;
 use crate::detect::bank::{Bank, BankIndex};
-use crate::detect::score::{Method, ScoreParams, Scorer};
+use crate::detect::method::{Method, ScoreParams};
+use crate::detect::scorer::Scorer;
 use crate::model::{Encoder, Preprocessor};
 
 /// Everything the pipeline needs to know, resolved from the configuration.
