@@ -12,12 +12,13 @@ use anyhow::{Context, bail};
 use ndarray::{Array2, Axis, s};
 use oodgate::detect::approx::ApproxParams;
 use oodgate::detect::bank::{Bank, BankIndex};
-use oodgate::detect::build::{normalize_embeddings, read_npy};
 use oodgate::detect::index::IndexParams;
 use oodgate::detect::method::{Method, ScoreParams, ScoreRow};
+use oodgate::detect::norm::normalize_rows_off_unit;
 use oodgate::model::pipeline::{collect_images, embed_image_files};
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING};
+use oodgate::npy::read_npy;
 
 use super::common::{ModelArgs, decode_workers, progress, rows_file};
 
@@ -162,7 +163,7 @@ impl ModelCtx {
                         m.ncols()
                     );
                 }
-                normalize_embeddings(&mut m, 1e-6).map_err(|row| {
+                normalize_rows_off_unit(&mut m, 1e-6).map_err(|row| {
                     anyhow::anyhow!(
                         "{}: row {row} is zero or not finite; cannot score it",
                         p.display()

@@ -2,13 +2,10 @@
 
 pub mod approx;
 pub mod bank;
-pub mod build;
 pub mod cosine;
-pub mod embed_cache;
 pub mod index;
 pub mod kernels;
 pub mod kmeans;
-pub mod labels;
 pub mod method;
 pub mod neglabel;
 pub mod norm;
@@ -16,4 +13,3 @@ pub mod prototypes;
 pub mod pyrandom;
 pub mod rng;
 pub mod scorer;
-pub mod wordnet;

@@ -114,4 +114,18 @@ mod tests {
         assert_eq!(m.row(0).to_vec(), vec![0.6, 0.8]);
         assert_eq!(m.row(1).to_vec(), vec![0.6, 0.8]);
     }
+
+    #[test]
+    fn off_unit_rows_only() {
+        let m = ndarray::array![[0.5f32, 1.5], [2.5, -3.5]];
+        let mut m2 = m.clone();
+        normalize_rows_off_unit(&mut m2, 1e-6).unwrap();
+        assert!((m2.row(0).dot(&m2.row(0)) - 1.0).abs() < 1e-6);
+        let unit = ndarray::array![[0.6f32, 0.8]];
+        let mut u2 = unit.clone();
+        normalize_rows_off_unit(&mut u2, 1e-6).unwrap();
+        assert_eq!(u2, unit, "unit rows are left alone");
+        let mut z = Array2::<f32>::zeros((2, 2));
+        assert_eq!(normalize_rows_off_unit(&mut z, 1e-6), Err(0));
+    }
 }

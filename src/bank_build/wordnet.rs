@@ -105,7 +105,7 @@ pub struct WordNet {
 /// Parses an ImageNet-style WordNet id: `n` followed by exactly 8 ASCII digits, the noun offset.
 ///
 /// ```
-/// use oodgate::detect::wordnet::parse_wnid;
+/// use oodgate::bank_build::wordnet::parse_wnid;
 /// assert_eq!(parse_wnid("n02084071"), Some(2084071));
 /// assert_eq!(parse_wnid("n2084071"), None);
 /// assert_eq!(parse_wnid("v02084071"), None);
