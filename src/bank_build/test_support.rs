@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use ndarray::{Array2, ArrayView2, ArrayView4};
 
 use crate::bank_build::labels::Templates;
+use crate::detect::norm::l2_normalize;
 use crate::model::encoder::EncoderInfo;
 use crate::model::{Encoder, EncoderError, Weights};
 
@@ -53,8 +54,7 @@ impl Encoder for FakeEncoder {
                 o[(h % d as u64) as usize] += 1.0;
                 o[((h >> 20) % d as u64) as usize] += 0.5 + (pos % 3) as f32 * 0.1;
             }
-            let n = o.dot(&o).sqrt();
-            o.mapv_inplace(|v| v / n);
+            l2_normalize(o.as_slice_mut().expect("a row of a standard-layout array"));
         }
         Ok(out)
     }

@@ -273,18 +273,14 @@ pub fn recall_at_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::norm::normalize_rows;
+    use crate::detect::rng::SplitMix64;
     use ndarray::Array2;
 
     fn clustered(n: usize, d: usize, seed: u64) -> Array2<f32> {
-        // Deterministic pseudo-random clustered unit vectors (splitmix64).
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
-        };
+        // Deterministic pseudo-random clustered unit vectors.
+        let mut rng = SplitMix64(seed);
+        let mut next = || (rng.next_u64() as f64 / u64::MAX as f64) as f32 - 0.5;
         let centers: Vec<Vec<f32>> = (0..20).map(|_| (0..d).map(|_| next()).collect()).collect();
         let mut a = Array2::<f32>::zeros((n, d));
         for (i, mut row) in a.rows_mut().into_iter().enumerate() {
@@ -292,9 +288,8 @@ mod tests {
             for (j, v) in row.iter_mut().enumerate() {
                 *v = c[j] + 0.3 * next();
             }
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-            row.mapv_inplace(|v| v / norm);
         }
+        normalize_rows(&mut a);
         a
     }
 

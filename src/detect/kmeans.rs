@@ -734,7 +734,7 @@ mod tests {
     }
 
     /// Timing of the OPL-sized k-means; run with
-    /// `cargo test --release --lib detect::prototypes::tests::kmeans_timing -- --ignored --nocapture`
+    /// `cargo test --release --lib detect::kmeans::tests::kmeans_timing -- --ignored --nocapture`
     /// (`KMEANS_TIMING_N` sets N, default 20 000).
     #[test]
     #[ignore = "timing, ~30 s"]
