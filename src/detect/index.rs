@@ -1,13 +1,5 @@
-//! HNSW index (hnsw_rs) over the rows of a bank matrix: nearest labels for explanations, and
-//! the candidate set for approximate scoring of banks beyond the exact limit.
-//!
-//! hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
-//! Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
-//! dumped; insert and search never overlap (the index is built once, then only searched);
-//! `HnswIo::load_hnsw` borrows its loader, which is leaked (a few hundred bytes per load).
-//!
-//! A built graph is kept with its bank as hnsw_rs's own two dump files ([`IndexDump`]), so a
-//! worker that loads a large bank does not rebuild the graph.
+//! HNSW index (hnsw_rs) over the rows of a bank matrix, for explanations and approximate
+//! scoring; its own file because it wraps hnsw_rs's traps and its dump files.
 
 use std::io;
 
@@ -53,6 +45,17 @@ impl Default for IndexParams {
 }
 
 /// An HNSW graph over unit-norm rows; search returns (row, cosine), best first.
+///
+/// HNSW index (hnsw_rs) over the rows of a bank matrix: nearest labels for explanations, and
+/// the candidate set for approximate scoring of banks beyond the exact limit.
+///
+/// hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
+/// Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
+/// dumped; insert and search never overlap (the index is built once, then only searched);
+/// `HnswIo::load_hnsw` borrows its loader, which is leaked (a few hundred bytes per load).
+///
+/// A built graph is kept with its bank as hnsw_rs's own two dump files ([`IndexDump`]), so a
+/// worker that loads a large bank does not rebuild the graph.
 pub struct VectorIndex {
     hnsw: Hnsw<'static, f32, DistDot>,
     len: usize,

@@ -1,4 +1,4 @@
-//! The per-image score math on one row of cosines ([`Kernel`]) and its fast `exp` loops; its own
+//! The per-image score math on one row of cosines (`Kernel`) and its fast `exp` loops; its own
 //! file because the exact and the approximate scorer share it and it holds the SIMD clones.
 
 use multiversion::multiversion;

@@ -21,6 +21,9 @@ pub const UNIT_NORM_TOL: f32 = 1e-3;
 const PAR_MIN_VALUES: usize = 1 << 22;
 
 /// Everything that can go wrong while building outlier prototypes.
+///
+/// Shared by k-means and the prototype steps; it lives here, in the lower of the two files,
+/// so that [`super::prototypes`] can use k-means without an import cycle (it re-exports it).
 #[derive(Debug, Clone, PartialEq, Error)]
 pub enum ProtoError {
     /// A matrix that must hold data has no rows or no columns.

@@ -7,13 +7,13 @@ use std::str::FromStr;
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
 
-/// How far from 1 the L2 norm of an input embedding may be before [`Scorer`] rejects it.
+/// How far from 1 the L2 norm of an input embedding may be before [`Scorer`](super::scorer::Scorer) rejects it.
 ///
 /// Loose on purpose: fp16 encoders produce norms a few 1e-4 off. It exists to catch callers
 /// that forget to normalise, not to police rounding.
 pub const INPUT_NORM_TOLERANCE: f32 = 1e-3;
 
-/// Errors from building a [`Scorer`] or scoring a batch.
+/// Errors from building a [`Scorer`](super::scorer::Scorer) or scoring a batch.
 #[derive(Debug, Error, Clone, PartialEq)]
 pub enum ScoreError {
     /// The ID bank has no rows or zero columns.

@@ -1,18 +1,18 @@
-//! The crate's L2 normalisers (outside `model/`, which must not import `detect/`); one file so
-//! that every bank byte that depends on a normalisation is made by the same few lines.
-//!
-//! Two rounding variants remain on purpose, because bank bytes and version hashes depend on
-//! both and they differ in the last bit of some rows:
-//! - **scale by the inverse** ([`l2_normalize`], [`normalize_rows`]): `x · (1/‖x‖)` in f64.
-//!   [`crate::detect::bank::Bank::new`] and the [`crate::detect::scorer::Scorer`] re-normalise
-//!   every bank row this way.
-//! - **divide by the norm** ([`normalized_f64`], [`normalize_rows_off_unit`]): `x / ‖x‖` in
-//!   f64. Prototype centroids, hard prototypes and label-embedding ensembles are made this way
-//!   before the bank re-normalises them, and `oodgate score` fixes float16 `.npy` inputs so.
-//!
-//! Every norm is [`norm_f64`]: squares summed in f64 in index order. (The ONNX encoder in
-//! `model/` scales its outputs by an f32 inverse; it keeps its own normaliser because `model/`
-//! imports nothing from the rest of the crate.)
+//! The crate's L2 normalisers outside `model/` (which imports nothing from `detect/`); one file
+//! so that every bank byte that depends on a normalisation comes from the same few lines.
+
+// Two rounding variants remain on purpose, because bank bytes and version hashes depend on
+// both and they differ in the last bit of some rows:
+// - **scale by the inverse** (`l2_normalize`, `normalize_rows`): `x · (1/‖x‖)` in f64.
+//   `Bank::new` and the `Scorer` re-normalise
+//   every bank row this way.
+// - **divide by the norm** (`normalized_f64`, `normalize_rows_off_unit`): `x / ‖x‖` in
+//   f64. Prototype centroids, hard prototypes and label-embedding ensembles are made this way
+//   before the bank re-normalises them, and `oodgate score` fixes float16 `.npy` inputs so.
+//
+// Every norm is `norm_f64`: squares summed in f64 in index order. (The ONNX encoder in
+// `model/` scales its outputs by an f32 inverse; it keeps its own normaliser because `model/`
+// imports nothing from the rest of the crate.)
 
 use ndarray::Array2;
 
