@@ -172,7 +172,6 @@ impl Approx {
         want_outliers: bool,
         mut sink: impl FnMut(ScoreRow),
     ) {
-        let ap = self;
         let IdRows {
             w,
             n_id,
@@ -184,21 +183,21 @@ impl Approx {
         let id_lo = if uses_no { n_id } else { 0 };
         let cos = cosines(x, w);
         // Cosines to the tail sample: a second, small GEMM.
-        let n_sample = if scores_out { ap.sample_ids.len() } else { 0 };
+        let n_sample = if scores_out { self.sample_ids.len() } else { 0 };
         let sample_cos = if n_sample > 0 {
-            cosines(x, ap.sample_rows.view())
+            cosines(x, self.sample_rows.view())
         } else {
             Array2::zeros((x.nrows(), 0))
         };
         let scale = f64::from(params.scale);
         let beta = f64::from(params.penalty_beta);
-        let k_head = ap.params.candidates;
-        let ef = ap.params.ef_search.max(k_head);
+        let k_head = self.params.candidates;
+        let ef = self.params.ef_search.max(k_head);
         let mut buf = vec![0.0f64; n_id.max(k_head).max(n_sample)];
         let (mut head_ids, mut head_cos, mut tail) = (Vec::new(), Vec::new(), Vec::new());
         // The heads of the whole batch, searched in parallel (the HNSW walk dominates).
         let heads = if scores_out || want_outliers {
-            ap.index.search_batch(x, k_head, ef)
+            self.index.search_batch(x, k_head, ef)
         } else {
             vec![Vec::new(); x.nrows()]
         };
@@ -216,7 +215,7 @@ impl Approx {
                 head_ids.clear();
                 head_ids.extend(head.iter().map(|h| h.0));
                 head_ids.sort_unstable();
-                for (j, id) in ap.sample_ids.iter().enumerate() {
+                for (j, id) in self.sample_ids.iter().enumerate() {
                     if head_ids.binary_search(id).is_err() {
                         tail.push(sample_cos[[r, j]]);
                     }
