@@ -20,7 +20,9 @@ use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array2, Axis, concatenate};
 use oodgate::detect::approx::ApproxParams;
 use oodgate::detect::index::{IndexParams, VectorIndex};
-use oodgate::detect::score::{Method, ScoreParams, Scorer, l2_normalize};
+use oodgate::detect::method::{Method, ScoreParams};
+use oodgate::detect::norm::l2_normalize;
+use oodgate::detect::scorer::Scorer;
 
 const D: usize = 512;
 const N_ID: usize = 1000;

@@ -16,7 +16,9 @@ use common::Rng;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
 use ndarray::{Array2, ArrayView2, Axis, concatenate};
 use oodgate::detect::index::{IndexParams, VectorIndex, exact_top_k, recall_at_k};
-use oodgate::detect::score::{Method, ScoreParams, Scorer, l2_normalize};
+use oodgate::detect::method::{Method, ScoreParams};
+use oodgate::detect::norm::l2_normalize;
+use oodgate::detect::scorer::Scorer;
 
 const D: usize = 512;
 const N_ID: usize = 1000;

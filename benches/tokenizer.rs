@@ -5,7 +5,7 @@
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use oodgate::detect::labels::templates;
+use oodgate::bank_build::labels::templates;
 use oodgate::model::ClipTokenizer;
 
 fn batch_texts(n: usize) -> Vec<String> {

@@ -673,7 +673,7 @@ fn large_outlier_bank_scores_approximately_and_carries_its_index() {
     f.build("b.oodb", &["--no-hopg"]);
     let exp = f.path("exported");
     ok(&["bank", "export", s(&f.path("b.oodb")), "-o", s(&exp)]);
-    let id = oodgate::detect::build::read_npy(&exp.join("id.npy")).unwrap();
+    let id = oodgate::npy::read_npy(&exp.join("id.npy")).unwrap();
     // 3,000 outlier rows: the ID rows mixed with deterministic noise, so some sit close to
     // the images and the softmax mass is spread over many rows.
     let m = 3000;

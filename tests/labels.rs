@@ -6,11 +6,11 @@ use std::collections::HashSet;
 use std::io::Write;
 use std::path::PathBuf;
 
-use oodgate::detect::labels::{
+use oodgate::bank_build::labels::{
     CleanOptions, CleanReport, CorpusOptions, IdLabels, LabelError, clean_outliers, outlier_words,
     templates,
 };
-use oodgate::detect::wordnet::WordNet;
+use oodgate::bank_build::wordnet::WordNet;
 
 fn temp_file(text: &str) -> tempfile::NamedTempFile {
     let mut f = tempfile::NamedTempFile::new().unwrap();

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use common::nats::{NatsServer, free_port};
 use ndarray::Array2;
 use oodgate::detect::bank::{Bank, BankMeta, OutlierRow};
-use oodgate::detect::score::{Method, ScoreParams};
+use oodgate::detect::method::{Method, ScoreParams};
 use oodgate::model::encoder::EncoderOptions;
 use oodgate::model::pipeline::embed_image_files;
 use oodgate::model::preprocess::Limits;

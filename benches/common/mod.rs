@@ -1,7 +1,8 @@
 //! Deterministic test vectors shared by the benches.
 
 use ndarray::Array2;
-use oodgate::detect::score::{SplitMix64, l2_normalize};
+use oodgate::detect::norm::l2_normalize;
+use oodgate::detect::rng::SplitMix64;
 
 /// SplitMix64 + Box–Muller: deterministic Gaussian vectors without a `rand` API dependency.
 pub struct Rng(SplitMix64);

@@ -6,20 +6,22 @@ use std::time::Instant;
 
 use anyhow::{Context, bail};
 use indicatif::ProgressBar;
-use oodgate::detect::bank::Bank;
-use oodgate::detect::build::{
-    self, BuildReport, BuildRequest, CacheSpec, DEFAULT_BATCH, DEFAULT_WORDS_PER_ROW,
-    ImportRequest, NegLabelParams, OutlierMode, Progress, read_npy,
+use oodgate::bank_build::build::{
+    self, BuildReport, BuildRequest, CacheSpec, DEFAULT_WORDS_PER_ROW, NegLabelParams, OutlierMode,
 };
-use oodgate::detect::embed_cache;
-use oodgate::detect::index::IndexParams;
-use oodgate::detect::labels::{
+use oodgate::bank_build::embed::{DEFAULT_BATCH, Progress};
+use oodgate::bank_build::embed_cache;
+use oodgate::bank_build::import::{self, ImportRequest};
+use oodgate::bank_build::labels::{
     self, CORPUS_WORDNET, CleanOptions, CleanReport, CorpusOptions, IdLabels, clean_outliers,
     outlier_words,
 };
+use oodgate::bank_build::wordnet::{self, WordNet};
+use oodgate::detect::bank::Bank;
+use oodgate::detect::index::IndexParams;
 use oodgate::detect::prototypes::{HopgParams, OplParams};
-use oodgate::detect::wordnet::{self, WordNet};
 use oodgate::model::{ClipTokenizer, ModelManifest, RANDOM_WEIGHTS_WARNING};
+use oodgate::npy::read_npy;
 
 use super::common::{ModelArgs, progress};
 use super::common::{load_bank, short};
@@ -552,7 +554,7 @@ fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
         "outliers": a.outliers.as_ref().map(|p| p.display().to_string()),
         "outlier_labels": a.outlier_labels.as_ref().map(|p| p.display().to_string()),
     });
-    let mut bank = build::import_bank(ImportRequest {
+    let mut bank = import::import_bank(ImportRequest {
         id,
         id_labels,
         no,

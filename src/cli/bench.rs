@@ -144,7 +144,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let mut emb = Array2::<f32>::from_shape_fn((64, d), |(i, j)| {
         (((i * 31 + j * 17) % 97) as f32 - 48.0) / 97.0
     });
-    oodgate::detect::score::normalize_rows(&mut emb);
+    oodgate::detect::norm::normalize_rows(&mut emb);
     let reps = 200;
     let t = Instant::now();
     for _ in 0..reps {
@@ -167,7 +167,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         let (a, b) = (i * 7 % rows.nrows(), (i * 13 + 5) % rows.nrows());
         q.assign(&(&rows.row(a) + &(&rows.row(b) * 0.5)));
     }
-    oodgate::detect::score::normalize_rows(&mut queries);
+    oodgate::detect::norm::normalize_rows(&mut queries);
     let recall10 = oodgate::detect::index::recall_at_k(&index.id, rows, queries.view(), 10);
 
     // 4. End to end through NATS: publish a backlog, then time the worker draining it.

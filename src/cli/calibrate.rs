@@ -11,7 +11,7 @@ use std::sync::Arc;
 use anyhow::{Context, bail};
 use oodgate::detect::bank::Threshold;
 use oodgate::detect::detector::Detector;
-use oodgate::detect::score::Method;
+use oodgate::detect::method::Method;
 use oodgate::eval::calibrate::threshold_for_tpr;
 
 use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short};

@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use anyhow::{Context, bail};
 use oodgate::detect::bank::Bank;
 use oodgate::detect::detector::Detector;
-use oodgate::detect::score::Method;
+use oodgate::detect::method::Method;
 use oodgate::eval::metrics::{Metrics, evaluate, roc_curve};
 use oodgate::model::RANDOM_WEIGHTS_WARNING;
 use serde::Serialize;

@@ -8,7 +8,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use oodgate::detect::detector::{Decision, Detector, DetectorSpec, ThresholdChoice};
-use oodgate::detect::score::Method;
+use oodgate::detect::method::Method;
 
 use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank};
 

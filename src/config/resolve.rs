@@ -12,7 +12,7 @@ use super::{
     ConfigError, DetectorSettings, HttpSettings, ModelSettings, NatsSettings, Secret, Settings,
 };
 use crate::detect::approx::ApproxParams;
-use crate::detect::score::Method;
+use crate::detect::method::Method;
 use crate::model::Device;
 use crate::model::encoder::EncoderOptions;
 use crate::stream::PipelineConfig;
@@ -197,8 +197,7 @@ impl Settings {
 
 /// Decode workers when `batch.decode_workers = 0`: half the cores (the encoder takes the rest).
 pub fn auto_decode_workers() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    cores.div_ceil(2).max(1)
+    crate::available_cores().div_ceil(2).max(1)
 }
 
 #[cfg(test)]

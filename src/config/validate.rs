@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::keys::env_var_for;
 use super::{ConfigError, Settings};
-use crate::detect::score::Method;
+use crate::detect::method::Method;
 use crate::model::Device;
 
 /// One invalid value: the key and what is wrong with it.

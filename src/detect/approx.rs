@@ -1,38 +1,43 @@
-//! Approximate OLE scoring for outlier banks too large for an exact GEMM per batch.
-//!
-//! method.md §8 forbids truncating the softmax denominator to an ANN top-k: at s = 50 the many
-//! rows just below the best one still carry much of the mass. So beyond
-//! [`ApproxParams::exact_limit`] outlier rows, the outlier part of the denominator
-//! Σ_k e^{l_k − m} is split in two:
-//!
-//! - **head** H: the `candidates` outlier rows the HNSW index returns for the image, summed
-//!   exactly;
-//! - **tail**: every other row, estimated from a fixed, seeded uniform sample S of the outlier
-//!   rows as `(M − |H|) / |S∖H| · Σ_{j ∈ S∖H} e^{l_j − m}`.
-//!
-//! This is the top-k-plus-sampled-tail estimator of a partition function (Mussmann & Ermon,
-//! "Learning and Inference via Maximum Inner Product Search", ICML 2016). Given H, S∖H is a
-//! uniform sample of the rows outside H, so the tail estimate is unbiased; the ID rows T (the
-//! numerator) and T̄ stay exact. Within the limit, scoring is exact.
-//!
-//! Measured on 2 cores (benches/approx.rs, 1,000 ID + 100,000 clustered outlier rows, D = 512):
-//! exact 2.0 ms per image; approximate 1.0 / 1.7 / 2.8 ms with a head of 64 / 128 / 256 rows.
-//! The default head is 256 because on clustered banks smaller heads miss part of the nearest
-//! cluster and the estimate's spread grows (the unit test's p95 relative error: 0.52 at 64,
-//! 0.12 at 128, 0.01 at 256).
-//!
-//! Only the outlier-based scores use it (`ole`, `ole-max`, `ole-penalty`); `neglabel` groups
-//! its negatives and is always exact.
+//! Approximate scoring of outlier banks too large for an exact GEMM per batch (HNSW head plus a
+//! sampled tail); its own file so that the exact scorer stays free of the index.
 
 use std::sync::Arc;
 
 use ndarray::{Array2, ArrayView2};
 use serde::{Deserialize, Serialize};
 
+use super::cosine::cosines;
 use super::index::VectorIndex;
-use super::score::{ScoreError, SplitMix64};
+use super::kernels::{Kernel, argmax, contiguous};
+use super::method::{Method, ScoreError, ScoreParams, ScoreRow};
+use super::neglabel::NegGrouping;
+use super::rng::uniform_sample;
 
 /// When and how outlier banks are scored approximately.
+///
+/// method.md §8 forbids truncating the softmax denominator to an ANN top-k: at s = 50 the many
+/// rows just below the best one still carry much of the mass. So beyond
+/// [`ApproxParams::exact_limit`] outlier rows, the outlier part of the denominator
+/// Σ_k e^{l_k − m} is split in two:
+///
+/// - **head** H: the `candidates` outlier rows the HNSW index returns for the image, summed
+///   exactly;
+/// - **tail**: every other row, estimated from a fixed, seeded uniform sample S of the outlier
+///   rows as `(M − |H|) / |S∖H| · Σ_{j ∈ S∖H} e^{l_j − m}`.
+///
+/// This is the top-k-plus-sampled-tail estimator of a partition function (Mussmann & Ermon,
+/// "Learning and Inference via Maximum Inner Product Search", ICML 2016). Given H, S∖H is a
+/// uniform sample of the rows outside H, so the tail estimate is unbiased; the ID rows T (the
+/// numerator) and T̄ stay exact. Within the limit, scoring is exact.
+///
+/// Measured on 2 cores (benches/approx.rs, 1,000 ID + 100,000 clustered outlier rows, D = 512):
+/// exact 2.0 ms per image; approximate 1.0 / 1.7 / 2.8 ms with a head of 64 / 128 / 256 rows.
+/// The default head is 256 because on clustered banks smaller heads miss part of the nearest
+/// cluster and the estimate's spread grows (the unit test's p95 relative error: 0.52 at 64,
+/// 0.12 at 128, 0.01 at 256).
+///
+/// Only the outlier-based scores use it (`ole`, `ole-max`, `ole-penalty`); `neglabel` groups
+/// its negatives and is always exact.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ApproxParams {
@@ -114,6 +119,20 @@ impl std::fmt::Debug for Approx {
     }
 }
 
+/// What the approximate path reads of the exact scorer's stacked bank.
+pub(crate) struct IdRows<'a> {
+    /// `[T̄; T]` when the method uses T̄ (`uses_no`), else `T`; unit rows.
+    pub w: ArrayView2<'a, f32>,
+    /// C, the ID rows.
+    pub n_id: usize,
+    /// Whether `w` starts with the C rows of T̄.
+    pub uses_no: bool,
+    /// M, the outlier rows the head and tail stand for.
+    pub n_out: usize,
+    /// The NegLabel grouping (unused: NegLabel is always exact).
+    pub grouping: &'a NegGrouping,
+}
+
 impl Approx {
     /// `outliers` are the scorer's normalised outlier rows; `index` must index exactly them.
     pub fn new(
@@ -141,46 +160,90 @@ impl Approx {
             sample_rows,
         })
     }
-}
 
-/// `min(k, n)` distinct indices of `0..n`, uniformly at random (seeded partial Fisher–Yates
-/// with SplitMix64, portable across releases), sorted.
-pub fn uniform_sample(n: usize, k: usize, seed: u64) -> Vec<usize> {
-    let k = k.min(n);
-    let mut rng = SplitMix64(seed);
-    // Sparse Fisher–Yates: only the touched positions are stored, so a sample of 4,096 from
-    // 10⁶ rows costs 4,096 steps, not an array of 10⁶ indices.
-    let mut moved = std::collections::HashMap::<usize, usize>::with_capacity(2 * k);
-    let mut out = Vec::with_capacity(k);
-    for i in 0..k {
-        let j = i + rng.below(n - i);
-        let vj = *moved.get(&j).unwrap_or(&j);
-        let vi = *moved.get(&i).unwrap_or(&i);
-        moved.insert(j, vi);
-        out.push(vj);
+    /// The scores of a batch with the outlier rows replaced by the head and the sampled tail
+    /// (inputs already checked; never called for NegLabel). `rows` are the scorer's ID rows.
+    pub(crate) fn score(
+        &self,
+        rows: IdRows<'_>,
+        x: ArrayView2<'_, f32>,
+        method: Method,
+        params: &ScoreParams,
+        want_outliers: bool,
+        mut sink: impl FnMut(ScoreRow),
+    ) {
+        let IdRows {
+            w,
+            n_id,
+            uses_no,
+            n_out,
+            grouping,
+        } = rows;
+        let scores_out = method.uses_outliers();
+        let id_lo = if uses_no { n_id } else { 0 };
+        let cos = cosines(x, w);
+        // Cosines to the tail sample: a second, small GEMM.
+        let n_sample = if scores_out { self.sample_ids.len() } else { 0 };
+        let sample_cos = if n_sample > 0 {
+            cosines(x, self.sample_rows.view())
+        } else {
+            Array2::zeros((x.nrows(), 0))
+        };
+        let scale = f64::from(params.scale);
+        let beta = f64::from(params.penalty_beta);
+        let k_head = self.params.candidates;
+        let ef = self.params.ef_search.max(k_head);
+        let mut buf = vec![0.0f64; n_id.max(k_head).max(n_sample)];
+        let (mut head_ids, mut head_cos, mut tail) = (Vec::new(), Vec::new(), Vec::new());
+        // The heads of the whole batch, searched in parallel (the HNSW walk dominates).
+        let heads = if scores_out || want_outliers {
+            self.index.search_batch(x, k_head, ef)
+        } else {
+            vec![Vec::new(); x.nrows()]
+        };
+        let mut owned: Vec<f32> = Vec::new();
+        for ((r, row), head) in cos.rows().into_iter().enumerate().zip(heads) {
+            let row = contiguous(row, &mut owned);
+            let idc = &row[id_lo..id_lo + n_id];
+            let noc = if uses_no { &row[..n_id] } else { &[][..] };
+            let (top_id, top_id_cos) = argmax(idc);
+            head_cos.clear();
+            head_cos.extend(head.iter().map(|h| h.1));
+            tail.clear();
+            let mut tail_weight = 0.0;
+            if scores_out {
+                head_ids.clear();
+                head_ids.extend(head.iter().map(|h| h.0));
+                head_ids.sort_unstable();
+                for (j, id) in self.sample_ids.iter().enumerate() {
+                    if head_ids.binary_search(id).is_err() {
+                        tail.push(sample_cos[[r, j]]);
+                    }
+                }
+                if !tail.is_empty() {
+                    tail_weight = (n_out - head.len()) as f64 / tail.len() as f64;
+                }
+            }
+            let top_out = head.first().copied();
+            let k = Kernel {
+                id: idc,
+                no: noc,
+                out: &head_cos,
+                tail: &tail,
+                tail_weight,
+                top_id,
+                id_max: top_id_cos,
+                out_max: top_out.map(|t| t.1),
+                scale,
+            };
+            sink(k.score_row(method, beta, grouping, &mut buf, top_out.map(|t| t.0)));
+        }
     }
-    out.sort_unstable();
-    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sample_is_distinct_sorted_seeded_and_complete_when_k_ge_n() {
-        let s = uniform_sample(1000, 100, 7);
-        assert_eq!(s.len(), 100);
-        assert!(s.windows(2).all(|w| w[0] < w[1]));
-        assert!(s.iter().all(|&i| i < 1000));
-        assert_eq!(s, uniform_sample(1000, 100, 7));
-        assert_ne!(s, uniform_sample(1000, 100, 8));
-        assert_eq!(uniform_sample(5, 10, 1), vec![0, 1, 2, 3, 4]);
-        // Roughly uniform: the mean index of a large sample is near n/2.
-        let big = uniform_sample(100_000, 20_000, 3);
-        let mean = big.iter().sum::<usize>() as f64 / big.len() as f64;
-        assert!((mean - 50_000.0).abs() < 1_500.0, "{mean}");
-    }
 
     #[test]
     fn parameters_are_validated() {

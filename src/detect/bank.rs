@@ -1,13 +1,5 @@
-//! The bank file (`.oodb`): one self-describing, versioned safetensors file holding the ID
-//! embeddings T with their labels, optional CLIPN "no" embeddings T̄, the outlier vectors Ô
-//! with their words, θ, every build parameter, the model fingerprint, a content hash as
-//! version, and calibrated thresholds per method. Metadata is canonical JSON under the single
-//! safetensors metadata key `oodgate`, so saving the same bank twice gives the same bytes.
-//!
-//! The file also carries the HNSW graphs over the ID and outlier rows ([`StoredIndex`]): byte
-//! tensors holding hnsw_rs's dumps, described in the metadata's `index` field with a SHA-256
-//! per blob. The index is derived data (its construction is not deterministic), so it
-//! is outside the content hash; a missing or damaged index is rebuilt at load with a warning.
+//! The bank file (`.oodb`): banks T, T̄, Ô with their labels, θ, build parameters, thresholds
+//! and the HNSW graphs in one versioned safetensors file; its own file: the one I/O of `detect/`.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -19,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use super::index::{IndexDump, IndexParams, VectorIndex};
-use super::score::{ScoreError, ScoreParams, Scorer};
+use super::method::{ScoreError, ScoreParams};
+use super::scorer::Scorer;
 
 pub const BANK_FORMAT: u32 = 1;
 const META_KEY: &str = "oodgate";
@@ -115,6 +108,17 @@ pub struct BankMeta {
 }
 
 /// A loaded bank.
+///
+/// The bank file (`.oodb`): one self-describing, versioned safetensors file holding the ID
+/// embeddings T with their labels, optional CLIPN "no" embeddings T̄, the outlier vectors Ô
+/// with their words, θ, every build parameter, the model fingerprint, a content hash as
+/// version, and calibrated thresholds per method. Metadata is canonical JSON under the single
+/// safetensors metadata key `oodgate`, so saving the same bank twice gives the same bytes.
+///
+/// The file also carries the HNSW graphs over the ID and outlier rows ([`StoredIndex`]): byte
+/// tensors holding hnsw_rs's dumps, described in the metadata's `index` field with a SHA-256
+/// per blob. The index is derived data (its construction is not deterministic), so it
+/// is outside the content hash; a missing or damaged index is rebuilt at load with a warning.
 #[derive(Debug, Clone)]
 pub struct Bank {
     pub meta: BankMeta,
@@ -267,7 +271,7 @@ impl Bank {
                     )));
                 }
                 if normalize {
-                    super::score::normalize_rows(m);
+                    super::norm::normalize_rows(m);
                 }
             }
         }

@@ -1,11 +1,5 @@
-//! The one matrix product of scoring: cosines of a batch of image embeddings against bank rows.
-//!
-//! Uses the `gemm` crate rather than ndarray's `matrixmultiply` backend, from measurement
-//! (2-core AMD EPYC, one thread, 1,200 bank rows × 512 dims, best of 1,000): per batch of
-//! 1 / 8 / 32 / 64 / 256 images, matrixmultiply took 239 / 289 / 535 / 948 / 3,454 µs and
-//! `gemm` on the transposed problem plus the transposing copy 35 / 165 / 375 / 750 / 3,158 µs.
-//! matrixmultiply repacks the whole bank on every call; `gemm` does less of that and has a
-//! matrix–vector path for the small batches a streaming worker often sees.
+//! The one matrix product of scoring, cosines of a batch against bank rows (`gemm` crate); its
+//! own file because the exact and the approximate scorer both call it.
 
 use ndarray::{Array2, ArrayView2};
 
@@ -15,6 +9,15 @@ use ndarray::{Array2, ArrayView2};
 ///
 /// # Panics
 /// If the two inputs differ in width (callers check shapes against the bank first).
+///
+/// The one matrix product of scoring: cosines of a batch of image embeddings against bank rows.
+///
+/// Uses the `gemm` crate rather than ndarray's `matrixmultiply` backend, from measurement
+/// (2-core AMD EPYC, one thread, 1,200 bank rows × 512 dims, best of 1,000): per batch of
+/// 1 / 8 / 32 / 64 / 256 images, matrixmultiply took 239 / 289 / 535 / 948 / 3,454 µs and
+/// `gemm` on the transposed problem plus the transposing copy 35 / 165 / 375 / 750 / 3,158 µs.
+/// matrixmultiply repacks the whole bank on every call; `gemm` does less of that and has a
+/// matrix–vector path for the small batches a streaming worker often sees.
 pub fn cosines(x: ArrayView2<'_, f32>, w: ArrayView2<'_, f32>) -> Array2<f32> {
     assert_eq!(x.ncols(), w.ncols(), "cosines: embedding widths differ");
     let (b, n, d) = (x.nrows(), w.nrows(), x.ncols());

@@ -9,7 +9,8 @@ use ndarray::{ArrayView2, s};
 use super::approx::ApproxParams;
 use super::bank::{Bank, BankError, BankIndex, Explanation};
 use super::index::IndexParams;
-use super::score::{Method, ScoreError, ScoreParams, ScoreRow, Scorer};
+use super::method::{Method, ScoreError, ScoreParams, ScoreRow};
+use super::scorer::Scorer;
 
 /// Rows scored per call into the scorer: bounds the cosine matrix of large inputs.
 const SCORE_BLOCK: usize = 4096;

@@ -1,13 +1,5 @@
-//! HNSW index (hnsw_rs) over the rows of a bank matrix: nearest labels for explanations, and
-//! the candidate set for approximate scoring of banks beyond the exact limit.
-//!
-//! hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
-//! Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
-//! dumped; insert and search never overlap (the index is built once, then only searched);
-//! `HnswIo::load_hnsw` borrows its loader, which is leaked (a few hundred bytes per load).
-//!
-//! A built graph is kept with its bank as hnsw_rs's own two dump files ([`IndexDump`]), so a
-//! worker that loads a large bank does not rebuild the graph.
+//! HNSW index (hnsw_rs) over the rows of a bank matrix, for explanations and approximate
+//! scoring; its own file because it wraps hnsw_rs's traps and its dump files.
 
 use std::io;
 
@@ -53,6 +45,17 @@ impl Default for IndexParams {
 }
 
 /// An HNSW graph over unit-norm rows; search returns (row, cosine), best first.
+///
+/// HNSW index (hnsw_rs) over the rows of a bank matrix: nearest labels for explanations, and
+/// the candidate set for approximate scoring of banks beyond the exact limit.
+///
+/// hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
+/// Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
+/// dumped; insert and search never overlap (the index is built once, then only searched);
+/// `HnswIo::load_hnsw` borrows its loader, which is leaked (a few hundred bytes per load).
+///
+/// A built graph is kept with its bank as hnsw_rs's own two dump files ([`IndexDump`]), so a
+/// worker that loads a large bank does not rebuild the graph.
 pub struct VectorIndex {
     hnsw: Hnsw<'static, f32, DistDot>,
     len: usize,
@@ -273,18 +276,14 @@ pub fn recall_at_k(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::detect::norm::normalize_rows;
+    use crate::detect::rng::SplitMix64;
     use ndarray::Array2;
 
     fn clustered(n: usize, d: usize, seed: u64) -> Array2<f32> {
-        // Deterministic pseudo-random clustered unit vectors (splitmix64).
-        let mut s = seed;
-        let mut next = || {
-            s = s.wrapping_add(0x9E37_79B9_7F4A_7C15);
-            let mut z = s;
-            z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-            z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-            ((z ^ (z >> 31)) as f64 / u64::MAX as f64) as f32 - 0.5
-        };
+        // Deterministic pseudo-random clustered unit vectors.
+        let mut rng = SplitMix64(seed);
+        let mut next = || (rng.next_u64() as f64 / u64::MAX as f64) as f32 - 0.5;
         let centers: Vec<Vec<f32>> = (0..20).map(|_| (0..d).map(|_| next()).collect()).collect();
         let mut a = Array2::<f32>::zeros((n, d));
         for (i, mut row) in a.rows_mut().into_iter().enumerate() {
@@ -292,9 +291,8 @@ mod tests {
             for (j, v) in row.iter_mut().enumerate() {
                 *v = c[j] + 0.3 * next();
             }
-            let norm = row.iter().map(|v| v * v).sum::<f32>().sqrt();
-            row.mapv_inplace(|v| v / norm);
         }
+        normalize_rows(&mut a);
         a
     }
 

@@ -2,13 +2,15 @@
 
 pub mod approx;
 pub mod bank;
-pub mod build;
 pub mod cosine;
 pub mod detector;
-pub mod embed_cache;
 pub mod index;
-pub mod labels;
+pub mod kernels;
+pub mod kmeans;
+pub mod method;
+pub mod neglabel;
+pub mod norm;
 pub mod prototypes;
 pub mod pyrandom;
-pub mod score;
-pub mod wordnet;
+pub mod rng;
+pub mod scorer;

@@ -1,16 +1,5 @@
-//! A port of CPython's `random` module generator (MT19937), bit-for-bit (method.md §7).
-//!
-//! HOPG's reference draws its mixing weights with `random.seed(42)` followed by
-//! `random.uniform(0.0, 0.5)` once per boundary embedding. [`PyRandom`] reproduces exactly those
-//! numbers: it is the Mersenne Twister MT19937 seeded the way CPython's `random.seed(n)` seeds it
-//! for an integer `n` (`init_by_array` with the 32-bit little-endian words of `|n|`), with
-//! CPython's 53-bit `random()`, `uniform()`, `getrandbits()` and `_randbelow()`.
-//!
-//! The generator is also what the k-means++ initialisation in [`super::prototypes`] draws from:
-//! its output is fixed by this specification rather than by a crate version, so a bank built
-//! from a given seed stays reproducible across dependency upgrades.
-//!
-//! Not cryptographically secure; never use it for anything but reproducible experiments.
+//! A bit-for-bit port of CPython's `random` generator (MT19937); its own file because HOPG and
+//! k-means++ must draw the reference's exact numbers.
 
 /// State size of MT19937.
 const N: usize = 624;
@@ -27,6 +16,20 @@ const LOWER_MASK: u32 = 0x7fff_ffff;
 /// let mut r = PyRandom::new(42);
 /// assert_eq!(r.uniform(0.0, 0.5), 0.3197133992289419);
 /// ```
+///
+/// A port of CPython's `random` module generator (MT19937), bit-for-bit (method.md §7).
+///
+/// HOPG's reference draws its mixing weights with `random.seed(42)` followed by
+/// `random.uniform(0.0, 0.5)` once per boundary embedding. [`PyRandom`] reproduces exactly those
+/// numbers: it is the Mersenne Twister MT19937 seeded the way CPython's `random.seed(n)` seeds it
+/// for an integer `n` (`init_by_array` with the 32-bit little-endian words of `|n|`), with
+/// CPython's 53-bit `random()`, `uniform()`, `getrandbits()` and `_randbelow()`.
+///
+/// The generator is also what the k-means++ initialisation in [`super::kmeans`] draws from:
+/// its output is fixed by this specification rather than by a crate version, so a bank built
+/// from a given seed stays reproducible across dependency upgrades.
+///
+/// Not cryptographically secure; never use it for anything but reproducible experiments.
 #[derive(Clone, Debug)]
 pub struct PyRandom {
     mt: [u32; N],

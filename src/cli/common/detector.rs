@@ -6,7 +6,7 @@ use anyhow::Context;
 use oodgate::detect::approx::ApproxParams;
 use oodgate::detect::bank::Bank;
 use oodgate::detect::detector::{DetectorSpec, ThresholdChoice};
-use oodgate::detect::score::Method;
+use oodgate::detect::method::Method;
 
 pub fn load_bank(path: &Path) -> anyhow::Result<Bank> {
     Bank::load(path).with_context(|| format!("loading bank {}", path.display()))

@@ -8,10 +8,11 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use ndarray::{Array2, Axis};
 use oodgate::detect::bank::Bank;
-use oodgate::detect::build::{normalize_embeddings, read_npy};
+use oodgate::detect::norm::normalize_rows_off_unit;
 use oodgate::model::pipeline::{FileError, collect_images, embed_image_files};
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING};
+use oodgate::npy::read_npy;
 
 use super::model::OptModelArgs;
 use super::{decode_workers, progress, rows_file, short};
@@ -122,7 +123,7 @@ impl ModelCtx {
                         m.ncols()
                     );
                 }
-                normalize_embeddings(&mut m, 1e-6).map_err(|row| {
+                normalize_rows_off_unit(&mut m, 1e-6).map_err(|row| {
                     anyhow::anyhow!(
                         "{}: row {row} is zero or not finite; cannot score it",
                         p.display()

@@ -4,7 +4,7 @@
 use anyhow::{Context, bail};
 use oodgate::config::Settings;
 use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
-use oodgate::detect::score::Method;
+use oodgate::detect::method::Method;
 use oodgate::model::encoder::EncoderOptions;
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{Device, Encoder, OrtEncoder, Preprocessor};

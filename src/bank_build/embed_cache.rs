@@ -1,27 +1,5 @@
-//! On-disk cache of label embeddings t(y), so that rebuilding a bank does not re-encode the
-//! ~60,000 WordNet nouns × templates again.
-//!
-//! An embedding depends on the model (its fingerprint), the exact template bytes (the template
-//! set's fingerprint) and the label, so the cache keeps one folder per (model, template set):
-//!
-//! ```text
-//! <root>/<model fingerprint[..16]>-<templates fingerprint[..16]>/
-//!     meta.json     {"dim": 512, "model_fingerprint": "…", "templates_fingerprint": "…", …}
-//!     vectors.f32   append-only, one row of `dim` little-endian f32 per label
-//!     labels.txt    append-only, one label per line, same order as the rows
-//!     lock          advisory lock of the single writer
-//! ```
-//!
-//! Inside a folder a label is the exact string that was put into the templates.
-//!
-//! **Crash safety.** Rows are appended to `vectors.f32` before their labels are appended to
-//! `labels.txt`. On open, the usable records are the first `min(complete label lines, complete
-//! rows)`; a torn last record (a partial row, a label line without its newline) is ignored and
-//! cut off, so later appends stay aligned.
-//!
-//! **Concurrency.** One writer per folder: [`EmbedCache::open`] takes an exclusive advisory lock
-//! on `lock`; when another process holds it, the cache is opened read-only (lookups work, new
-//! embeddings are not stored).
+//! On-disk cache of label embeddings t(y) per (model, template set); its own file because it
+//! owns a crash-safe, locked file format.
 
 use std::collections::HashMap;
 use std::fs::{File, OpenOptions};
@@ -87,6 +65,31 @@ struct CacheMeta {
 }
 
 /// A label-embedding cache folder for one (model, template set), loaded in memory.
+///
+/// On-disk cache of label embeddings t(y), so that rebuilding a bank does not re-encode the
+/// ~60,000 WordNet nouns × templates again.
+///
+/// An embedding depends on the model (its fingerprint), the exact template bytes (the template
+/// set's fingerprint) and the label, so the cache keeps one folder per (model, template set):
+///
+/// ```text
+/// <root>/<model fingerprint[..16]>-<templates fingerprint[..16]>/
+///     meta.json     {"dim": 512, "model_fingerprint": "…", "templates_fingerprint": "…", …}
+///     vectors.f32   append-only, one row of `dim` little-endian f32 per label
+///     labels.txt    append-only, one label per line, same order as the rows
+///     lock          advisory lock of the single writer
+/// ```
+///
+/// Inside a folder a label is the exact string that was put into the templates.
+///
+/// **Crash safety.** Rows are appended to `vectors.f32` before their labels are appended to
+/// `labels.txt`. On open, the usable records are the first `min(complete label lines, complete
+/// rows)`; a torn last record (a partial row, a label line without its newline) is ignored and
+/// cut off, so later appends stay aligned.
+///
+/// **Concurrency.** One writer per folder: [`EmbedCache::open`] takes an exclusive advisory lock
+/// on `lock`; when another process holds it, the cache is opened read-only (lookups work, new
+/// embeddings are not stored).
 #[derive(Debug)]
 pub struct EmbedCache {
     dir: PathBuf,

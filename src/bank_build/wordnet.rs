@@ -1,18 +1,5 @@
-//! A small reader of the WordNet 3.0 database files (`wndb(5WN)` format), just enough for the
-//! outlier-label corpus and its cleaning against the ID classes (method.md §4, data.md §2).
-//!
-//! [`WordNet::open`] parses `data.noun` (every noun synset: its lemmas and its hyponym pointers
-//! `~` and `~i`), `index.noun` (lemma → synset offsets, most frequent sense first) and
-//! `index.adj` (adjective lemmas). An ImageNet wnid such as `n02084071` is the noun synset at
-//! byte offset 02084071 of `data.noun`.
-//!
-//! Lemmas are returned in display form: `_` replaced by a space, case as in the file
-//! (`data.noun` keeps capitals, "Canis familiaris"; the index files are lower-case). Lemma
-//! lookups ([`WordNet::first_noun_sense`], [`WordNet::noun_senses`]) accept either `_` or spaces
-//! and any case.
-//!
-//! Licence lines at the top of each file start with two spaces and are skipped. Parsing stops
-//! after the pointer list of a data line, so glosses are never read.
+//! A small reader of the WordNet 3.0 database files; its own file because the outlier corpus
+//! and its cleaning against the ID classes need only this much of it (method.md §4).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -92,6 +79,22 @@ pub struct IndexEntry {
 }
 
 /// The parsed noun database plus the noun and adjective indexes.
+///
+/// A small reader of the WordNet 3.0 database files (`wndb(5WN)` format), just enough for the
+/// outlier-label corpus and its cleaning against the ID classes (method.md §4, data.md §2).
+///
+/// [`WordNet::open`] parses `data.noun` (every noun synset: its lemmas and its hyponym pointers
+/// `~` and `~i`), `index.noun` (lemma → synset offsets, most frequent sense first) and
+/// `index.adj` (adjective lemmas). An ImageNet wnid such as `n02084071` is the noun synset at
+/// byte offset 02084071 of `data.noun`.
+///
+/// Lemmas are returned in display form: `_` replaced by a space, case as in the file
+/// (`data.noun` keeps capitals, "Canis familiaris"; the index files are lower-case). Lemma
+/// lookups ([`WordNet::first_noun_sense`], [`WordNet::noun_senses`]) accept either `_` or spaces
+/// and any case.
+///
+/// Licence lines at the top of each file start with two spaces and are skipped. Parsing stops
+/// after the pointer list of a data line, so glosses are never read.
 #[derive(Debug, Clone)]
 pub struct WordNet {
     dir: PathBuf,
@@ -105,7 +108,7 @@ pub struct WordNet {
 /// Parses an ImageNet-style WordNet id: `n` followed by exactly 8 ASCII digits, the noun offset.
 ///
 /// ```
-/// use oodgate::detect::wordnet::parse_wnid;
+/// use oodgate::bank_build::wordnet::parse_wnid;
 /// assert_eq!(parse_wnid("n02084071"), Some(2084071));
 /// assert_eq!(parse_wnid("n2084071"), None);
 /// assert_eq!(parse_wnid("v02084071"), None);

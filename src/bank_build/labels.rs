@@ -1,17 +1,18 @@
-//! Label sets and prompt templates: the text side of the bank (method.md §3–§4, §9).
-//!
-//! - [`IdLabels`]: the in-distribution class names, with their WordNet ids where known. Presets
-//!   `imagenet1k`, `cifar10` and `cifar100` are compiled in from `config/labels/`; any other
-//!   spec is a file path ([`IdLabels::load`]).
-//! - [`Templates`]: prompt templates with one `{}` each. Named sets are compiled in from
-//!   `config/templates/`. Lines are kept byte-exact: the OLE set's quotes and trailing commas
-//!   change the embeddings (method.md §3).
-//! - [`outlier_words`]: the outlier-label corpus: WordNet nouns (and adjectives), OLE's
-//!   reference list, or a file.
-//! - [`clean_outliers`]: removes outlier words that name an ID class, a synonym of one, or a
-//!   hyponym of one (method.md §4), and reports how many words each rule removed.
-//!
-//! Errors name the file (or preset) and the 1-based line.
+//! Label sets and prompt templates, the text side of the bank (method.md §3–§4, §9); its own
+//! file because ID labels, templates, the outlier corpus and its cleaning share the file formats.
+
+// - `IdLabels`: the in-distribution class names, with their WordNet ids where known. Presets
+//   `imagenet1k`, `cifar10` and `cifar100` are compiled in from `config/labels/`; any other
+//   spec is a file path (`IdLabels::load`).
+// - `Templates`: prompt templates with one `{}` each. Named sets are compiled in from
+//   `config/templates/`. Lines are kept byte-exact: the OLE set's quotes and trailing commas
+//   change the embeddings (method.md §3).
+// - `outlier_words`: the outlier-label corpus: WordNet nouns (and adjectives), OLE's
+//   reference list, or a file.
+// - `clean_outliers`: removes outlier words that name an ID class, a synonym of one, or a
+//   hyponym of one (method.md §4), and reports how many words each rule removed.
+//
+// Errors name the file (or preset) and the 1-based line.
 
 use std::collections::{HashMap, HashSet};
 use std::fs;

@@ -1,0 +1,779 @@
+//! The bank construction: the build request and its early checks, OPL / raw / NegLabel outlier
+//! rows, and [`build_bank`], which assembles the bank and records every parameter.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use ndarray::{Array2, ArrayView2, Axis, s};
+use serde::{Deserialize, Serialize};
+
+use super::BuildError;
+use super::embed::{LabelEmbeddings, Phase, Progress, embed_labels};
+use super::embed_cache::{CacheError, EmbedCache};
+use super::labels::{IdLabels, Templates};
+use crate::detect::bank::{BANK_FORMAT, Bank, BankMeta, OutlierRow};
+use crate::detect::kmeans::{KMeansParams, kmeans};
+use crate::detect::prototypes::{
+    self, OplCounts, OplParams, ProtoError, hard_prototypes, nearest_words, outlier_prototypes,
+    refine,
+};
+use crate::model::{ClipTokenizer, Encoder};
+
+/// Outlier words recorded per outlier row.
+pub const DEFAULT_WORDS_PER_ROW: usize = 10;
+
+/// NegLabel negative mining (method.md §9).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NegLabelParams {
+    /// η: the percentile of a candidate's cosines to the ID embeddings. Default 0.95.
+    pub percentile: f64,
+    /// Fraction of the candidates kept, lowest η first, nouns and adjectives separately.
+    /// Default 0.15.
+    pub keep: f64,
+}
+
+impl Default for NegLabelParams {
+    fn default() -> Self {
+        NegLabelParams {
+            percentile: 0.95,
+            keep: 0.15,
+        }
+    }
+}
+
+/// What the outlier rows of the bank are.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OutlierMode {
+    /// OPL prototypes, refinement and (optionally) HOPG (§5–§7).
+    Prototypes(OplParams),
+    /// Every outlier-label embedding as a row (the "raw OLE" ablation, §11.10).
+    Raw,
+    /// NegLabel's mined negatives: nouns embedded with `noun_templates`, adjectives with
+    /// `adj_templates` (§9).
+    NegLabel {
+        /// Mining parameters.
+        params: NegLabelParams,
+        /// Templates of the noun candidates.
+        noun_templates: Templates,
+        /// Templates of the adjective candidates.
+        adj_templates: Templates,
+    },
+}
+
+impl OutlierMode {
+    fn name(&self) -> &'static str {
+        match self {
+            OutlierMode::Prototypes(_) => "prototypes",
+            OutlierMode::Raw => "raw",
+            OutlierMode::NegLabel { .. } => "neglabel",
+        }
+    }
+}
+
+/// Everything [`build_bank`] needs besides the encoder.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    /// The ID classes.
+    pub id: IdLabels,
+    /// Templates of the ID labels (and of the outlier labels except in NegLabel mode).
+    pub templates: Templates,
+    /// Outlier words, already cleaned (the noun candidates in NegLabel mode).
+    pub outlier_words: Vec<String>,
+    /// Adjective candidates (NegLabel mode only).
+    pub adjectives: Vec<String>,
+    /// How the outlier rows are made.
+    pub mode: OutlierMode,
+    /// CLIPN "no" embeddings T̄ (C × D) computed elsewhere.
+    pub no_embeddings: Option<Array2<f32>>,
+    /// Outlier words recorded per row.
+    pub words_per_row: usize,
+    /// Prompts per encoder call.
+    pub batch: usize,
+    /// Extra parameters to record in `BankMeta.build` (label specs, cleaning options, …).
+    pub params: serde_json::Value,
+    /// Recorded as `BankMeta.cleaning` (the cleaning report).
+    pub cleaning: serde_json::Value,
+}
+
+/// Wall time of each phase.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Timings {
+    /// Text embedding (ID and outlier labels).
+    #[serde(with = "secs")]
+    pub text_embedding: Duration,
+    /// OPL k-means.
+    #[serde(with = "secs")]
+    pub clustering: Duration,
+    /// Prototypes, refinement and nearest words.
+    #[serde(with = "secs")]
+    pub refinement: Duration,
+    /// HOPG.
+    #[serde(with = "secs")]
+    pub hopg: Duration,
+    /// NegLabel mining.
+    #[serde(with = "secs")]
+    pub mining: Duration,
+}
+
+mod secs {
+    pub fn serialize<S: serde::Serializer>(
+        d: &std::time::Duration,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
+        s.serialize_f64(d.as_secs_f64())
+    }
+}
+
+/// What [`build_bank`] did, for the summary.
+#[derive(Debug, Clone, Serialize)]
+pub struct BuildReport {
+    /// The mode's name: `prototypes`, `raw` or `neglabel`.
+    pub mode: String,
+    /// ID classes C.
+    pub n_id: usize,
+    /// Outlier-label candidates embedded (nouns + adjectives in NegLabel mode).
+    pub n_outlier_words: usize,
+    /// Rows of Ô.
+    pub n_outliers: usize,
+    /// Label embeddings taken from the cache (ID + outlier).
+    pub cached: usize,
+    /// Labels encoded now.
+    pub encoded: usize,
+    /// Prompts run through the text encoder.
+    pub prompts: usize,
+    /// Stage sizes of the prototype mode.
+    pub counts: Option<OplCounts>,
+    /// θ of the prototype mode.
+    pub theta: Option<f64>,
+    /// Lloyd iterations of the OPL k-means and whether it converged.
+    pub kmeans: Option<(usize, bool)>,
+    /// Wall time per phase.
+    pub timings: Timings,
+}
+
+/// Where label embeddings are cached (folders are keyed by the encoder's fingerprint and each
+/// template set's fingerprint).
+#[derive(Debug, Clone)]
+pub struct CacheSpec {
+    /// Root folder (one subfolder per model and template set).
+    pub root: PathBuf,
+}
+
+fn open_cache(
+    spec: Option<&CacheSpec>,
+    fingerprint: &str,
+    templates: &Templates,
+    dim: usize,
+) -> Option<EmbedCache> {
+    let spec = spec?;
+    match EmbedCache::open(
+        &spec.root,
+        fingerprint,
+        &templates.fingerprint(),
+        &templates.name,
+        dim,
+    ) {
+        Ok(c) => Some(c),
+        Err(e) => {
+            warn_cache(&e);
+            None
+        }
+    }
+}
+
+fn warn_cache(e: &CacheError) {
+    tracing::warn!(error = %e, "label-embedding cache unavailable; embedding without it");
+}
+
+/// Checks what can be checked before any text is encoded, so that a build that cannot finish
+/// fails in a second rather than after an hour of encoding.
+pub fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
+    let c = req.id.len();
+    if c == 0 {
+        return Err(BuildError::Invalid("no ID labels".into()));
+    }
+    if req.batch == 0 {
+        return Err(BuildError::Invalid("batch must be at least 1".into()));
+    }
+    if let Some(no) = &req.no_embeddings
+        && no.nrows() != c
+    {
+        return Err(BuildError::Invalid(format!(
+            "the no-embeddings have {} rows but there are {c} ID labels",
+            no.nrows()
+        )));
+    }
+    match &req.mode {
+        OutlierMode::Prototypes(p) => {
+            if !(0.0..=1.0).contains(&p.quantile) {
+                return Err(ProtoError::InvalidQuantile(p.quantile).into());
+            }
+            if p.k == 0 {
+                return Err(ProtoError::ZeroClusters.into());
+            }
+            if p.k > req.outlier_words.len() {
+                return Err(BuildError::Invalid(format!(
+                    "K = {} outlier prototypes requested but only {} outlier words remain after \
+                     cleaning; lower --k or supply more words",
+                    p.k,
+                    req.outlier_words.len()
+                )));
+            }
+            if let Some(h) = &p.hopg
+                && h.clusters.saturating_mul(h.per_cluster) > c
+            {
+                return Err(BuildError::Invalid(format!(
+                    "HOPG needs {} × {} = {} boundary ID embeddings (method.md §7) but there are \
+                     only {c} ID classes; pass --no-hopg, or lower --hopg-clusters / \
+                     --hopg-per-cluster",
+                    h.clusters,
+                    h.per_cluster,
+                    h.clusters.saturating_mul(h.per_cluster)
+                )));
+            }
+        }
+        OutlierMode::Raw => {
+            if req.outlier_words.is_empty() {
+                return Err(BuildError::Invalid(
+                    "no outlier words remain after cleaning".into(),
+                ));
+            }
+        }
+        OutlierMode::NegLabel { params, .. } => {
+            if !(0.0..=1.0).contains(&params.percentile) {
+                return Err(BuildError::Invalid(format!(
+                    "NegLabel percentile must lie in [0, 1], got {}",
+                    params.percentile
+                )));
+            }
+            if !(params.keep > 0.0 && params.keep <= 1.0) {
+                return Err(BuildError::Invalid(format!(
+                    "NegLabel keep fraction must lie in (0, 1], got {}",
+                    params.keep
+                )));
+            }
+            if req.outlier_words.is_empty() && req.adjectives.is_empty() {
+                return Err(BuildError::Invalid("no NegLabel candidates".into()));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// numpy's default (linear) quantile of an ascending non-empty slice.
+fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
+    let n = sorted.len();
+    let h = (n - 1) as f64 * q;
+    let lo = h.floor().clamp(0.0, (n - 1) as f64) as usize;
+    let hi = (lo + 1).min(n - 1);
+    sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
+}
+
+/// Per candidate row: the `percentile` quantile of its cosines to the ID rows.
+fn percentile_cos(cands: ArrayView2<f32>, id: ArrayView2<f32>, percentile: f64) -> Vec<f64> {
+    let mut out = Vec::with_capacity(cands.nrows());
+    let block = prototypes::ROW_BLOCK;
+    let mut start = 0;
+    while start < cands.nrows() {
+        let end = (start + block).min(cands.nrows());
+        let g = cands.slice(s![start..end, ..]).dot(&id.t());
+        for row in g.rows() {
+            let mut v: Vec<f64> = row.iter().map(|&x| f64::from(x)).collect();
+            v.sort_unstable_by(f64::total_cmp);
+            out.push(quantile_sorted(&v, percentile));
+        }
+        start = end;
+    }
+    out
+}
+
+/// Builds a bank from labels: embeds the ID labels and the outlier words with `encoder`
+/// (through the cache when `cache` is given), then makes the outlier rows as `req.mode` says.
+///
+/// `BankMeta.build` records every parameter; `BankMeta.cleaning` is `req.cleaning`.
+pub fn build_bank(
+    encoder: &mut dyn Encoder,
+    tokenizer: &ClipTokenizer,
+    req: &BuildRequest,
+    cache: Option<&CacheSpec>,
+    progress: &mut dyn Progress,
+) -> Result<(Bank, BuildReport), BuildError> {
+    check_request(req)?;
+    let info = encoder.info().clone();
+    let dim = info.embed_dim;
+    let fingerprint = info.fingerprint.clone();
+    let mut timings = Timings::default();
+    let (mut cached, mut encoded, mut prompts) = (0, 0, 0);
+    let mut tally = |e: &LabelEmbeddings| {
+        cached += e.cached;
+        encoded += e.encoded;
+        prompts += e.prompts;
+    };
+
+    // Text embeddings.
+    let t0 = Instant::now();
+    let mut main_cache = open_cache(cache, &fingerprint, &req.templates, dim);
+    let id_emb = embed_labels(
+        encoder,
+        tokenizer,
+        &req.templates,
+        &req.id.names,
+        main_cache.as_mut(),
+        req.batch,
+        &mut Phase::new(progress, "ID labels"),
+    )?;
+    tally(&id_emb);
+    let t = id_emb.vectors;
+    if let Some(no) = &req.no_embeddings
+        && no.ncols() != dim
+    {
+        return Err(BuildError::Invalid(format!(
+            "the no-embeddings have dimension {} but the model's is {dim}",
+            no.ncols()
+        )));
+    }
+
+    let words = &req.outlier_words;
+    let mut rows: Vec<OutlierRow> = Vec::new();
+    let outliers: Array2<f32>;
+    let mut counts = None;
+    let mut theta = None;
+    let mut kmeans_info = None;
+    let mut build = serde_json::Map::new();
+    build.insert("mode".into(), req.mode.name().into());
+    build.insert(
+        "templates".into(),
+        serde_json::json!({
+            "name": req.templates.name,
+            "fingerprint": req.templates.fingerprint(),
+            "count": req.templates.len(),
+        }),
+    );
+    build.insert("n_id".into(), t.nrows().into());
+    build.insert("words_per_row".into(), req.words_per_row.into());
+    build.insert("batch".into(), req.batch.into());
+    build.insert("no_embeddings".into(), req.no_embeddings.is_some().into());
+
+    // Prototype and raw modes embed the outlier labels with the main templates.
+    let mut labels = match &req.mode {
+        OutlierMode::Prototypes(_) | OutlierMode::Raw => {
+            let w = embed_labels(
+                encoder,
+                tokenizer,
+                &req.templates,
+                words,
+                main_cache.as_mut(),
+                req.batch,
+                &mut Phase::new(progress, "outlier labels"),
+            )?;
+            tally(&w);
+            timings.text_embedding = t0.elapsed();
+            Some(w)
+        }
+        OutlierMode::NegLabel { .. } => None,
+    };
+    let n_words;
+    match &req.mode {
+        OutlierMode::Prototypes(p) => {
+            let Some(w) = labels.take() else {
+                unreachable!("outlier labels are embedded above for this mode")
+            };
+            n_words = words.len();
+            let e = w.vectors;
+
+            let t1 = Instant::now();
+            let km = kmeans(
+                e.view(),
+                &KMeansParams {
+                    k: p.k,
+                    max_iter: p.max_iter,
+                    seed: p.seed,
+                },
+            )?;
+            timings.clustering = t1.elapsed();
+
+            let t2 = Instant::now();
+            let protos = outlier_prototypes(km.centroids.view())?;
+            let refinement = refine(protos.view(), t.view(), p.quantile)?;
+            let kept = protos.select(Axis(0), &refinement.kept);
+            let near = nearest_words(kept.view(), e.view(), req.words_per_row.max(1))?;
+            timings.refinement = t2.elapsed();
+            for (&k, list) in refinement.kept.iter().zip(&near) {
+                let ws: Vec<String> = list.iter().map(|&(i, _)| words[i].clone()).collect();
+                rows.push(OutlierRow {
+                    kind: "prototype".into(),
+                    label: ws
+                        .first()
+                        .cloned()
+                        .unwrap_or_else(|| format!("cluster {k}")),
+                    words: ws,
+                    detail: serde_json::json!({
+                        "cluster": k,
+                        "size": km.sizes[k],
+                        "max_id_cos": refinement.max_id_cos[k],
+                        "nearest_id": req.id.names.get(refinement.nearest_id[k]),
+                        "word_cos": list.iter().map(|&(_, c)| c).collect::<Vec<_>>(),
+                    }),
+                });
+            }
+
+            let t3 = Instant::now();
+            let (vectors, boundary, accepted) = match &p.hopg {
+                Some(hp) => {
+                    let h = hard_prototypes(t.view(), kept.view(), refinement.theta, hp)?;
+                    for hard in &h.accepted {
+                        let partner = rows.get(hard.partner).cloned();
+                        let id_label = req.id.names.get(hard.id_class).cloned().unwrap_or_default();
+                        let partner_label = partner
+                            .as_ref()
+                            .map(|r| r.label.clone())
+                            .unwrap_or_default();
+                        rows.push(OutlierRow {
+                            kind: "hard".into(),
+                            label: format!("{id_label} ~ {partner_label}"),
+                            words: partner.map(|r| r.words).unwrap_or_default(),
+                            detail: serde_json::json!({
+                                "id_class": hard.id_class,
+                                "id_label": id_label,
+                                "component": hard.component,
+                                "partner": hard.partner,
+                                "lambda": hard.lambda,
+                                "max_id_cos": hard.max_id_cos,
+                            }),
+                        });
+                    }
+                    let mut v = Array2::<f32>::zeros((kept.nrows() + h.vectors.nrows(), dim));
+                    v.slice_mut(s![..kept.nrows(), ..]).assign(&kept);
+                    v.slice_mut(s![kept.nrows().., ..]).assign(&h.vectors);
+                    (v, h.boundary.len(), h.accepted.len())
+                }
+                None => (kept, 0, 0),
+            };
+            timings.hopg = t3.elapsed();
+            outliers = vectors;
+            let c = OplCounts {
+                k: p.k,
+                kept: refinement.kept.len(),
+                boundary,
+                accepted,
+            };
+            counts = Some(c);
+            theta = Some(refinement.theta);
+            kmeans_info = Some((km.iterations, km.converged));
+            build.insert("k".into(), p.k.into());
+            build.insert("quantile".into(), p.quantile.into());
+            build.insert("seed".into(), p.seed.into());
+            build.insert("max_iter".into(), p.max_iter.into());
+            build.insert(
+                "hopg".into(),
+                serde_json::to_value(&p.hopg).unwrap_or_default(),
+            );
+            build.insert("counts".into(), serde_json::to_value(c).unwrap_or_default());
+            build.insert("kmeans_iterations".into(), km.iterations.into());
+            build.insert("kmeans_converged".into(), km.converged.into());
+            build.insert("kmeans_empty_reseeds".into(), km.empty_reseeds.into());
+        }
+        OutlierMode::Raw => {
+            let Some(w) = labels.take() else {
+                unreachable!("outlier labels are embedded above for this mode")
+            };
+            n_words = words.len();
+            outliers = w.vectors;
+            rows = words
+                .iter()
+                .map(|w| OutlierRow {
+                    kind: "label".into(),
+                    label: w.clone(),
+                    words: vec![w.clone()],
+                    detail: serde_json::Value::Null,
+                })
+                .collect();
+        }
+        OutlierMode::NegLabel {
+            params,
+            noun_templates,
+            adj_templates,
+        } => {
+            drop(main_cache.take());
+            let mut lists: Vec<(&str, &Vec<String>, &Templates)> = Vec::new();
+            if !words.is_empty() {
+                lists.push(("noun", words, noun_templates));
+            }
+            if !req.adjectives.is_empty() {
+                lists.push(("adj", &req.adjectives, adj_templates));
+            }
+            let mut embedded = Vec::new();
+            for (pos, list, tpl) in &lists {
+                let mut c = open_cache(cache, &fingerprint, tpl, dim);
+                let name = if *pos == "noun" {
+                    "noun candidates"
+                } else {
+                    "adjective candidates"
+                };
+                let w = embed_labels(
+                    encoder,
+                    tokenizer,
+                    tpl,
+                    list,
+                    c.as_mut(),
+                    req.batch,
+                    &mut Phase::new(progress, name),
+                )?;
+                tally(&w);
+                embedded.push(w.vectors);
+            }
+            timings.text_embedding = t0.elapsed();
+            n_words = words.len() + req.adjectives.len();
+            let t1 = Instant::now();
+            let mut picked: Vec<Array2<f32>> = Vec::new();
+            let mut kept_counts = BTreeMap::new();
+            for ((pos, list, tpl), e) in lists.iter().zip(&embedded) {
+                let eta = percentile_cos(e.view(), t.view(), params.percentile);
+                let mut order: Vec<usize> = (0..eta.len()).collect();
+                order.sort_by(|&a, &b| eta[a].total_cmp(&eta[b]).then(a.cmp(&b)));
+                let n_keep =
+                    ((eta.len() as f64 * params.keep).floor() as usize).clamp(1, eta.len());
+                order.truncate(n_keep);
+                kept_counts.insert(pos.to_string(), (n_keep, eta.len()));
+                for &i in &order {
+                    rows.push(OutlierRow {
+                        kind: "negative".into(),
+                        label: list[i].clone(),
+                        words: vec![list[i].clone()],
+                        detail: serde_json::json!({
+                            "pos": pos,
+                            "eta": eta[i],
+                            "templates": tpl.name,
+                        }),
+                    });
+                }
+                picked.push(e.select(Axis(0), &order));
+            }
+            timings.mining = t1.elapsed();
+            let views: Vec<_> = picked.iter().map(|p| p.view()).collect();
+            outliers = if views.is_empty() {
+                Array2::zeros((0, dim))
+            } else {
+                ndarray::concatenate(Axis(0), &views)
+                    .map_err(|e| BuildError::Invalid(e.to_string()))?
+            };
+            build.insert(
+                "neglabel".into(),
+                serde_json::json!({
+                    "percentile": params.percentile,
+                    "keep": params.keep,
+                    "noun_templates": {"name": noun_templates.name, "fingerprint": noun_templates.fingerprint()},
+                    "adj_templates": {"name": adj_templates.name, "fingerprint": adj_templates.fingerprint()},
+                    "kept": kept_counts.iter().map(|(k, (kept, of))| (k.clone(), serde_json::json!({"kept": kept, "candidates": of}))).collect::<serde_json::Map<_, _>>(),
+                }),
+            );
+        }
+    }
+    build.insert("n_outlier_words".into(), n_words.into());
+    build.insert("n_outliers".into(), outliers.nrows().into());
+    if let serde_json::Value::Object(extra) = &req.params {
+        for (k, v) in extra {
+            build.entry(k.clone()).or_insert_with(|| v.clone());
+        }
+    }
+
+    let meta = BankMeta {
+        format: BANK_FORMAT,
+        version: String::new(),
+        created_by: format!("oodgate {}", env!("CARGO_PKG_VERSION")),
+        model_fingerprint: fingerprint,
+        model_name: info.model.clone(),
+        model_weights: weights_name(&info.weights),
+        dim,
+        id_labels: req.id.names.clone(),
+        id_wnids: req.id.wnids.clone(),
+        outliers: rows,
+        theta,
+        build: serde_json::Value::Object(build),
+        cleaning: req.cleaning.clone(),
+        thresholds: BTreeMap::new(),
+        index: None,
+    };
+    let n_outliers = outliers.nrows();
+    let bank = Bank::new(meta, t, req.no_embeddings.clone(), outliers)?;
+    Ok((
+        bank,
+        BuildReport {
+            mode: req.mode.name().into(),
+            n_id: req.id.len(),
+            n_outlier_words: n_words,
+            n_outliers,
+            cached,
+            encoded,
+            prompts,
+            counts,
+            theta,
+            kmeans: kmeans_info,
+            timings,
+        },
+    ))
+}
+
+/// "pretrained" / "random" for a [`crate::model::Weights`].
+pub fn weights_name(w: &crate::model::Weights) -> String {
+    match serde_json::to_value(w) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "unknown".into(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::bank_build::embed::NoProgress;
+    use crate::bank_build::test_support::*;
+    use crate::detect::prototypes::HopgParams;
+
+    fn request(mode: OutlierMode, n_words: usize) -> BuildRequest {
+        let id = IdLabels {
+            names: words(200).into_iter().map(|w| format!("id{w}")).collect(),
+            wnids: vec![None; 200],
+        };
+        BuildRequest {
+            id,
+            templates: tpl(&["a photo of a {}.", "{}"]),
+            outlier_words: words(n_words),
+            adjectives: Vec::new(),
+            mode,
+            no_embeddings: None,
+            words_per_row: 4,
+            batch: 64,
+            params: serde_json::json!({"id": "test"}),
+            cleaning: serde_json::json!({"exact": 0}),
+        }
+    }
+
+    #[test]
+    fn prototype_mode_equals_build_outliers() {
+        let mut enc = FakeEncoder::new(32);
+        let tok = ClipTokenizer::default();
+        let p = OplParams {
+            k: 40,
+            quantile: 0.5,
+            seed: 3,
+            hopg: Some(HopgParams {
+                clusters: 2,
+                per_cluster: 10,
+                ..HopgParams::default()
+            }),
+            nearest_words: 4,
+            ..OplParams::default()
+        };
+        let req = request(OutlierMode::Prototypes(p.clone()), 300);
+        let (bank, report) = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap();
+        let e = embed_labels(
+            &mut enc,
+            &tok,
+            &req.templates,
+            &req.outlier_words,
+            None,
+            64,
+            &mut NoProgress,
+        )
+        .unwrap();
+        let set = prototypes::build_outliers(e.vectors.view(), bank.id.view(), &p).unwrap();
+        assert_eq!(bank.outliers.dim(), set.vectors.dim());
+        for (a, b) in bank.outliers.iter().zip(set.vectors.iter()) {
+            assert!((a - b).abs() < 1e-6);
+        }
+        assert_eq!(report.counts, Some(set.counts));
+        assert_eq!(bank.meta.theta, Some(set.theta));
+        assert_eq!(bank.meta.outliers.len(), bank.outliers.nrows());
+        let first = &bank.meta.outliers[0];
+        assert_eq!(first.kind, "prototype");
+        assert_eq!(first.words.len(), 4);
+        assert_eq!(first.label, first.words[0]);
+        assert_eq!(bank.meta.build["k"], 40);
+        assert_eq!(bank.meta.build["id"], "test");
+        assert_eq!(bank.meta.build["hopg"]["per_cluster"], 10);
+        assert_eq!(bank.meta.cleaning["exact"], 0);
+        assert_eq!(bank.meta.model_weights, "random");
+        assert_eq!(bank.meta.model_fingerprint, "fakefingerprint0123456789");
+        if set.counts.accepted > 0 {
+            assert_eq!(
+                bank.meta.outliers.last().map(|r| r.kind.as_str()),
+                Some("hard")
+            );
+        }
+    }
+
+    #[test]
+    fn built_banks_load_back() {
+        let mut enc = FakeEncoder::new(32);
+        let tok = ClipTokenizer::default();
+        let p = OplParams {
+            k: 40,
+            quantile: 0.5,
+            hopg: None,
+            ..OplParams::default()
+        };
+        for mode in [OutlierMode::Prototypes(p), OutlierMode::Raw] {
+            let (bank, _) =
+                build_bank(&mut enc, &tok, &request(mode, 300), None, &mut NoProgress).unwrap();
+            // Metadata floats (θ, cosines, λ) must parse back bit-exact: serde_json's
+            // `float_roundtrip` feature.
+            let back = Bank::from_bytes(&bank.to_bytes().unwrap()).unwrap();
+            assert_eq!(back.meta, bank.meta);
+        }
+    }
+
+    #[test]
+    fn raw_and_neglabel_modes() {
+        let mut enc = FakeEncoder::new(32);
+        let tok = ClipTokenizer::default();
+        let (bank, r) = build_bank(
+            &mut enc,
+            &tok,
+            &request(OutlierMode::Raw, 50),
+            None,
+            &mut NoProgress,
+        )
+        .unwrap();
+        assert_eq!((bank.outliers.nrows(), r.n_outliers), (50, 50));
+        assert_eq!(bank.meta.outliers[3].kind, "label");
+        assert_eq!(bank.meta.theta, None);
+
+        let mut req = request(
+            OutlierMode::NegLabel {
+                params: NegLabelParams::default(),
+                noun_templates: tpl(&["the nice {}"]),
+                adj_templates: tpl(&["This is a {} photo"]),
+            },
+            100,
+        );
+        req.adjectives = words(40).into_iter().map(|w| format!("{w}ish")).collect();
+        let (bank, _) = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap();
+        assert_eq!(bank.outliers.nrows(), 15 + 6);
+        let etas: Vec<f64> = bank.meta.outliers[..15]
+            .iter()
+            .map(|r| r.detail["eta"].as_f64().unwrap())
+            .collect();
+        assert!(etas.windows(2).all(|w| w[0] <= w[1]));
+        assert_eq!(bank.meta.outliers[15].detail["pos"], "adj");
+        assert_eq!(bank.meta.build["neglabel"]["kept"]["noun"]["kept"], 15);
+    }
+
+    #[test]
+    fn early_checks() {
+        let mut enc = FakeEncoder::new(8);
+        let tok = ClipTokenizer::default();
+        let mut req = request(OutlierMode::Prototypes(OplParams::default()), 100);
+        req.id.names.truncate(10);
+        req.id.wnids.truncate(10);
+        let err = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap_err();
+        assert!(err.to_string().contains("lower --k"), "{err}");
+        req.mode = OutlierMode::Prototypes(OplParams {
+            k: 10,
+            ..OplParams::default()
+        });
+        let err = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap_err();
+        assert!(err.to_string().contains("--no-hopg"), "{err}");
+        assert!(enc.calls.is_empty(), "nothing is encoded before the checks");
+    }
+}
