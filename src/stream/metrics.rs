@@ -1,6 +1,8 @@
 //! Prometheus metrics of the daemon (metrics facade + metrics-exporter-prometheus).
 //! Names are part of the user contract (dashboards and alerts).
 
+use std::sync::atomic::AtomicUsize;
+
 use metrics::{describe_counter, describe_gauge, describe_histogram};
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 
@@ -17,6 +19,16 @@ pub const PROVIDER: &str = "oodgate_execution_provider";
 pub const PENDING: &str = "oodgate_consumer_pending";
 pub const READY: &str = "oodgate_ready";
 pub const OUTPUT_BLOCKED: &str = "oodgate_output_blocked";
+
+/// Counters a caller (tests, `bench`) can read after the run.
+#[derive(Debug, Default)]
+pub struct Stats {
+    pub received: AtomicUsize,
+    pub id: AtomicUsize,
+    pub ood: AtomicUsize,
+    pub dlq: AtomicUsize,
+    pub naks: AtomicUsize,
+}
 
 /// Installs the global recorder once and returns its render handle.
 pub fn install() -> Result<PrometheusHandle, String> {

@@ -27,4 +27,5 @@ pub mod route;
 pub mod setup;
 pub mod sink;
 
-pub use pipeline::{PipelineConfig, PipelineError, Stats, run};
+pub use metrics::Stats;
+pub use pipeline::{PipelineConfig, PipelineError, run};

@@ -23,7 +23,7 @@ use super::decode::{BufPool, Decoded, Intake};
 use super::housekeeping;
 use super::infer::EncoderHandle;
 use super::inflight::{InFlight, Tracker};
-use super::metrics as m;
+use super::metrics::{self as m, Stats};
 use super::pull::{self, PullConfig};
 use super::route::{Redelivery, Retry, Router};
 use super::setup::Topology;
@@ -58,16 +58,6 @@ pub struct PipelineConfig {
     /// cannot be stored is given up and the input NAKed).
     pub max_processing: Duration,
     pub object_max_bytes: usize,
-}
-
-/// Counters a caller (tests, `bench`) can read after the run.
-#[derive(Debug, Default)]
-pub struct Stats {
-    pub received: AtomicUsize,
-    pub id: AtomicUsize,
-    pub ood: AtomicUsize,
-    pub dlq: AtomicUsize,
-    pub naks: AtomicUsize,
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -16,7 +16,7 @@ use super::breaker::Breaker;
 use super::decode::Intake;
 use super::inflight::{InFlight, Source, Tracker};
 use super::metrics as m;
-use super::pipeline::Stats;
+use super::metrics::Stats;
 use super::setup::{self, SetupError, Topology};
 
 #[derive(Debug, Clone)]

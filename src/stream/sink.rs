@@ -20,7 +20,7 @@ use tokio_util::task::TaskTracker;
 use super::breaker::Breaker;
 use super::inflight::InFlight;
 use super::metrics as m;
-use super::pipeline::Stats;
+use super::metrics::Stats;
 use super::route::{Outcome, Output};
 
 /// One publish attempt failed.
