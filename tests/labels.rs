@@ -409,7 +409,7 @@ fn clean_ole_reference_list() {
     let id = IdLabels::preset("imagenet1k").unwrap();
     let words = outlier_words("ole-reference", None, &CorpusOptions::default()).unwrap();
     // Without WordNet: the reference removed ID names case-sensitively, so only "boxer"
-    // ("Boxer") is left for the case-insensitive exact rule (method.md §4).
+    // ("Boxer") is left for the case-insensitive exact rule (docs/method.md §4).
     let (_, r) = clean_outliers(words.clone(), &id, None, &CleanOptions::default());
     assert_eq!((r.exact, r.synonyms, r.hyponyms, r.kept), (1, 0, 0, 10_847));
     let Some(dir) = wordnet_dir() else { return };

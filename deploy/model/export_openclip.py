@@ -25,7 +25,7 @@ Needs torch, open_clip and internet access for the weights (this is not run in C
 
 Examples:
 
-    # OLE's backbone (method.md section 1): OpenCLIP ViT-B/16 trained on LAION-2B
+    # OLE's backbone (docs/method.md section 1): OpenCLIP ViT-B/16 trained on LAION-2B
     export_openclip.py --model ViT-B-16 --pretrained laion2b_s34b_b88k -o models/vit-b-16-laion2b
     # OpenAI CLIP ViT-B/32 (for the MCM / NegLabel / EOE baselines); QuickGELU is switched
     # on automatically because the pretrained tag asks for it (same as ViT-B-32-quickgelu)

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Reference CLIP preprocessing (method.md §2) for every image in tests/fixtures/images.
+"""Reference CLIP preprocessing (docs/method.md §2) for every image in tests/fixtures/images.
 
 For each image this computes, with Pillow + numpy only, exactly what torchvision's
 Resize(224, BICUBIC) + CenterCrop(224) does on a Pillow image after convert("RGB"):
@@ -93,7 +93,7 @@ def main() -> int:
         "uint8, shape `[224, 224, 3]` (HWC, RGB), the centre crop **before** scaling to [0, 1] and",
         "mean/std normalisation.",
         "",
-        f"Made with Pillow {PIL.__version__} and numpy {np.__version__}, following method.md §2:",
+        f"Made with Pillow {PIL.__version__} and numpy {np.__version__}, following docs/method.md §2:",
         "",
         "1. `Image.open(p)`; multi-frame files (GIF) use the first frame (`seek(0)`);",
         "2. `.convert(\"RGB\")`: alpha is dropped (transparent pixels keep their stored colour),",

@@ -23,7 +23,7 @@ use crate::model::{ClipTokenizer, Encoder};
 /// Outlier words recorded per outlier row.
 pub const DEFAULT_WORDS_PER_ROW: usize = 10;
 
-/// NegLabel negative mining (method.md §9).
+/// NegLabel negative mining (docs/method.md §9).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct NegLabelParams {
     /// η: the percentile of a candidate's cosines to the ID embeddings. Default 0.95.
@@ -224,7 +224,7 @@ pub fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
                 && h.clusters.saturating_mul(h.per_cluster) > c
             {
                 return Err(BuildError::Invalid(format!(
-                    "HOPG needs {} × {} = {} boundary ID embeddings (method.md §7) but there are \
+                    "HOPG needs {} × {} = {} boundary ID embeddings (docs/method.md §7) but there are \
                      only {c} ID classes; pass --no-hopg, or lower --hopg-clusters / \
                      --hopg-per-cluster",
                     h.clusters,

@@ -101,7 +101,7 @@ fn tokenize_parallel(tok: &ClipTokenizer, texts: &[String]) -> Vec<i64> {
     out
 }
 
-/// Embeds every label with the template ensemble of method.md §3:
+/// Embeds every label with the template ensemble of docs/method.md §3:
 /// t(y) = normalize(Σ_m normalize(ψ(tok(p_m(y))))), sums in f64.
 ///
 /// Labels found in `cache` are not encoded; the others are encoded `batch` prompts per encoder

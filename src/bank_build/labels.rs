@@ -1,4 +1,4 @@
-//! Label sets and prompt templates, the text side of the bank (method.md §3–§4, §9); its own
+//! Label sets and prompt templates, the text side of the bank (docs/method.md §3–§4, §9); its own
 //! file because ID labels, templates, the outlier corpus and its cleaning share the file formats.
 
 // - `IdLabels`: the in-distribution class names, with their WordNet ids where known. Presets
@@ -6,11 +6,11 @@
 //   spec is a file path (`IdLabels::load`).
 // - `Templates`: prompt templates with one `{}` each. Named sets are compiled in from
 //   `config/templates/`. Lines are kept byte-exact: the OLE set's quotes and trailing commas
-//   change the embeddings (method.md §3).
+//   change the embeddings (docs/method.md §3).
 // - `outlier_words`: the outlier-label corpus: WordNet nouns (and adjectives), OLE's
 //   reference list, or a file.
 // - `clean_outliers`: removes outlier words that name an ID class, a synonym of one, or a
-//   hyponym of one (method.md §4), and reports how many words each rule removed.
+//   hyponym of one (docs/method.md §4), and reports how many words each rule removed.
 //
 // Errors name the file (or preset) and the 1-based line.
 
@@ -337,7 +337,7 @@ pub struct Templates {
 /// template file (one template per line, no comment lines).
 ///
 /// Lines are split on `\n`; only a trailing `\r` per line and a final empty line are removed.
-/// Lines are never trimmed: `ole` keeps its quotes and trailing commas (method.md §3).
+/// Lines are never trimmed: `ole` keeps its quotes and trailing commas (docs/method.md §3).
 pub fn templates(spec: &str) -> Result<Templates, LabelError> {
     let builtin = match spec {
         "openai-imagenet" => Some(T_OPENAI),
@@ -547,7 +547,7 @@ impl CleanReport {
     }
 }
 
-/// Removes outlier words that denote an ID class (method.md §4), keeping the input order.
+/// Removes outlier words that denote an ID class (docs/method.md §4), keeping the input order.
 ///
 /// Words are compared by [`label_key`] (case-insensitive, `_` = space). Rules, in order, each
 /// switchable in `opts`:

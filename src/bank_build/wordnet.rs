@@ -1,5 +1,5 @@
 //! A small reader of the WordNet 3.0 database files; its own file because the outlier corpus
-//! and its cleaning against the ID classes need only this much of it (method.md §4).
+//! and its cleaning against the ID classes need only this much of it (docs/method.md §4).
 
 use std::collections::{BTreeSet, HashMap};
 use std::fs;
@@ -81,7 +81,7 @@ pub struct IndexEntry {
 /// The parsed noun database plus the noun and adjective indexes.
 ///
 /// A small reader of the WordNet 3.0 database files (`wndb(5WN)` format), just enough for the
-/// outlier-label corpus and its cleaning against the ID classes (method.md §4, data.md §2).
+/// outlier-label corpus and its cleaning against the ID classes (docs/method.md §4, docs/data.md §2).
 ///
 /// [`WordNet::open`] parses `data.noun` (every noun synset: its lemmas and its hyponym pointers
 /// `~` and `~i`), `index.noun` (lemma → synset offsets, most frequent sense first) and

@@ -1,7 +1,7 @@
 //! `oodgate eval --bank BANK [--model DIR] [--method M...] --id INPUT... --ood NAME=INPUT...
 //! [--json] [--plot OUT.png]`
 //!
-//! AUROC, FPR95, AUPR-In and AUPR-Out (method.md §10) per OOD set and averaged over the sets,
+//! AUROC, FPR95, AUPR-In and AUPR-Out (docs/method.md §10) per OOD set and averaged over the sets,
 //! for several methods side by side. The table is in percent; `--json` gives fractions.
 //! `--plot` draws ROC curves (one panel per OOD set, one curve per method) above score
 //! histograms (one panel per method: ID vs all OOD sets pooled). The plot has no text: the

@@ -5,7 +5,7 @@
 //! 2. `config/default.toml`, compiled in with `include_str!` and shipped as the documented template;
 //! 3. the file given with `--config` (partial: only the keys that change);
 //! 4. environment variables `OODGATE__<SECTION>__<KEY>` (`__` between parts, so keys keep their
-//!    single underscores; a single `_` would silently miss, see stack.md §6).
+//!    single underscores; a single `_` would silently miss, see docs/stack.md §6).
 //!
 //! Every key is listed once, in [`KEYS`]: its type, whether it has a default, its environment
 //! variable and its description. The README's configuration reference is rendered from that table

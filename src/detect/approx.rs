@@ -15,7 +15,7 @@ use super::rng::uniform_sample;
 
 /// When and how outlier banks are scored approximately.
 ///
-/// method.md §8 forbids truncating the softmax denominator to an ANN top-k: at s = 50 the many
+/// docs/method.md §8 forbids truncating the softmax denominator to an ANN top-k: at s = 50 the many
 /// rows just below the best one still carry much of the mass. So beyond
 /// [`ApproxParams::exact_limit`] outlier rows, the outlier part of the denominator
 /// Σ_k e^{l_k − m} is split in two:

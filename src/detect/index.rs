@@ -49,7 +49,7 @@ impl Default for IndexParams {
 /// HNSW index (hnsw_rs) over the rows of a bank matrix: nearest labels for explanations, and
 /// the candidate set for approximate scoring of banks beyond the exact limit.
 ///
-/// hnsw_rs traps handled here (stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
+/// hnsw_rs traps handled here (docs/stack.md §5): `DistDot` needs the `simdeez_f` feature (enabled in
 /// Cargo.toml) or it panics on self-queries; `max_layer` is fixed at 16 so the graph could be
 /// dumped; insert and search never overlap (the index is built once, then only searched);
 /// `HnswIo::load_hnsw` borrows its loader, which is leaked (a few hundred bytes per load).

@@ -298,7 +298,7 @@ impl KMeansParams {
 }
 
 impl Default for KMeansParams {
-    /// The OPL defaults of method.md §5: K = 500, 100 iterations, seed 42.
+    /// The OPL defaults of docs/method.md §5: K = 500, 100 iterations, seed 42.
     fn default() -> Self {
         Self::new(500, 42)
     }

@@ -127,7 +127,7 @@ impl Method {
         }
     }
 
-    /// The default logit scale s (= 1/T) from method.md: OLE 50, CLIPN 100, MCM and Energy 1
+    /// The default logit scale s (= 1/T) from docs/method.md: OLE 50, CLIPN 100, MCM and Energy 1
     /// (T = 1 on raw cosines), NegLabel 100 (τ = 0.01). Max-logit ignores the scale (1).
     pub const fn default_scale(self) -> f32 {
         match self {

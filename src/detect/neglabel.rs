@@ -4,7 +4,7 @@
 use super::method::ScoreError;
 use super::rng::SplitMix64;
 
-/// The NegLabel grouping of the negative rows (method.md §9), precomputed once.
+/// The NegLabel grouping of the negative rows (docs/method.md §9), precomputed once.
 ///
 /// With `n` negatives and `G` requested groups:
 /// 1. `G_eff = min(G, n)`: if there are fewer negatives than groups, every negative forms its

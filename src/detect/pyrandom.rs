@@ -17,7 +17,7 @@ const LOWER_MASK: u32 = 0x7fff_ffff;
 /// assert_eq!(r.uniform(0.0, 0.5), 0.3197133992289419);
 /// ```
 ///
-/// A port of CPython's `random` module generator (MT19937), bit-for-bit (method.md §7).
+/// A port of CPython's `random` module generator (MT19937), bit-for-bit (docs/method.md §7).
 ///
 /// HOPG's reference draws its mixing weights with `random.seed(42)` followed by
 /// `random.uniform(0.0, 0.5)` once per boundary embedding. [`PyRandom`] reproduces exactly those

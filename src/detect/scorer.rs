@@ -19,7 +19,7 @@ use super::norm::l2_normalize;
 /// `W = [T̄; T; Ô]` (T̄ only when "no" embeddings are present). Scoring a batch `X̂` is one
 /// GEMM of the batch against a contiguous row range of `W` (only the rows the method needs),
 /// followed by a tight per-image loop that accumulates in `f64` with max-subtracted
-/// log-sum-exp and a stable sigmoid. The softmax denominator is never truncated (method.md §8).
+/// log-sum-exp and a stable sigmoid. The softmax denominator is never truncated (docs/method.md §8).
 /// Outlier banks beyond a configured size can be scored with an HNSW head plus a sampled tail
 /// instead of the full GEMM ([`Scorer::with_approximation`], see [`super::approx`]).
 #[derive(Debug, Clone)]
@@ -39,7 +39,7 @@ impl Scorer {
     /// Build a scorer from the ID yes-embeddings T (C×D), optional "no" embeddings T̄ (C×D) and
     /// outlier rows Ô (M×D, M may be 0; a 0-row matrix of any width is accepted).
     ///
-    /// Rows are re-normalised (method.md §8). The NegLabel grouping is precomputed from
+    /// Rows are re-normalised (docs/method.md §8). The NegLabel grouping is precomputed from
     /// `params.neglabel_groups` / `params.neglabel_seed`.
     pub fn new(
         id: ArrayView2<'_, f32>,
@@ -583,7 +583,7 @@ mod tests {
         assert!(rel(a, b) < 1e-15, "{a} vs {b}");
     }
 
-    /// Direct evaluation of method.md §8 in f64 without max subtraction.
+    /// Direct evaluation of docs/method.md §8 in f64 without max subtraction.
     fn naive_ole(l: &[f64], lb: &[f64], r: &[f64]) -> f64 {
         let z: f64 = l.iter().chain(r).map(|v| v.exp()).sum();
         l.iter()

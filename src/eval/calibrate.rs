@@ -1,4 +1,4 @@
-//! Decision thresholds from held-out ID scores (method.md §8 "Decision", §10).
+//! Decision thresholds from held-out ID scores (docs/method.md §8 "Decision", §10).
 //!
 //! Decision rule: an image is **OOD iff S < λ**, so an ID image passes iff S ≥ λ.
 
@@ -26,7 +26,7 @@ pub struct TprThreshold {
 /// Precisely: let `k` be the smallest integer with `k / n ≥ tpr` (evaluated in f64, the same
 /// way `achieved_tpr` is), and s₍₁₎ ≤ … ≤ s₍ₙ₎ the sorted scores; then λ = s₍ₙ₋ₖ₊₁₎, the k-th
 /// largest score. Hence #{S ≥ λ} ≥ k, and any λ' > λ keeps at most k − 1 scores (< tpr).
-/// With `tpr = 0.95` this is the ID 5th percentile of method.md §8 (for n = 20: the 2nd smallest
+/// With `tpr = 0.95` this is the ID 5th percentile of docs/method.md §8 (for n = 20: the 2nd smallest
 /// score).
 ///
 /// Errors: empty set, a NaN score, or `tpr` outside (0, 1].

@@ -1,4 +1,4 @@
-//! AUROC, FPR at a TPR, AUPR-In/Out (method.md §10).
+//! AUROC, FPR at a TPR, AUPR-In/Out (docs/method.md §10).
 //!
 //! ID is the positive class and a higher score means ID. Everything is computed in f64 from one
 //! sort of the pooled scores with tied scores grouped (O(n log n)). Metrics are fractions in
@@ -157,7 +157,7 @@ fn check_tpr(tpr: f64) -> Result<(), MetricError> {
     }
 }
 
-/// method.md §10: i = first index with TPR_i ≥ t; exact hit → FPR_i (the smallest FPR at
+/// docs/method.md §10: i = first index with TPR_i ≥ t; exact hit → FPR_i (the smallest FPR at
 /// that TPR); otherwise linear interpolation between points i−1 and i.
 fn fpr_at_tpr_from_roc(roc: &[(f64, f64, f64)], target: f64) -> f64 {
     let Some(i) = roc.iter().position(|&(_, tpr, _)| tpr >= target) else {
@@ -195,7 +195,7 @@ pub fn roc_curve(id: &[f64], ood: &[f64]) -> Result<Vec<(f64, f64, f64)>, Metric
     Ok(roc_from_groups(&groups, id.len() as u64, ood.len() as u64))
 }
 
-/// FPR at the given TPR (e.g. 0.95 for FPR95) by the linear interpolation of method.md §10:
+/// FPR at the given TPR (e.g. 0.95 for FPR95) by the linear interpolation of docs/method.md §10:
 /// with i the first ROC index whose TPR_i ≥ `tpr`,
 /// `FPR_{i−1} + (FPR_i − FPR_{i−1})·(tpr − TPR_{i−1})/(TPR_i − TPR_{i−1})`; an exact hit
 /// returns FPR_i, the smallest FPR at that TPR.
