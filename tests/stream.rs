@@ -706,6 +706,27 @@ fn an_output_outage_spends_no_deliveries_and_loses_nothing() {
     w.wait_ready();
 }
 
+/// The stream tests run against the Debian package's nats-server and the current release
+/// (`OODGATE_TEST_NATS_SERVER`): the server that answers is the binary asked for.
+#[test]
+fn the_server_under_test_is_the_one_asked_for() {
+    let nats = NatsServer::start();
+    let version = rt().block_on(async {
+        async_nats::connect(nats.url())
+            .await
+            .unwrap()
+            .server_info()
+            .version
+    });
+    let out = Command::new(common::nats::binary())
+        .arg("--version")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains(&version), "{text} vs {version}");
+    eprintln!("nats-server {version}");
+}
+
 #[test]
 fn object_store_claim_checks_and_bad_envelopes() {
     let nats = NatsServer::start();

@@ -12,10 +12,19 @@ pub fn free_port() -> u16 {
     local_server::free_port().expect("free port")
 }
 
+/// The nats-server under test: `OODGATE_TEST_NATS_SERVER` when set (the Makefile runs the
+/// stream tests once more with the current release from the venv), else the first found.
+pub fn binary() -> std::path::PathBuf {
+    if let Some(p) = std::env::var_os("OODGATE_TEST_NATS_SERVER") {
+        let p = std::path::PathBuf::from(p);
+        return if p.is_absolute() { p } else { super::root().join(p) };
+    }
+    local_server::find_binary(&super::root().join(".venv")).unwrap_or_else(|e| panic!("{e}"))
+}
+
 impl NatsServer {
     pub fn start() -> NatsServer {
-        let binary = local_server::find_binary(&super::root().join(".venv"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let binary = binary();
         let inner = LocalServer::start(&binary).unwrap_or_else(|e| panic!("{e}"));
         NatsServer {
             port: inner.port,
@@ -26,8 +35,7 @@ impl NatsServer {
     /// A server started with the configuration lines `conf` (e.g. `max_payload: 65536`) on
     /// top of the usual flags.
     pub fn start_with_conf(conf: &str) -> NatsServer {
-        let binary = local_server::find_binary(&super::root().join(".venv"))
-            .unwrap_or_else(|e| panic!("{e}"));
+        let binary = binary();
         let inner = LocalServer::start_with(&binary, &[], |port, dir| {
             let path = dir.join("extra.conf");
             std::fs::write(&path, conf)?;
