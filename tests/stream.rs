@@ -118,28 +118,39 @@ struct Worker {
     http: u16,
 }
 
+/// `oodgate serve` on the test server with the tiny model, `bank` and `threshold`.
+fn serve_cmd(
+    nats: &NatsServer,
+    bank: &Path,
+    threshold: f64,
+    http: u16,
+    extra: &[(&str, &str)],
+) -> Command {
+    let mut cmd = Command::new(common::oodgate_bin());
+    cmd.arg("serve")
+        .env("OODGATE__NATS__SERVERS", nats.url())
+        .env("OODGATE__MODEL__DIR", common::tiny_model())
+        .env("OODGATE__MODEL__DEVICE", "cpu")
+        .env("OODGATE__MODEL__INTRA_THREADS", "1")
+        .env("OODGATE__DETECTOR__BANK", bank)
+        .env("OODGATE__DETECTOR__THRESHOLD", threshold.to_string())
+        .env("OODGATE__HTTP__LISTEN", format!("127.0.0.1:{http}"))
+        .env("OODGATE__BATCH__MAX_SIZE", "8")
+        .env("OODGATE__BATCH__MAX_WAIT", "5ms")
+        .env("OODGATE__INPUT__ACK_WAIT", "4s")
+        .env("OODGATE__LOG__LEVEL", "info")
+        .env("NO_COLOR", "1");
+    for (k, v) in extra {
+        cmd.env(k, v);
+    }
+    cmd
+}
+
 impl Worker {
     fn start(nats: &NatsServer, bank: &Path, threshold: f64, extra: &[(&str, &str)]) -> Worker {
         let http = free_port();
-        let mut cmd = Command::new(common::oodgate_bin());
-        cmd.arg("serve")
-            .env("OODGATE__NATS__SERVERS", nats.url())
-            .env("OODGATE__MODEL__DIR", common::tiny_model())
-            .env("OODGATE__MODEL__DEVICE", "cpu")
-            .env("OODGATE__MODEL__INTRA_THREADS", "1")
-            .env("OODGATE__DETECTOR__BANK", bank)
-            .env("OODGATE__DETECTOR__THRESHOLD", threshold.to_string())
-            .env("OODGATE__HTTP__LISTEN", format!("127.0.0.1:{http}"))
-            .env("OODGATE__BATCH__MAX_SIZE", "8")
-            .env("OODGATE__BATCH__MAX_WAIT", "5ms")
-            .env("OODGATE__INPUT__ACK_WAIT", "4s")
-            .env("OODGATE__LOG__LEVEL", "info")
-            .env("NO_COLOR", "1")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in extra {
-            cmd.env(k, v);
-        }
+        let mut cmd = serve_cmd(nats, bank, threshold, http, extra);
+        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
         let child = cmd.spawn().expect("spawn oodgate serve");
         let w = Worker { child, http };
         w.wait_ready();
@@ -725,6 +736,105 @@ fn the_server_under_test_is_the_one_asked_for() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains(&version), "{text} vs {version}");
     eprintln!("nats-server {version}");
+}
+
+/// An existing consumer with another ack_wait and an output stream with a 2-minute duplicate
+/// window would silently weaken the guarantees: the worker refuses to start and names both
+/// values; with `update_existing` it brings them up to the configuration.
+#[test]
+fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
+    use async_nats::jetstream::{consumer::pull, stream};
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    publish(&nats.url(), &[]);
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        js.create_stream(stream::Config {
+            name: "OODGATE_OUT".into(),
+            subjects: vec![
+                "oodgate.id".into(),
+                "oodgate.ood".into(),
+                "oodgate.dlq".into(),
+            ],
+            duplicate_window: Duration::from_secs(120),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        js.get_stream("IMAGES")
+            .await
+            .unwrap()
+            .create_consumer(pull::Config {
+                durable_name: Some("oodgate".into()),
+                filter_subject: "images.in".into(),
+                ack_wait: Duration::from_secs(30),
+                max_deliver: 5,
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    });
+    let mut child = serve_cmd(&nats, &bank, threshold, free_port(), &[])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the worker started despite weaker existing settings");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success());
+    assert!(
+        err.contains("consumer oodgate ack_wait is 30s on the server but 4s (input.ack_wait)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("input.update_existing / output.update_existing"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stream OODGATE_OUT duplicate_window is 120s on the server but 900s (output.duplicate_window)"),
+        "{err}"
+    );
+
+    let _w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__INPUT__UPDATE_EXISTING", "true"),
+            ("OODGATE__OUTPUT__UPDATE_EXISTING", "true"),
+        ],
+    );
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let mut out = js.get_stream("OODGATE_OUT").await.unwrap();
+        assert_eq!(
+            out.info().await.unwrap().config.duplicate_window,
+            Duration::from_secs(900)
+        );
+        let mut c: async_nats::jetstream::consumer::PullConsumer = js
+            .get_stream("IMAGES")
+            .await
+            .unwrap()
+            .get_consumer("oodgate")
+            .await
+            .unwrap();
+        assert_eq!(
+            c.info().await.unwrap().config.ack_wait,
+            Duration::from_secs(4)
+        );
+    });
 }
 
 #[test]

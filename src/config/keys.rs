@@ -235,6 +235,16 @@ pub const KEYS: &[KeyInfo] = &[
         "Longest time an input stays in flight: progress acks stop then, and an output that still cannot be stored is given up (NAK).",
     ),
     key(
+        "input.replicas",
+        Kind::Integer,
+        "Replicas of the input stream when oodgate creates it (1–5); an existing stream with fewer stops the worker.",
+    ),
+    key(
+        "input.update_existing",
+        Kind::Bool,
+        "Update an existing consumer or input stream whose ack_wait, max_deliver or replicas differ from the configuration, instead of refusing to start.",
+    ),
+    key(
         "input.object_store_bucket",
         Kind::String,
         "Object Store bucket for claim-check images (`oodgate publish`).",
@@ -289,6 +299,16 @@ pub const KEYS: &[KeyInfo] = &[
         "output.retry_max_delay",
         Kind::Duration,
         "Longest wait between attempts to store an output while outputs cannot be stored (intake is paused meanwhile).",
+    ),
+    key(
+        "output.replicas",
+        Kind::Integer,
+        "Replicas of the output stream when oodgate creates it (1–5); an existing stream with fewer stops the worker.",
+    ),
+    key(
+        "output.update_existing",
+        Kind::Bool,
+        "Update an existing output stream with fewer replicas or a shorter duplicate window than configured, instead of refusing to start.",
     ),
     key(
         "output.max_inflight_publishes",

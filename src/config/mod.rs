@@ -220,6 +220,8 @@ pub struct InputSettings {
     pub nak_delay_max: Duration,
     #[serde(with = "humantime_serde")]
     pub max_processing: Duration,
+    pub replicas: usize,
+    pub update_existing: bool,
     pub object_store_bucket: String,
 }
 
@@ -240,6 +242,8 @@ impl Default for InputSettings {
             nak_delay: Duration::from_secs(2),
             nak_delay_max: Duration::from_secs(60),
             max_processing: Duration::from_secs(600),
+            replicas: 1,
+            update_existing: false,
             object_store_bucket: "oodgate-images".into(),
         }
     }
@@ -266,6 +270,8 @@ pub struct OutputSettings {
     #[serde(with = "humantime_serde")]
     pub retry_max_delay: Duration,
     pub max_inflight_publishes: usize,
+    pub replicas: usize,
+    pub update_existing: bool,
 }
 
 impl Default for OutputSettings {
@@ -282,6 +288,8 @@ impl Default for OutputSettings {
             publish_retries: 3,
             retry_max_delay: Duration::from_secs(5),
             max_inflight_publishes: 256,
+            replicas: 1,
+            update_existing: false,
         }
     }
 }

@@ -157,10 +157,14 @@ impl Settings {
             ack_wait: self.input.ack_wait,
             max_deliver: self.input.max_deliver,
             max_ack_pending: self.input.max_ack_pending,
+            input_replicas: self.input.replicas,
+            update_input: self.input.update_existing,
             output_stream: self.output.stream.clone(),
             output_subjects: subjects,
             create_output: self.output.create_if_missing,
             duplicate_window: self.output.duplicate_window,
+            output_replicas: self.output.replicas,
+            update_output: self.output.update_existing,
         }
     }
 

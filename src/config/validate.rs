@@ -245,6 +245,7 @@ impl Settings {
             ));
         }
         positive(p, "input.nak_delay", i.nak_delay);
+        range_u(p, "input.replicas", i.replicas as u64, 1, 5);
         if i.nak_delay_max < i.nak_delay {
             p.push(Problem::new(
                 "input.nak_delay_max",
@@ -350,6 +351,7 @@ impl Settings {
         }
         positive(p, "output.publish_timeout", o.publish_timeout);
         positive(p, "output.retry_max_delay", o.retry_max_delay);
+        range_u(p, "output.replicas", o.replicas as u64, 1, 5);
         range_u(
             p,
             "output.publish_retries",

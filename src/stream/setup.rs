@@ -14,6 +14,12 @@ pub enum SetupError {
     Connect { servers: String, reason: String },
     #[error("JetStream {what}: {reason}")]
     JetStream { what: String, reason: String },
+    #[error(
+        "{}; refusing to run with weaker delivery guarantees than configured (fix the server \
+         or the configuration, or set {keys} = true to update the server)",
+        found.iter().map(|m| m.to_string()).collect::<Vec<_>>().join("; ")
+    )]
+    Mismatch { found: Vec<Mismatch>, keys: String },
 }
 
 /// How to reach NATS.
@@ -128,10 +134,18 @@ pub struct Topology {
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub max_ack_pending: i64,
+    /// Replicas of the input stream when oodgate creates it; an existing one with fewer is
+    /// refused (or updated, with `update_input`).
+    pub input_replicas: usize,
+    /// Bring an existing consumer (and input stream) up to this configuration instead of
+    /// refusing to start.
+    pub update_input: bool,
     pub output_stream: String,
     pub output_subjects: OutputSubjects,
     pub create_output: bool,
     pub duplicate_window: Duration,
+    pub output_replicas: usize,
+    pub update_output: bool,
 }
 
 /// The input stream's identity: its creation time in Unix nanoseconds. A stream that is
@@ -152,7 +166,87 @@ pub fn epoch_of(info: &stream::Info) -> String {
     info.created.unix_timestamp_nanos().to_string()
 }
 
-/// Declares (or looks up) the streams and the durable consumer.
+/// One setting of an existing stream or consumer weaker than the configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Mismatch {
+    pub what: String,
+    pub existing: String,
+    pub configured: String,
+}
+
+impl std::fmt::Display for Mismatch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} is {} on the server but {} in the configuration",
+            self.what, self.existing, self.configured
+        )
+    }
+}
+
+fn mismatches_of_stream(
+    info: &stream::Info,
+    replicas: usize,
+    duplicate_window: Option<Duration>,
+) -> Vec<Mismatch> {
+    let c = &info.config;
+    let mut out = Vec::new();
+    if c.num_replicas.max(1) < replicas.max(1) {
+        out.push(Mismatch {
+            what: format!("stream {} replicas", c.name),
+            existing: c.num_replicas.max(1).to_string(),
+            configured: replicas.to_string(),
+        });
+    }
+    if let Some(w) = duplicate_window
+        && c.duplicate_window < w
+    {
+        out.push(Mismatch {
+            what: format!("stream {} duplicate_window", c.name),
+            existing: format!("{:?}", c.duplicate_window),
+            configured: format!("{w:?} (output.duplicate_window)"),
+        });
+    }
+    out
+}
+
+fn mismatches_of_consumer(c: &jetstream::consumer::Config, t: &Topology) -> Vec<Mismatch> {
+    let mut out = Vec::new();
+    let name = &t.durable;
+    if c.ack_wait != t.ack_wait {
+        out.push(Mismatch {
+            what: format!("consumer {name} ack_wait"),
+            existing: format!("{:?}", c.ack_wait),
+            configured: format!("{:?} (input.ack_wait)", t.ack_wait),
+        });
+    }
+    if c.max_deliver != t.max_deliver {
+        out.push(Mismatch {
+            what: format!("consumer {name} max_deliver"),
+            existing: c.max_deliver.to_string(),
+            configured: format!("{} (input.max_deliver)", t.max_deliver),
+        });
+    }
+    out
+}
+
+/// The consumer configuration oodgate declares.
+fn consumer_config(t: &Topology) -> pull::Config {
+    pull::Config {
+        durable_name: Some(t.durable.clone()),
+        filter_subject: t.filter_subject.clone(),
+        ack_policy: jetstream::consumer::AckPolicy::Explicit,
+        ack_wait: t.ack_wait,
+        max_deliver: t.max_deliver,
+        max_ack_pending: t.max_ack_pending,
+        ..Default::default()
+    }
+}
+
+/// Declares (or looks up) the streams and the durable consumer. Existing ones are compared
+/// with the configuration: a weaker setting (fewer replicas, a shorter duplicate window,
+/// another `ack_wait` or `max_deliver`) stops the worker with both values named, unless
+/// `update_input` / `update_output` allows bringing it up to the configuration.
 pub async fn declare(
     js: &jetstream::Context,
     t: &Topology,
@@ -161,11 +255,12 @@ pub async fn declare(
         what: what.to_string(),
         reason: e.to_string(),
     };
-    let input = if t.create_input {
+    let mut input = if t.create_input {
         js.get_or_create_stream(stream::Config {
             name: t.input_stream.clone(),
             subjects: t.input_subjects.clone(),
             storage: stream::StorageType::File,
+            num_replicas: t.input_replicas.max(1),
             ..Default::default()
         })
         .await
@@ -181,32 +276,95 @@ pub async fn declare(
             )
         })?
     };
+    let input_info = input
+        .info()
+        .await
+        .map_err(|e| je(&format!("input stream {}", t.input_stream), &e))?
+        .clone();
     if t.create_output {
         js.get_or_create_stream(stream::Config {
             name: t.output_stream.clone(),
             subjects: t.output_subjects.all().map(String::from).to_vec(),
             storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
+            num_replicas: t.output_replicas.max(1),
             ..Default::default()
         })
         .await
         .map_err(|e| je(&format!("output stream {}", t.output_stream), &e))?;
     }
-    let consumer: jetstream::consumer::PullConsumer = input
-        .get_or_create_consumer(
-            &t.durable,
-            pull::Config {
-                durable_name: Some(t.durable.clone()),
-                filter_subject: t.filter_subject.clone(),
-                ack_policy: jetstream::consumer::AckPolicy::Explicit,
-                ack_wait: t.ack_wait,
-                max_deliver: t.max_deliver,
-                max_ack_pending: t.max_ack_pending,
-                ..Default::default()
-            },
-        )
-        .await
-        .map_err(|e| je(&format!("consumer {}", t.durable), &e))?;
+    let output_info = match js.get_stream(&t.output_stream).await {
+        Ok(mut out) => Some(
+            out.info()
+                .await
+                .map_err(|e| je(&format!("output stream {}", t.output_stream), &e))?
+                .clone(),
+        ),
+        Err(_) => None,
+    };
+    let existing = input.get_consumer::<pull::Config>(&t.durable).await.ok();
+    let consumer_info = existing.as_ref().map(|c| c.cached_info().config.clone());
+
+    // Compare everything first, so one start-up error names every weaker setting.
+    let input_weak = mismatches_of_stream(&input_info, t.input_replicas, None);
+    let output_weak = output_info
+        .as_ref()
+        .map(|i| mismatches_of_stream(i, t.output_replicas, Some(t.duplicate_window)))
+        .unwrap_or_default();
+    let consumer_weak = consumer_info
+        .as_ref()
+        .map(|c| mismatches_of_consumer(c, t))
+        .unwrap_or_default();
+    let mut refused = Vec::new();
+    let mut keys = Vec::new();
+    let input_side_weak = !input_weak.is_empty() || !consumer_weak.is_empty();
+    if input_side_weak && !t.update_input {
+        refused.extend(input_weak.iter().cloned());
+        refused.extend(consumer_weak.iter().cloned());
+        keys.push("input.update_existing");
+    }
+    if !t.update_output && !output_weak.is_empty() {
+        refused.extend(output_weak.iter().cloned());
+        keys.push("output.update_existing");
+    }
+    if !refused.is_empty() {
+        return Err(SetupError::Mismatch {
+            found: refused,
+            keys: keys.join(" / "),
+        });
+    }
+    if !input_weak.is_empty() {
+        let mut cfg = input_info.config.clone();
+        cfg.num_replicas = t.input_replicas.max(1);
+        js.update_stream(cfg)
+            .await
+            .map_err(|e| je(&format!("updating input stream {}", t.input_stream), &e))?;
+        tracing::warn!(stream = %t.input_stream, replicas = t.input_replicas, "input stream updated to the configuration");
+    }
+    if let (false, Some(info)) = (output_weak.is_empty(), &output_info) {
+        let mut cfg = info.config.clone();
+        cfg.num_replicas = cfg.num_replicas.max(t.output_replicas.max(1));
+        cfg.duplicate_window = cfg.duplicate_window.max(t.duplicate_window);
+        js.update_stream(cfg)
+            .await
+            .map_err(|e| je(&format!("updating output stream {}", t.output_stream), &e))?;
+        tracing::warn!(stream = %t.output_stream, "output stream updated to the configuration");
+    }
+    let consumer: jetstream::consumer::PullConsumer = match existing {
+        Some(c) if consumer_weak.is_empty() => c,
+        Some(_) => {
+            let c = input
+                .create_consumer(consumer_config(t))
+                .await
+                .map_err(|e| je(&format!("updating consumer {}", t.durable), &e))?;
+            tracing::warn!(durable = %t.durable, "consumer updated to the configuration");
+            c
+        }
+        None => input
+            .get_or_create_consumer(&t.durable, consumer_config(t))
+            .await
+            .map_err(|e| je(&format!("consumer {}", t.durable), &e))?,
+    };
     // The API takes nanoseconds and unit bugs are common: log what the server holds.
     let mut c = consumer.clone();
     if let Ok(info) = c.info().await {

@@ -17,7 +17,11 @@ pub fn free_port() -> u16 {
 pub fn binary() -> std::path::PathBuf {
     if let Some(p) = std::env::var_os("OODGATE_TEST_NATS_SERVER") {
         let p = std::path::PathBuf::from(p);
-        return if p.is_absolute() { p } else { super::root().join(p) };
+        return if p.is_absolute() {
+            p
+        } else {
+            super::root().join(p)
+        };
     }
     local_server::find_binary(&super::root().join(".venv")).unwrap_or_else(|e| panic!("{e}"))
 }
