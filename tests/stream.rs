@@ -643,8 +643,9 @@ fn a_recreated_input_stream_gets_new_outputs() {
     assert_ne!(with_id.headers["Nats-Msg-Id"], "producer-7");
 }
 
-/// The output stream the worker declares (as `output.create_if_missing` does).
-fn create_output_stream(url: &str) {
+/// The output stream as the worker declares it (`output.create_if_missing`), with `window` as
+/// its duplicate window (the worker's default is 15 min).
+fn create_output_stream(url: &str, window: Duration) {
     rt().block_on(async {
         let client = async_nats::connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
@@ -655,7 +656,7 @@ fn create_output_stream(url: &str) {
                 "oodgate.ood".into(),
                 "oodgate.dlq".into(),
             ],
-            duplicate_window: Duration::from_secs(900),
+            duplicate_window: window,
             ..Default::default()
         })
         .await
@@ -698,7 +699,7 @@ fn an_output_outage_spends_no_deliveries_and_loses_nothing() {
         }
         std::thread::sleep(Duration::from_millis(200));
     }
-    create_output_stream(&nats.url());
+    create_output_stream(&nats.url(), Duration::from_secs(900));
     let outs = outputs(&nats.url(), payloads.len(), Duration::from_secs(60));
     let dead: Vec<&str> = outs
         .iter()
@@ -743,25 +744,14 @@ fn the_server_under_test_is_the_one_asked_for() {
 /// values; with `update_existing` it brings them up to the configuration.
 #[test]
 fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
-    use async_nats::jetstream::{consumer::pull, stream};
+    use async_nats::jetstream::consumer::pull;
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
     publish(&nats.url(), &[]);
+    create_output_stream(&nats.url(), Duration::from_secs(120));
     rt().block_on(async {
         let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        js.create_stream(stream::Config {
-            name: "OODGATE_OUT".into(),
-            subjects: vec![
-                "oodgate.id".into(),
-                "oodgate.ood".into(),
-                "oodgate.dlq".into(),
-            ],
-            duplicate_window: Duration::from_secs(120),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
         js.get_stream("IMAGES")
             .await
             .unwrap()
