@@ -12,7 +12,8 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use async_nats::jetstream::{self, AckKind};
-use metrics::{gauge, histogram};
+use metrics::{counter, gauge, histogram};
+use ndarray::{Array2, Array4, s};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -21,11 +22,11 @@ use super::batcher::{self, BatchPolicy};
 use super::breaker::Breaker;
 use super::decode::{BufPool, Decoded, Intake};
 use super::housekeeping;
-use super::infer::EncoderHandle;
+use super::infer::{Blame, EncoderHandle, InferError, blame};
 use super::inflight::{InFlight, Tracker};
 use super::metrics::{self as m, Stats};
 use super::pull::{self, PullConfig};
-use super::route::{Redelivery, Retry, Router};
+use super::route::{DeadKind, Redelivery, Retry, Router};
 use super::setup::Topology;
 use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
 use crate::detect::detector::Detector;
@@ -369,29 +370,126 @@ impl Core {
         let t0 = Instant::now();
         let emb = self.encoder.embed(tensor).await;
         histogram!(m::STAGE_SECONDS, "stage" => "infer").record(t0.elapsed().as_secs_f64());
-        let emb = match emb {
-            Ok(e) => e,
+        match emb {
+            Ok(e) => self.score_and_route(batch, e).await,
+            Err(InferError::Encoder { error, images }) if n > 1 => {
+                tracing::warn!(error = %error, batch = n, "encoder failed on a batch; retrying its images one by one");
+                self.isolate_encoder_failure(batch, images).await
+            }
             Err(e) => {
                 tracing::error!(error = %e, batch = n, "encoder failed; NAKing the batch");
-                return self.retry_all(batch, "encoder", &e.to_string()).await;
+                self.retry_all(batch, "encoder", &e.to_string()).await
             }
-        };
+        }
+        tracing::debug!(
+            batch = n,
+            ms = t0.elapsed().as_millis() as u64,
+            "batch routed"
+        );
+    }
+
+    /// Poison isolation: each image of a batch the encoder failed on is encoded alone. Images
+    /// that work are routed on this delivery; one that fails alone, while others work, is
+    /// dead-lettered (`encoder`). If every image fails alone nothing points at an input, and
+    /// all are retried.
+    async fn isolate_encoder_failure(&self, batch: Vec<Decoded>, images: Array4<f32>) {
+        let mut alone = Vec::with_capacity(batch.len());
+        for i in 0..batch.len() {
+            let one = images.slice(s![i..i + 1, .., .., ..]).to_owned();
+            alone.push(self.encoder.embed(one).await.map_err(|e| e.to_string()));
+        }
+        match blame(alone) {
+            Blame::Nobody(errors) => {
+                let why = errors.first().cloned().unwrap_or_default();
+                self.retry_all(batch, "encoder", &why).await
+            }
+            Blame::Members(results) => {
+                for (item, r) in batch.into_iter().zip(results) {
+                    match r {
+                        Ok(e) => self.score_and_route(vec![item], e).await,
+                        Err(why) => {
+                            self.dead_letter(
+                                item,
+                                DeadKind::Encoder,
+                                &format!("the encoder fails on this image alone: {why}"),
+                            )
+                            .await
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn dead_letter(&self, item: Decoded, kind: DeadKind, why: &str) {
+        tracing::info!(source = %item.input.source.label(), %kind, error = why, "dead-lettering input");
+        counter!(m::DLQ, "kind" => kind.as_str()).increment(1);
+        let source = &item.input.source;
+        let output = self.router.dead(source, item.headers.as_ref(), kind, why);
+        let (output, payload) =
+            self.router
+                .fit(source, item.headers.as_ref(), output, item.payload);
+        let _ = self
+            .to_sink
+            .send(Routed::Publish {
+                input: item.input,
+                payload,
+                output,
+            })
+            .await;
+    }
+
+    /// Scores and routes a batch; a scorer failure is isolated the same way as an encoder
+    /// failure (kind `score`).
+    async fn score_and_route(&self, batch: Vec<Decoded>, emb: Array2<f32>) {
         let t1 = Instant::now();
         // Scoring and explanations are CPU work: off the async workers.
         let detector = self.detector.clone();
-        let verdicts = tokio::task::spawn_blocking(move || detector.verdicts(emb.view())).await;
-        let verdicts = match verdicts {
-            Ok(Ok(v)) => v,
-            Ok(Err(e)) => {
-                tracing::error!(error = %e, "scoring failed; NAKing the batch");
-                return self.retry_all(batch, "score", &e.to_string()).await;
+        let n = batch.len();
+        let scored = tokio::task::spawn_blocking(move || {
+            match detector.verdicts(emb.view()) {
+                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                // Poison isolation: score each image alone.
+                Err(_) if n > 1 => (0..n)
+                    .map(|i| {
+                        detector
+                            .verdicts(emb.slice(s![i..i + 1, ..]))
+                            .map_err(|e| e.to_string())
+                            .and_then(|mut v| v.pop().ok_or_else(|| "no verdict".to_string()))
+                    })
+                    .collect(),
+                Err(e) => vec![Err(e.to_string())],
             }
+        })
+        .await;
+        let results = match scored {
+            Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "scoring task failed; NAKing the batch");
                 return self.retry_all(batch, "score", &e.to_string()).await;
             }
         };
-        for (item, v) in batch.into_iter().zip(verdicts) {
+        let results = match blame(results) {
+            Blame::Nobody(errors) => {
+                let why = errors.first().cloned().unwrap_or_default();
+                tracing::error!(error = %why, "scoring failed; NAKing the batch");
+                return self.retry_all(batch, "score", &why).await;
+            }
+            Blame::Members(r) => r,
+        };
+        for (item, v) in batch.into_iter().zip(results) {
+            let v = match v {
+                Ok(v) => v,
+                Err(why) => {
+                    self.dead_letter(
+                        item,
+                        DeadKind::Score,
+                        &format!("the scorer fails on this image alone: {why}"),
+                    )
+                    .await;
+                    continue;
+                }
+            };
             histogram!(m::SCORE).record(v.score);
             let source = &item.input.source;
             let output = self.router.verdict(source, item.headers.as_ref(), &v);
@@ -408,10 +506,5 @@ impl Core {
                 .await;
         }
         histogram!(m::STAGE_SECONDS, "stage" => "score").record(t1.elapsed().as_secs_f64());
-        tracing::debug!(
-            batch = n,
-            infer_ms = t1.duration_since(t0).as_millis() as u64,
-            "batch routed"
-        );
     }
 }

@@ -41,6 +41,10 @@ pub enum DeadKind {
     Resize,
     /// Delivered `input.max_deliver` times without an output.
     MaxDeliveries,
+    /// The encoder fails on this image alone (its batch neighbours work).
+    Encoder,
+    /// The scorer fails on this image alone.
+    Score,
 }
 
 impl DeadKind {
@@ -56,6 +60,8 @@ impl DeadKind {
             DeadKind::Corrupt => "corrupt",
             DeadKind::Resize => "resize",
             DeadKind::MaxDeliveries => "max_deliveries",
+            DeadKind::Encoder => "encoder",
+            DeadKind::Score => "score",
         }
     }
 
