@@ -1,4 +1,5 @@
-//! The daemon's HTTP endpoints: `/metrics` (Prometheus), `/healthz` (process up), `/readyz`
+//! The daemon's HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the encoder thread runs
+//! and work in flight moves), `/readyz`
 //! (model and bank loaded, NATS connected) and `/info` (versions, model, bank, method,
 //! threshold, provider) as JSON.
 
@@ -15,12 +16,13 @@ pub struct HttpState {
     pub client: Arc<OnceLock<async_nats::Client>>,
     pub metrics: PrometheusHandle,
     pub info: Arc<RwLock<serde_json::Value>>,
+    pub health: crate::stream::housekeeping::Health,
 }
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
         .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/info", get(info))
         .with_state(state)
@@ -43,6 +45,13 @@ async fn metrics(State(s): State<HttpState>) -> impl IntoResponse {
         [("content-type", "text/plain; version=0.0.4")],
         s.metrics.render(),
     )
+}
+
+async fn healthz(State(s): State<HttpState>) -> impl IntoResponse {
+    match s.health.problem() {
+        None => (StatusCode::OK, "ok\n".to_string()),
+        Some(why) => (StatusCode::SERVICE_UNAVAILABLE, format!("{why}\n")),
+    }
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {

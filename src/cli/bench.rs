@@ -233,6 +233,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             detector,
             cfg,
             ready,
+            Default::default(),
             stats.clone(),
             done,
         )

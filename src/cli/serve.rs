@@ -56,6 +56,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
 async fn serve(s: Settings) -> anyhow::Result<()> {
     let handle = metrics::install().map_err(|e| anyhow::anyhow!("metrics: {e}"))?;
     let ready = Arc::new(AtomicBool::new(false));
+    let health = oodgate::stream::housekeeping::Health::default();
     let client_cell: Arc<OnceLock<async_nats::Client>> = Arc::new(OnceLock::new());
     let info = Arc::new(RwLock::new(
         serde_json::json!({ "oodgate": env!("CARGO_PKG_VERSION"), "state": "starting" }),
@@ -73,6 +74,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
                 client: client_cell.clone(),
                 metrics: handle,
                 info: info.clone(),
+                health: health.clone(),
             },
         )
         .await
@@ -129,6 +131,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         detector,
         cfg,
         ready,
+        health,
         stats.clone(),
         shutdown,
     )

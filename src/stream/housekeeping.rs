@@ -148,3 +148,103 @@ pub async fn max_deliveries<P: Publish>(
         }
     }
 }
+
+/// The worker's liveness for `/healthz`: `None` while healthy, else the reason.
+#[derive(Clone, Default)]
+pub struct Health(Arc<std::sync::Mutex<Option<String>>>);
+
+impl Health {
+    pub fn problem(&self) -> Option<String> {
+        self.0.lock().ok().and_then(|p| p.clone())
+    }
+
+    fn set(&self, problem: Option<String>) {
+        if let Ok(mut p) = self.0.lock() {
+            if *p != problem {
+                match &problem {
+                    Some(why) => tracing::error!(%why, "worker unhealthy"),
+                    None => tracing::info!("worker healthy again"),
+                }
+            }
+            *p = problem;
+        }
+    }
+}
+
+/// Whether the worker is alive: the encoder thread runs, and work in flight moves unless the
+/// output is unavailable (then waiting is expected and `/readyz` already says so).
+pub fn judge(
+    encoder_alive: bool,
+    in_flight: usize,
+    output_blocked: bool,
+    since_progress: Duration,
+    stall_after: Duration,
+) -> Option<String> {
+    if !encoder_alive {
+        return Some("the encoder thread has stopped".into());
+    }
+    if in_flight > 0 && !output_blocked && since_progress >= stall_after {
+        return Some(format!(
+            "no input finished for {since_progress:?} with {in_flight} in flight (a stage hangs)"
+        ));
+    }
+    None
+}
+
+/// Keeps [`Health`] current once a second.
+pub async fn watchdog(
+    encoder_alive: Arc<std::sync::atomic::AtomicBool>,
+    stats: Arc<super::metrics::Stats>,
+    tracker: Arc<Tracker>,
+    breaker: Arc<Breaker>,
+    stall_after: Duration,
+    health: Health,
+    shutdown: CancellationToken,
+) {
+    use std::sync::atomic::Ordering::Relaxed;
+    let done = || {
+        stats.id.load(Relaxed)
+            + stats.ood.load(Relaxed)
+            + stats.dlq.load(Relaxed)
+            + stats.naks.load(Relaxed)
+    };
+    let (mut last, mut since) = (done(), std::time::Instant::now());
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+        let now = done();
+        if now != last {
+            (last, since) = (now, std::time::Instant::now());
+        }
+        health.set(judge(
+            encoder_alive.load(std::sync::atomic::Ordering::SeqCst),
+            tracker.len(),
+            breaker.is_open(),
+            since.elapsed(),
+            stall_after,
+        ));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unhealthy_when_the_encoder_is_gone_or_work_stalls_outside_an_outage() {
+        let (s, stall) = (Duration::from_secs(5), Duration::from_secs(120));
+        assert_eq!(judge(true, 3, false, s, stall), None);
+        assert!(
+            judge(false, 0, false, s, stall)
+                .unwrap()
+                .contains("encoder thread")
+        );
+        let stalled = judge(true, 3, false, stall, stall).unwrap();
+        assert!(stalled.contains("3 in flight"), "{stalled}");
+        // Nothing in flight, or the output is down: waiting is expected.
+        assert_eq!(judge(true, 0, false, stall * 10, stall), None);
+        assert_eq!(judge(true, 3, true, stall * 10, stall), None);
+    }
+}

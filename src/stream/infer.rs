@@ -82,6 +82,11 @@ impl EncoderHandle {
         self.alive.load(Ordering::SeqCst)
     }
 
+    /// The liveness flag itself, for a watcher that must not keep the thread alive.
+    pub fn alive_flag(&self) -> Arc<AtomicBool> {
+        self.alive.clone()
+    }
+
     /// `[n, 3, size, size]` → `[n, dim]` unit-norm embeddings.
     pub async fn embed(&self, images: Array4<f32>) -> Result<Array2<f32>, InferError> {
         let (reply, rx) = oneshot::channel();

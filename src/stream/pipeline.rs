@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::batcher::{self, BatchPolicy};
 use super::breaker::Breaker;
 use super::decode::{BufPool, Decoded, Intake};
-use super::housekeeping;
+use super::housekeeping::{self, Health};
 use super::infer::{Blame, EncoderHandle, InferError, blame};
 use super::inflight::{InFlight, Tracker};
 use super::metrics::{self as m, Stats};
@@ -82,6 +82,7 @@ pub async fn run(
     detector: Detector,
     cfg: PipelineConfig,
     ready: Arc<AtomicBool>,
+    health: Health,
     stats: Arc<Stats>,
     shutdown: CancellationToken,
 ) -> Result<(), PipelineError> {
@@ -123,6 +124,7 @@ pub async fn run(
         object_max_bytes: cfg.object_max_bytes,
     });
     let (encoder, encoder_thread) = EncoderHandle::spawn(encoder, 1)?;
+    let encoder_alive = encoder.alive_flag();
     let publisher = JetStreamPublisher {
         js: js.clone(),
         timeout: cfg.publish_timeout,
@@ -200,6 +202,16 @@ pub async fn run(
         shutdown.clone(),
     ));
     chores.spawn(housekeeping::pending_gauge(consumer, shutdown.clone()));
+    chores.spawn(housekeeping::watchdog(
+        encoder_alive,
+        stats.clone(),
+        tracker.clone(),
+        breaker.clone(),
+        // Twice the ack wait without any input finishing, while work is in flight.
+        t.ack_wait * 2,
+        health,
+        shutdown.clone(),
+    ));
     chores.spawn(housekeeping::max_deliveries(
         client.clone(),
         js.clone(),
