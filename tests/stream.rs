@@ -827,6 +827,58 @@ fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
     });
 }
 
+/// A claim-checked object whose chunks are gone: reading it never completes. The read times
+/// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
+/// dead-lettered instead of being held forever.
+#[test]
+fn an_object_read_that_never_completes_times_out_and_is_dead_lettered() {
+    use async_nats::jetstream::object_store;
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let _w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__INPUT__FETCH_TIMEOUT", "1s"),
+            ("OODGATE__INPUT__MAX_DELIVER", "2"),
+            ("OODGATE__INPUT__NAK_DELAY", "100ms"),
+        ],
+    );
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let store = js
+            .create_object_store(object_store::Config {
+                bucket: "oodgate-images".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let bytes = std::fs::read(common::fixture("images").join("coffee.jpg")).unwrap();
+        store.put("gone.jpg", &mut bytes.as_slice()).await.unwrap();
+        js.get_stream("OBJ_oodgate-images")
+            .await
+            .unwrap()
+            .purge()
+            .filter("$O.oodgate-images.C.>")
+            .await
+            .unwrap();
+    });
+    let envelope = br#"{"id": 1, "object": {"bucket": "oodgate-images", "name": "gone.jpg"}}"#;
+    publish(&nats.url(), &[("gone".to_string(), envelope.to_vec())]);
+    let outs = outputs(&nats.url(), 1, Duration::from_secs(40));
+    assert_eq!(outs.len(), 1, "the input was held instead of dead-lettered");
+    let o = &outs[0];
+    assert_eq!(o.subject, "oodgate.dlq");
+    assert_eq!(o.headers["Oodgate-Error-Kind"], "max_deliveries");
+    assert!(
+        o.headers["Oodgate-Error"].contains("input.fetch_timeout"),
+        "{}",
+        o.headers["Oodgate-Error"]
+    );
+}
+
 #[test]
 fn object_store_claim_checks_and_bad_envelopes() {
     let nats = NatsServer::start();

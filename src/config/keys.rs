@@ -249,6 +249,11 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::String,
         "Object Store bucket for claim-check images (`oodgate publish`).",
     ),
+    key(
+        "input.fetch_timeout",
+        Kind::Duration,
+        "Time limit for reading one claim-checked object; a timeout is a transient failure (NAK with backoff).",
+    ),
     // [output]
     key(
         "output.prefix",

@@ -223,6 +223,8 @@ pub struct InputSettings {
     pub replicas: usize,
     pub update_existing: bool,
     pub object_store_bucket: String,
+    #[serde(with = "humantime_serde")]
+    pub fetch_timeout: Duration,
 }
 
 impl Default for InputSettings {
@@ -245,6 +247,7 @@ impl Default for InputSettings {
             replicas: 1,
             update_existing: false,
             object_store_bucket: "oodgate-images".into(),
+            fetch_timeout: Duration::from_secs(30),
         }
     }
 }

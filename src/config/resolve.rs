@@ -195,6 +195,7 @@ impl Settings {
             retry_max_delay: self.output.retry_max_delay,
             max_processing: self.input.max_processing,
             object_max_bytes: self.limits.max_bytes as usize,
+            fetch_timeout: self.input.fetch_timeout,
         }
     }
 }

@@ -245,6 +245,7 @@ impl Settings {
             ));
         }
         positive(p, "input.nak_delay", i.nak_delay);
+        positive(p, "input.fetch_timeout", i.fetch_timeout);
         range_u(p, "input.replicas", i.replicas as u64, 1, 5);
         if i.nak_delay_max < i.nak_delay {
             p.push(Problem::new(

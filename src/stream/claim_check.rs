@@ -30,8 +30,25 @@ fn bucket_missing(e: &jetstream::context::ObjectStoreError) -> bool {
         })
 }
 
-/// Reads the object `obj` refers to, refusing objects above `max_bytes` before reading them.
+/// Reads the object `obj` refers to, refusing objects above `max_bytes` before reading them,
+/// within `timeout` (a read whose chunks never arrive would otherwise hold its input forever).
 pub async fn fetch(
+    js: &jetstream::Context,
+    obj: &ObjectRef,
+    max_bytes: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, FetchError> {
+    tokio::time::timeout(timeout, fetch_unbounded(js, obj, max_bytes))
+        .await
+        .unwrap_or_else(|_| {
+            Err(FetchError::Transient(format!(
+                "reading object {}/{} took longer than {timeout:?} (input.fetch_timeout)",
+                obj.bucket, obj.name
+            )))
+        })
+}
+
+async fn fetch_unbounded(
     js: &jetstream::Context,
     obj: &ObjectRef,
     max_bytes: usize,

@@ -91,6 +91,7 @@ pub struct Intake {
     /// Images decoded and waiting for the batcher (the queue-depth gauge).
     pub queued: Arc<AtomicUsize>,
     pub object_max_bytes: usize,
+    pub fetch_timeout: std::time::Duration,
 }
 
 impl Intake {
@@ -142,7 +143,14 @@ impl Intake {
             }
             Ok(Payload::Image) => payload.clone(),
             Ok(Payload::Envelope(env)) => {
-                match claim_check::fetch(&self.js, &env.object, self.object_max_bytes).await {
+                match claim_check::fetch(
+                    &self.js,
+                    &env.object,
+                    self.object_max_bytes,
+                    self.fetch_timeout,
+                )
+                .await
+                {
                     Ok(bytes) => {
                         histogram!(m::STAGE_SECONDS, "stage" => "fetch")
                             .record(started.elapsed().as_secs_f64());

@@ -59,6 +59,8 @@ pub struct PipelineConfig {
     /// cannot be stored is given up and the input NAKed).
     pub max_processing: Duration,
     pub object_max_bytes: usize,
+    /// Time limit for reading one claim-checked object.
+    pub fetch_timeout: Duration,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -122,6 +124,7 @@ pub async fn run(
         to_sink: to_sink.clone(),
         queued: queued.clone(),
         object_max_bytes: cfg.object_max_bytes,
+        fetch_timeout: cfg.fetch_timeout,
     });
     let (encoder, encoder_thread) = EncoderHandle::spawn(encoder, 1)?;
     let encoder_alive = encoder.alive_flag();
