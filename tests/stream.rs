@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::nats::{NatsServer, free_port};
+use common::nats::{Cluster, NatsServer, free_port};
 use ndarray::Array2;
 use oodgate::detect::bank::{Bank, BankMeta, OutlierRow};
 use oodgate::detect::method::{Method, ScoreParams};
@@ -120,7 +120,7 @@ struct Worker {
 
 /// `oodgate serve` on the test server with the tiny model, `bank` and `threshold`.
 fn serve_cmd(
-    nats: &NatsServer,
+    servers: &str,
     bank: &Path,
     threshold: f64,
     http: u16,
@@ -128,7 +128,7 @@ fn serve_cmd(
 ) -> Command {
     let mut cmd = Command::new(common::oodgate_bin());
     cmd.arg("serve")
-        .env("OODGATE__NATS__SERVERS", nats.url())
+        .env("OODGATE__NATS__SERVERS", servers)
         .env("OODGATE__MODEL__DIR", common::tiny_model())
         .env("OODGATE__MODEL__DEVICE", "cpu")
         .env("OODGATE__MODEL__INTRA_THREADS", "1")
@@ -148,9 +148,15 @@ fn serve_cmd(
 
 impl Worker {
     fn start(nats: &NatsServer, bank: &Path, threshold: f64, extra: &[(&str, &str)]) -> Worker {
+        Worker::start_on(&nats.url(), bank, threshold, extra)
+    }
+
+    /// A worker on `servers` (comma-separated URLs, e.g. every node of a cluster).
+    fn start_on(servers: &str, bank: &Path, threshold: f64, extra: &[(&str, &str)]) -> Worker {
         let http = free_port();
-        let mut cmd = serve_cmd(nats, bank, threshold, http, extra);
-        cmd.stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut cmd = serve_cmd(servers, bank, threshold, http, extra);
+        // Not piped: a pipe nobody reads would block a chatty worker once it fills.
+        cmd.stdout(Stdio::null()).stderr(Stdio::null());
         let child = cmd.spawn().expect("spawn oodgate serve");
         let w = Worker { child, http };
         w.wait_ready();
@@ -765,7 +771,7 @@ fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
             .await
             .unwrap();
     });
-    let mut child = serve_cmd(&nats, &bank, threshold, free_port(), &[])
+    let mut child = serve_cmd(&nats.url(), &bank, threshold, free_port(), &[])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -877,6 +883,100 @@ fn an_object_read_that_never_completes_times_out_and_is_dead_lettered() {
         "{}",
         o.headers["Oodgate-Error"]
     );
+}
+
+/// A 3-node JetStream cluster on loopback; oodgate creates R3 input and output streams from
+/// `input.replicas` / `output.replicas`; two workers share the consumer. The input stream's
+/// leader and one worker are SIGKILLed mid-stream and restarted: every input still has
+/// exactly one output and no good image is dead-lettered.
+#[test]
+fn a_three_node_cluster_survives_losing_the_input_leader_and_a_worker() {
+    let mut cluster = Cluster::start(3);
+    rt().block_on(async {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+        // Ready once an R3 stream can be placed (a meta leader and all peers are there).
+        let probe = async_nats::jetstream::stream::Config {
+            name: "PROBE".into(),
+            subjects: vec!["probe".into()],
+            num_replicas: 3,
+            ..Default::default()
+        };
+        loop {
+            match js.create_stream(probe.clone()).await {
+                Ok(_) => break,
+                Err(e) => assert!(Instant::now() < deadline, "cluster not ready: {e}"),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        js.delete_stream("PROBE").await.unwrap();
+    });
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let env = [
+        ("OODGATE__INPUT__REPLICAS", "3"),
+        ("OODGATE__OUTPUT__REPLICAS", "3"),
+    ];
+    let servers = cluster.urls();
+    let mut a = Worker::start_on(&servers, &bank, threshold, &env);
+    let _b = Worker::start_on(&servers, &bank, threshold, &env);
+    let leader = rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(cluster.url(0)).await.unwrap());
+        let mut s = js.get_stream("IMAGES").await.unwrap();
+        let info = s.info().await.unwrap();
+        assert_eq!(
+            info.config.num_replicas, 3,
+            "oodgate created an R3 input stream"
+        );
+        let out = js
+            .get_stream("OODGATE_OUT")
+            .await
+            .unwrap()
+            .cached_info()
+            .config
+            .num_replicas;
+        assert_eq!(out, 3, "and an R3 output stream");
+        info.cluster
+            .as_ref()
+            .and_then(|c| c.leader.clone())
+            .unwrap()
+    });
+    let leader: usize = leader.trim_start_matches('n').parse().unwrap();
+    // Publish through a node that stays up.
+    let via = cluster.url((leader + 1) % 3);
+    let mut payloads = Vec::new();
+    for r in 0..4 {
+        for (n, p) in good_payloads() {
+            payloads.push((format!("{r}-{n}"), p));
+        }
+    }
+    publish(&via, &payloads);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while a.metric("oodgate_messages_out_total") < 3.0 {
+        assert!(Instant::now() < deadline, "no progress");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    cluster.nodes[leader].stop();
+    a.signal("KILL");
+    let _ = a.wait_exit(Duration::from_secs(5));
+    std::thread::sleep(Duration::from_secs(3));
+    cluster.nodes[leader].restart().unwrap();
+    let _a2 = Worker::start_on(&servers, &bank, threshold, &env);
+    let outs = outputs(&via, payloads.len(), Duration::from_secs(180));
+    let mut s = sources(&outs);
+    let n = s.len();
+    s.dedup();
+    assert_eq!(
+        (s.len(), n),
+        (payloads.len(), payloads.len()),
+        "every input exactly once"
+    );
+    let dead: Vec<&str> = outs
+        .iter()
+        .filter(|o| o.subject == "oodgate.dlq")
+        .map(|o| o.headers["X-Name"].as_str())
+        .collect();
+    assert!(dead.is_empty(), "good images dead-lettered: {dead:?}");
 }
 
 #[test]

@@ -111,7 +111,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let _ = client_cell.set(client.clone());
     let topology = s.topology();
     let js = async_nats::jetstream::new(client.clone());
-    let consumer = setup::declare(&js, &topology).await?;
+    let consumer = declare_with_retry(&js, &topology).await?;
     let cfg = s.pipeline_config(topology);
     let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
@@ -146,6 +146,29 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
         "stopped"
     );
     Ok(())
+}
+
+/// Declares the topology, retrying JetStream errors (a cluster electing leaders answers with
+/// timeouts for a few seconds) for up to two minutes; a configuration mismatch fails at once.
+async fn declare_with_retry(
+    js: &async_nats::jetstream::Context,
+    topology: &setup::Topology,
+) -> anyhow::Result<async_nats::jetstream::consumer::PullConsumer> {
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(120);
+    let mut wait = std::time::Duration::from_millis(250);
+    loop {
+        match setup::declare(js, topology).await {
+            Ok(c) => return Ok(c),
+            Err(e @ setup::SetupError::JetStream { .. })
+                if tokio::time::Instant::now() + wait < deadline =>
+            {
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot declare the streams yet; retrying");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(std::time::Duration::from_secs(5));
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
 }
 
 /// Resolves on SIGINT or SIGTERM.

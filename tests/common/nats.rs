@@ -79,3 +79,60 @@ impl NatsServer {
         self.inner.restart().unwrap_or_else(|e| panic!("{e}"));
     }
 }
+
+/// A JetStream cluster of `n` nats-server processes on loopback, routed to each other.
+pub struct Cluster {
+    pub nodes: Vec<LocalServer>,
+}
+
+impl Cluster {
+    pub fn start(n: usize) -> Cluster {
+        let binary = binary();
+        let cluster_ports: Vec<u16> = (0..n).map(|_| free_port()).collect();
+        let routes = cluster_ports
+            .iter()
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nodes = (0..n)
+            .map(|i| {
+                let routes = routes.clone();
+                let cp = cluster_ports[i];
+                LocalServer::start_with(&binary, &[], move |port, dir| {
+                    Ok(vec![
+                        "-a".into(),
+                        "127.0.0.1".into(),
+                        "-p".into(),
+                        port.to_string(),
+                        "-n".into(),
+                        format!("n{i}"),
+                        "-js".into(),
+                        "-sd".into(),
+                        dir.display().to_string(),
+                        "--cluster_name".into(),
+                        "oodgate-test".into(),
+                        "--cluster".into(),
+                        format!("nats://127.0.0.1:{cp}"),
+                        "--routes".into(),
+                        routes,
+                    ])
+                })
+                .unwrap_or_else(|e| panic!("{e}"))
+            })
+            .collect();
+        Cluster { nodes }
+    }
+
+    pub fn url(&self, i: usize) -> String {
+        self.nodes[i].url()
+    }
+
+    /// Every node's URL, comma-separated (`nats.servers`).
+    pub fn urls(&self) -> String {
+        self.nodes
+            .iter()
+            .map(|n| n.url())
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+}
