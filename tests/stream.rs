@@ -331,6 +331,17 @@ fn good_payloads() -> Vec<(String, Vec<u8>)> {
         .collect()
 }
 
+/// The good fixtures `k` times, named `<round>-<file>`.
+fn good_payloads_times(k: usize) -> Vec<(String, Vec<u8>)> {
+    (0..k)
+        .flat_map(|r| {
+            good_payloads()
+                .into_iter()
+                .map(move |(n, p)| (format!("{r}-{n}"), p))
+        })
+        .collect()
+}
+
 fn sources(outs: &[Output]) -> Vec<String> {
     let mut s: Vec<String> = outs
         .iter()
@@ -689,12 +700,7 @@ fn an_output_outage_spends_no_deliveries_and_loses_nothing() {
         let js = async_nats::jetstream::new(client);
         js.delete_stream("OODGATE_OUT").await.unwrap();
     });
-    let mut payloads = Vec::new();
-    for r in 0..3 {
-        for (n, p) in good_payloads() {
-            payloads.push((format!("{r}-{n}"), p));
-        }
-    }
+    let payloads = good_payloads_times(3);
     publish(&nats.url(), &payloads);
     // Longer than 3 deliveries × (ack_wait + NAK delay): long enough to exhaust them.
     let deadline = Instant::now() + Duration::from_secs(15);
@@ -944,12 +950,7 @@ fn a_three_node_cluster_survives_losing_the_input_leader_and_a_worker() {
     let leader: usize = leader.trim_start_matches('n').parse().unwrap();
     // Publish through a node that stays up.
     let via = cluster.url((leader + 1) % 3);
-    let mut payloads = Vec::new();
-    for r in 0..4 {
-        for (n, p) in good_payloads() {
-            payloads.push((format!("{r}-{n}"), p));
-        }
-    }
+    let payloads = good_payloads_times(4);
     publish(&via, &payloads);
     let deadline = Instant::now() + Duration::from_secs(60);
     while a.metric("oodgate_messages_out_total") < 3.0 {
@@ -1048,12 +1049,7 @@ fn two_workers_share_one_durable_consumer() {
         threshold,
         &[("OODGATE__INPUT__PULL_BATCH", "4")],
     );
-    let mut payloads = Vec::new();
-    for r in 0..6 {
-        for (n, p) in good_payloads() {
-            payloads.push((format!("{r}-{n}"), p));
-        }
-    }
+    let payloads = good_payloads_times(6);
     publish(&nats.url(), &payloads);
     let outs = outputs(&nats.url(), payloads.len(), Duration::from_secs(90));
     assert_eq!(outs.len(), payloads.len());
@@ -1072,12 +1068,7 @@ fn sigkill_mid_stream_then_restart_gives_exactly_one_output_per_input() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let mut payloads = Vec::new();
-    for r in 0..8 {
-        for (n, p) in good_payloads() {
-            payloads.push((format!("{r}-{n}"), p));
-        }
-    }
+    let payloads = good_payloads_times(8);
     publish(&nats.url(), &payloads);
     let mut w = Worker::start(&nats, &bank, threshold, &[]);
     // Kill as soon as some (not all) outputs exist.
@@ -1131,12 +1122,7 @@ fn sigterm_drains_and_exits_zero_and_nothing_is_lost() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let mut payloads = Vec::new();
-    for r in 0..6 {
-        for (n, p) in good_payloads() {
-            payloads.push((format!("{r}-{n}"), p));
-        }
-    }
+    let payloads = good_payloads_times(6);
     publish(&nats.url(), &payloads);
     let mut w = Worker::start(
         &nats,
@@ -1176,12 +1162,7 @@ fn inputs_that_hit_max_deliver_are_dead_lettered_not_lost() {
     ];
     let mut a = Worker::start(&nats, &bank, threshold, &env);
     let _b = Worker::start(&nats, &bank, threshold, &env);
-    let mut payloads = Vec::new();
-    for r in 0..20 {
-        for (n, p) in good_payloads() {
-            payloads.push((format!("{r}-{n}"), p));
-        }
-    }
+    let payloads = good_payloads_times(20);
     let url = nats.url();
     let pubs = payloads.clone();
     let publisher = std::thread::spawn(move || publish(&url, &pubs));

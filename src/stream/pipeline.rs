@@ -26,7 +26,7 @@ use super::infer::{Blame, EncoderHandle, InferError, blame};
 use super::inflight::{InFlight, Tracker};
 use super::metrics::{self as m, Stats};
 use super::pull::{self, PullConfig};
-use super::route::{DeadKind, Redelivery, Retry, Router};
+use super::route::{DeadKind, Output, Redelivery, Retry, Router};
 use super::setup::Topology;
 use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
 use crate::detect::detector::Detector;
@@ -439,11 +439,20 @@ impl Core {
     async fn dead_letter(&self, item: Decoded, kind: DeadKind, why: &str) {
         tracing::info!(source = %item.input.source.label(), %kind, error = why, "dead-lettering input");
         counter!(m::DLQ, "kind" => kind.as_str()).increment(1);
-        let source = &item.input.source;
-        let output = self.router.dead(source, item.headers.as_ref(), kind, why);
-        let (output, payload) =
-            self.router
-                .fit(source, item.headers.as_ref(), output, item.payload);
+        let output = self
+            .router
+            .dead(&item.input.source, item.headers.as_ref(), kind, why);
+        self.publish(item, output).await;
+    }
+
+    /// Sends `output` for `item` to the sink, after the `max_payload` check.
+    async fn publish(&self, item: Decoded, output: Output) {
+        let (output, payload) = self.router.fit(
+            &item.input.source,
+            item.headers.as_ref(),
+            output,
+            item.payload,
+        );
         let _ = self
             .to_sink
             .send(Routed::Publish {
@@ -506,19 +515,10 @@ impl Core {
                 }
             };
             histogram!(m::SCORE).record(v.score);
-            let source = &item.input.source;
-            let output = self.router.verdict(source, item.headers.as_ref(), &v);
-            let (output, payload) =
-                self.router
-                    .fit(source, item.headers.as_ref(), output, item.payload);
-            let _ = self
-                .to_sink
-                .send(Routed::Publish {
-                    input: item.input,
-                    payload,
-                    output,
-                })
-                .await;
+            let output = self
+                .router
+                .verdict(&item.input.source, item.headers.as_ref(), &v);
+            self.publish(item, output).await;
         }
         histogram!(m::STAGE_SECONDS, "stage" => "score").record(t1.elapsed().as_secs_f64());
     }
