@@ -980,6 +980,94 @@ fn a_three_node_cluster_survives_losing_the_input_leader_and_a_worker() {
     assert!(dead.is_empty(), "good images dead-lettered: {dead:?}");
 }
 
+/// Messages stored in the output stream so far.
+fn output_count(url: &str) -> usize {
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        match js.get_stream("OODGATE_OUT").await {
+            Ok(mut s) => s
+                .info()
+                .await
+                .map(|i| i.state.messages as usize)
+                .unwrap_or(0),
+            Err(_) => 0,
+        }
+    })
+}
+
+/// Peak resident memory of a process, in MiB (VmHWM).
+fn peak_rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<f64>().ok())
+        })
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Soak: 10,000 messages, two workers, one of them SIGKILLed and restarted about every
+/// 1,000 outputs. Every input has exactly one output and nothing is dead-lettered. Too long
+/// for CI on two cores: run it with `--ignored` for the notes (it prints peak RSS per worker).
+#[test]
+#[ignore = "soak, several minutes: cargo test --release --test stream -- --ignored soak"]
+fn soak_ten_thousand_messages_with_workers_killed_every_thousand() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let small: Vec<Vec<u8>> = ["tiny.png", "palette.png", "chelsea.jpg", "wide.jpg"]
+        .iter()
+        .map(|n| std::fs::read(common::fixture("images").join(n)).unwrap())
+        .collect();
+    let total = 10_000;
+    let payloads: Vec<(String, Vec<u8>)> = (0..total)
+        .map(|i| (format!("m{i}"), small[i % small.len()].clone()))
+        .collect();
+    let env = [("OODGATE__BATCH__MAX_SIZE", "32")];
+    let mut workers = [
+        Worker::start(&nats, &bank, threshold, &env),
+        Worker::start(&nats, &bank, threshold, &env),
+    ];
+    let url = nats.url();
+    let pubs = payloads.clone();
+    let publisher = std::thread::spawn(move || publish(&url, &pubs));
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(1800);
+    let (mut next_kill, mut kills, mut peaks) = (1_000, 0, Vec::new());
+    loop {
+        let n = output_count(&nats.url());
+        if n >= total || Instant::now() > deadline {
+            break;
+        }
+        if n >= next_kill && kills < 9 {
+            let w = &mut workers[kills % 2];
+            peaks.push(peak_rss_mib(w.child.id()));
+            w.signal("KILL");
+            let _ = w.wait_exit(Duration::from_secs(5));
+            *w = Worker::start(&nats, &bank, threshold, &env);
+            kills += 1;
+            next_kill += 1_000;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    publisher.join().unwrap();
+    for w in &workers {
+        peaks.push(peak_rss_mib(w.child.id()));
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let outs = outputs(&nats.url(), total, Duration::from_secs(600));
+    let mut s = sources(&outs);
+    let n = s.len();
+    s.dedup();
+    eprintln!(
+        "soak: {n} outputs for {total} inputs in {secs:.0} s, {kills} workers killed; peak RSS per worker (MiB): {peaks:.0?}"
+    );
+    assert_eq!((s.len(), n), (total, total), "every input exactly once");
+    let dead = outs.iter().filter(|o| o.subject == "oodgate.dlq").count();
+    assert_eq!(dead, 0, "nothing dead-lettered");
+}
+
 #[test]
 fn object_store_claim_checks_and_bad_envelopes() {
     let nats = NatsServer::start();
