@@ -1,17 +1,18 @@
-//! `oodgate bank build | import | inspect`.
+//! `oodgate bank build | import | inspect | export`: `build` lives here, the others in their
+//! own files beside it.
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use indicatif::ProgressBar;
 use oodgate::bank_build::build::{
     self, BuildReport, BuildRequest, CacheSpec, DEFAULT_WORDS_PER_ROW, NegLabelParams, OutlierMode,
 };
 use oodgate::bank_build::embed::{DEFAULT_BATCH, Progress};
 use oodgate::bank_build::embed_cache;
-use oodgate::bank_build::import::{self, ImportRequest};
+
 use oodgate::bank_build::labels::{
     self, CORPUS_WORDNET, CleanOptions, CleanReport, CorpusOptions, IdLabels, clean_outliers,
     outlier_words,
@@ -20,11 +21,19 @@ use oodgate::bank_build::wordnet::{self, WordNet};
 use oodgate::detect::bank::Bank;
 use oodgate::detect::index::IndexParams;
 use oodgate::detect::prototypes::{HopgParams, OplParams};
-use oodgate::model::{ClipTokenizer, ModelManifest, RANDOM_WEIGHTS_WARNING};
+use oodgate::model::{ClipTokenizer, RANDOM_WEIGHTS_WARNING};
 use oodgate::npy::read_npy;
 
+use super::common::short;
 use super::common::{ModelArgs, progress};
-use super::common::{load_bank, short};
+
+mod import;
+mod inspect;
+
+pub use import::ImportArgs;
+use import::run_import;
+pub use inspect::{ExportArgs, InspectArgs};
+use inspect::{run_export, run_inspect};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum BankCommand {
@@ -464,139 +473,6 @@ fn print_summary(
     println!("total {:.2} s", started.elapsed().as_secs_f64());
 }
 
-// ---------------------------------------------------------------------------------------------
-// import
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, clap::Args)]
-pub struct ImportArgs {
-    /// ID embeddings T ([C, D] .npy, float16/32/64).
-    #[arg(long)]
-    pub id_embeddings: PathBuf,
-    /// ID class names: a preset (imagenet1k, cifar10, cifar100) or a label file, in row order.
-    #[arg(long)]
-    pub id_labels: String,
-    /// CLIPN "no" embeddings T̄ ([C, D] .npy).
-    #[arg(long)]
-    pub no_embeddings: Option<PathBuf>,
-    /// Outlier rows Ô ([M, D] .npy).
-    #[arg(long)]
-    pub outliers: Option<PathBuf>,
-    /// One label per outlier row (plain lines).
-    #[arg(long, requires = "outliers")]
-    pub outlier_labels: Option<PathBuf>,
-    /// θ of the refinement, if known.
-    #[arg(long)]
-    pub theta: Option<f64>,
-    /// Fingerprint of the model the matrices come from.
-    #[arg(long, conflicts_with = "model", required_unless_present = "model")]
-    pub model_fingerprint: Option<String>,
-    /// The model folder the matrices come from (its fingerprint is recorded).
-    #[arg(long)]
-    pub model: Option<PathBuf>,
-    /// Output bank file (.oodb).
-    #[arg(short, long)]
-    pub output: PathBuf,
-}
-
-fn read_lines(path: &Path) -> anyhow::Result<Vec<String>> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
-    let lines: Vec<String> = text
-        .lines()
-        .map(|l| l.strip_suffix('\r').unwrap_or(l).to_string())
-        .collect();
-    if let Some(i) = lines.iter().position(|l| l.trim().is_empty()) {
-        bail!("{}:{}: empty label", path.display(), i + 1);
-    }
-    Ok(lines)
-}
-
-fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
-    let id = read_npy(&a.id_embeddings)?;
-    let id_labels = IdLabels::load(&a.id_labels)
-        .with_context(|| format!("loading ID labels {}", a.id_labels))?;
-    let no = match &a.no_embeddings {
-        Some(p) => Some(read_npy(p)?),
-        None => None,
-    };
-    let outliers = match &a.outliers {
-        Some(p) => {
-            let m = read_npy(p)?;
-            let labels = match &a.outlier_labels {
-                Some(l) => Some(read_lines(l)?),
-                None => None,
-            };
-            Some((m, labels))
-        }
-        None => None,
-    };
-    let (fingerprint, name, weights) = match (&a.model, &a.model_fingerprint) {
-        (Some(dir), _) => {
-            let m = ModelManifest::load(dir)
-                .with_context(|| format!("reading model {}", dir.display()))?;
-            let fp = m.fingerprint()?;
-            let name = if m.name.is_empty() {
-                dir.display().to_string()
-            } else {
-                m.name.clone()
-            };
-            (fp, name, build::weights_name(&m.weights))
-        }
-        (None, Some(fp)) => (fp.trim().to_string(), String::new(), "unknown".to_string()),
-        (None, None) => bail!("give --model DIR or --model-fingerprint HASH"),
-    };
-    let params = serde_json::json!({
-        "mode": "import",
-        "id_embeddings": a.id_embeddings.display().to_string(),
-        "id_labels": a.id_labels,
-        "no_embeddings": a.no_embeddings.as_ref().map(|p| p.display().to_string()),
-        "outliers": a.outliers.as_ref().map(|p| p.display().to_string()),
-        "outlier_labels": a.outlier_labels.as_ref().map(|p| p.display().to_string()),
-    });
-    let mut bank = import::import_bank(ImportRequest {
-        id,
-        id_labels,
-        no,
-        outliers,
-        model_fingerprint: fingerprint,
-        model_name: name,
-        model_weights: weights,
-        theta: a.theta,
-        params,
-    })?;
-    attach_index(&mut bank)?;
-    bank.save(&a.output)
-        .with_context(|| format!("writing {}", a.output.display()))?;
-    println!(
-        "wrote {} (version {}): {} ID classes, {} outlier rows, dim {}, no-embeddings: {}, model {}",
-        a.output.display(),
-        bank.version(),
-        bank.id.nrows(),
-        bank.outliers.nrows(),
-        bank.meta.dim,
-        if bank.no.is_some() { "yes" } else { "no" },
-        short(&bank.meta.model_fingerprint)
-    );
-    Ok(ExitCode::SUCCESS)
-}
-
-// ---------------------------------------------------------------------------------------------
-// inspect
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, clap::Args)]
-pub struct InspectArgs {
-    /// The bank file (.oodb).
-    pub bank: PathBuf,
-    /// Outlier rows shown.
-    #[arg(long, default_value_t = 10)]
-    pub samples: usize,
-    /// Print JSON instead of text.
-    #[arg(long)]
-    pub json: bool,
-}
-
 /// Builds the bank's HNSW graphs so they are saved with it (workers then skip the build).
 fn attach_index(bank: &mut Bank) -> anyhow::Result<()> {
     let t = std::time::Instant::now();
@@ -610,211 +486,4 @@ fn attach_index(bank: &mut Bank) -> anyhow::Result<()> {
         "HNSW index built"
     );
     Ok(())
-}
-
-fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
-    let bank = load_bank(&a.bank)?;
-    let m = &bank.meta;
-    let mut kinds = std::collections::BTreeMap::<String, usize>::new();
-    for r in &m.outliers {
-        *kinds.entry(r.kind.clone()).or_default() += 1;
-    }
-    let samples: Vec<serde_json::Value> = m
-        .outliers
-        .iter()
-        .enumerate()
-        .take(a.samples)
-        .map(|(i, r)| {
-            serde_json::json!({
-                "row": i, "kind": r.kind, "label": r.label, "words": r.words, "detail": r.detail,
-            })
-        })
-        .collect();
-    let file_bytes = std::fs::metadata(&a.bank).map(|x| x.len()).unwrap_or(0);
-    if a.json {
-        let out = serde_json::json!({
-            "path": a.bank,
-            "file_bytes": file_bytes,
-            "format": m.format,
-            "version": m.version,
-            "created_by": m.created_by,
-            "model_fingerprint": m.model_fingerprint,
-            "model_name": m.model_name,
-            "model_weights": m.model_weights,
-            "dim": m.dim,
-            "n_id": bank.id.nrows(),
-            "n_outliers": bank.outliers.nrows(),
-            "has_no_embeddings": bank.no.is_some(),
-            "theta": m.theta,
-            "outlier_kinds": kinds,
-            "id_labels_sample": m.id_labels.iter().take(a.samples).collect::<Vec<_>>(),
-            "outliers_sample": samples,
-            "build": m.build,
-            "cleaning": m.cleaning,
-            "thresholds": m.thresholds,
-            "index": bank.stored_index.as_ref().map(|ix| serde_json::json!({
-                "max_connections": ix.params.max_connections,
-                "ef_construction": ix.params.ef_construction,
-                "bytes": ix.bytes(),
-            })),
-        });
-        println!("{}", serde_json::to_string_pretty(&out)?);
-        return Ok(ExitCode::SUCCESS);
-    }
-    println!("bank {} ({file_bytes} bytes)", a.bank.display());
-    println!(
-        "  version {} (format {}), {}",
-        m.version, m.format, m.created_by
-    );
-    println!(
-        "  model {} ({} weights), fingerprint {}",
-        if m.model_name.is_empty() {
-            "?"
-        } else {
-            &m.model_name
-        },
-        m.model_weights,
-        m.model_fingerprint
-    );
-    println!(
-        "  {} ID classes (e.g. {}), dim {}, no-embeddings: {}",
-        bank.id.nrows(),
-        m.id_labels
-            .iter()
-            .take(5)
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(", "),
-        m.dim,
-        if bank.no.is_some() { "yes" } else { "no" }
-    );
-    println!(
-        "  {} outlier rows ({}), θ = {}",
-        bank.outliers.nrows(),
-        kinds
-            .iter()
-            .map(|(k, n)| format!("{n} {k}"))
-            .collect::<Vec<_>>()
-            .join(", "),
-        m.theta.map_or("-".into(), |t| format!("{t:.6}"))
-    );
-    if let Some(c) = m.cleaning.get("outliers") {
-        println!(
-            "  cleaning removed {} outlier words ({} exact, {} synonyms, {} hyponyms), kept {}",
-            c["removed"], c["exact"], c["synonyms"], c["hyponyms"], c["kept"]
-        );
-    }
-    println!("  build parameters: {}", m.build);
-    match &bank.stored_index {
-        Some(ix) => println!(
-            "  HNSW index: stored ({} bytes, M {}, ef_construction {})",
-            ix.bytes(),
-            ix.params.max_connections,
-            ix.params.ef_construction
-        ),
-        None => println!("  HNSW index: not stored (built when the bank is loaded)"),
-    }
-    if m.thresholds.is_empty() {
-        println!("  thresholds: none (run `oodgate calibrate ... --write`)");
-    } else {
-        for (method, t) in &m.thresholds {
-            println!(
-                "  threshold {method}: {:.8} (TPR {} asked, {:.4} achieved on {} ID inputs; {})",
-                t.value, t.tpr, t.achieved_tpr, t.n_id, t.source
-            );
-        }
-    }
-    for s in &samples {
-        println!(
-            "  #{:<4} {:<10} {:<24} {}",
-            s["row"],
-            s["kind"].as_str().unwrap_or(""),
-            s["label"].as_str().unwrap_or(""),
-            s["words"]
-                .as_array()
-                .map(|w| w
-                    .iter()
-                    .filter_map(|x| x.as_str())
-                    .collect::<Vec<_>>()
-                    .join(", "))
-                .unwrap_or_default()
-        );
-    }
-    Ok(ExitCode::SUCCESS)
-}
-
-// ---------------------------------------------------------------------------------------------
-// export
-// ---------------------------------------------------------------------------------------------
-
-#[derive(Debug, clap::Args)]
-pub struct ExportArgs {
-    /// The bank file (.oodb).
-    pub bank: PathBuf,
-    /// Output folder (created): id.npy, id_labels.txt, no.npy, outliers.npy,
-    /// outlier_labels.txt.
-    #[arg(short, long)]
-    pub output: PathBuf,
-}
-
-fn run_export(a: ExportArgs) -> anyhow::Result<ExitCode> {
-    use std::fmt::Write as _;
-    let bank = load_bank(&a.bank)?;
-    let dir = &a.output;
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let write_npy = |name: &str, m: &ndarray::Array2<f32>| -> anyhow::Result<PathBuf> {
-        let p = dir.join(name);
-        ndarray_npy::write_npy(&p, m).with_context(|| format!("writing {}", p.display()))?;
-        Ok(p)
-    };
-    let write_txt = |name: &str, text: &str| -> anyhow::Result<PathBuf> {
-        let p = dir.join(name);
-        std::fs::write(&p, text).with_context(|| format!("writing {}", p.display()))?;
-        Ok(p)
-    };
-    let mut cmd = format!(
-        "oodgate bank import --model-fingerprint {}",
-        bank.meta.model_fingerprint
-    );
-    let id = write_npy("id.npy", &bank.id)?;
-    let mut labels = String::new();
-    for (i, name) in bank.meta.id_labels.iter().enumerate() {
-        match bank.meta.id_wnids.get(i).cloned().flatten() {
-            Some(w) => writeln!(labels, "{w}\t{name}")?,
-            None => writeln!(labels, "{name}")?,
-        }
-    }
-    let id_labels = write_txt("id_labels.txt", &labels)?;
-    write!(
-        cmd,
-        " --id-embeddings {} --id-labels {}",
-        id.display(),
-        id_labels.display()
-    )?;
-    if let Some(no) = &bank.no {
-        let p = write_npy("no.npy", no)?;
-        write!(cmd, " --no-embeddings {}", p.display())?;
-    }
-    if bank.outliers.nrows() > 0 {
-        let p = write_npy("outliers.npy", &bank.outliers)?;
-        let text: String = bank
-            .meta
-            .outliers
-            .iter()
-            .map(|r| format!("{}\n", r.label.replace(['\n', '\r'], " ")))
-            .collect();
-        let l = write_txt("outlier_labels.txt", &text)?;
-        write!(
-            cmd,
-            " --outliers {} --outlier-labels {}",
-            p.display(),
-            l.display()
-        )?;
-    }
-    if let Some(t) = bank.meta.theta {
-        write!(cmd, " --theta {t}")?;
-    }
-    println!("exported {} to {}", a.bank.display(), dir.display());
-    println!("re-import with:\n  {cmd} -o BANK");
-    Ok(ExitCode::SUCCESS)
 }
