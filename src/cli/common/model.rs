@@ -18,11 +18,9 @@ pub fn load_encoder(dir: &Path, opts: EncoderOptions) -> anyhow::Result<OrtEncod
     OrtEncoder::load(manifest, opts).with_context(|| format!("loading model {}", dir.display()))
 }
 
+/// Where and how ONNX Runtime runs: shared by every command that loads a model.
 #[derive(Debug, Clone, clap::Args)]
-pub struct ModelArgs {
-    /// Model folder (with model.toml or model.json).
-    #[arg(long, env = "OODGATE_MODEL")]
-    pub model: PathBuf,
+pub struct RuntimeArgs {
     /// Execution provider: auto, cpu, cuda or cuda:N.
     #[arg(long, env = "OODGATE_DEVICE", default_value = "auto")]
     pub device: String,
@@ -34,7 +32,7 @@ pub struct ModelArgs {
     pub ort_library: Option<PathBuf>,
 }
 
-impl ModelArgs {
+impl RuntimeArgs {
     pub fn options(&self, load_text: bool) -> anyhow::Result<EncoderOptions> {
         let device: Device = self.device.parse()?;
         Ok(EncoderOptions {
@@ -44,9 +42,20 @@ impl ModelArgs {
             load_text,
         })
     }
+}
 
+#[derive(Debug, Clone, clap::Args)]
+pub struct ModelArgs {
+    /// Model folder (with model.toml or model.json).
+    #[arg(long, env = "OODGATE_MODEL")]
+    pub model: PathBuf,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
+}
+
+impl ModelArgs {
     pub fn load(&self, load_text: bool) -> anyhow::Result<OrtEncoder> {
-        load_encoder(&self.model, self.options(load_text)?)
+        load_encoder(&self.model, self.runtime.options(load_text)?)
     }
 }
 
@@ -57,15 +66,8 @@ pub struct OptModelArgs {
     /// model fingerprint.
     #[arg(long, env = "OODGATE_MODEL")]
     pub model: Option<PathBuf>,
-    /// Execution provider: auto, cpu, cuda or cuda:N.
-    #[arg(long, env = "OODGATE_DEVICE", default_value = "auto")]
-    pub device: String,
-    /// ONNX Runtime intra-op threads (0 = all cores).
-    #[arg(long, default_value_t = 0)]
-    pub threads: usize,
-    /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .ort/lib).
-    #[arg(long)]
-    pub ort_library: Option<PathBuf>,
+    #[command(flatten)]
+    pub runtime: RuntimeArgs,
     /// Use the bank even if it was built with another model (fingerprint mismatch).
     #[arg(long)]
     pub force: bool,
@@ -78,9 +80,7 @@ impl OptModelArgs {
     pub fn full(&self, model: &Path) -> ModelArgs {
         ModelArgs {
             model: model.to_path_buf(),
-            device: self.device.clone(),
-            threads: self.threads,
-            ort_library: self.ort_library.clone(),
+            runtime: self.runtime.clone(),
         }
     }
 }
