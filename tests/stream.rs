@@ -754,6 +754,30 @@ fn the_server_under_test_is_the_one_asked_for() {
 /// An existing consumer with another ack_wait and an output stream with a 2-minute duplicate
 /// window would silently weaken the guarantees: the worker refuses to start and names both
 /// values; with `update_existing` it brings them up to the configuration.
+/// Starts a worker that must refuse to start; returns its standard error.
+fn refused_start(servers: &str, bank: &Path, threshold: f64, extra: &[(&str, &str)]) -> String {
+    let mut child = serve_cmd(servers, bank, threshold, free_port(), extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the worker started despite weaker existing settings");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let mut err = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+    assert!(!status.success(), "{err}");
+    err
+}
+
 #[test]
 fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
     use async_nats::jetstream::consumer::pull;
@@ -777,25 +801,7 @@ fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
             .await
             .unwrap();
     });
-    let mut child = serve_cmd(&nats.url(), &bank, threshold, free_port(), &[])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("the worker started despite weaker existing settings");
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    let mut err = String::new();
-    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
-    assert!(!status.success());
+    let err = refused_start(&nats.url(), &bank, threshold, &[]);
     assert!(
         err.contains("consumer oodgate ack_wait is 30s on the server but 4s (input.ack_wait)"),
         "{err}"
@@ -837,6 +843,169 @@ fn weaker_existing_settings_stop_the_worker_unless_updating_is_allowed() {
             Duration::from_secs(4)
         );
     });
+}
+
+/// Stream shape from the configuration: an existing output stream that drops old outputs at 5
+/// messages is refused (naming both values), then updated when allowed; the input stream is
+/// created with interest retention and limits, and routed inputs leave it.
+#[test]
+fn stream_limits_come_from_the_configuration_and_tighter_ones_are_refused() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        js.create_stream(async_nats::jetstream::stream::Config {
+            name: "OODGATE_OUT".into(),
+            subjects: vec![
+                "oodgate.id".into(),
+                "oodgate.ood".into(),
+                "oodgate.dlq".into(),
+            ],
+            duplicate_window: Duration::from_secs(900),
+            max_messages: 5,
+            discard: async_nats::jetstream::stream::DiscardPolicy::Old,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    });
+    let input = [
+        ("OODGATE__INPUT__RETENTION", "interest"),
+        ("OODGATE__INPUT__MAX_AGE", "1h"),
+        ("OODGATE__INPUT__MAX_MSGS", "1000"),
+        ("OODGATE__INPUT__MAX_BYTES", "100000000"),
+    ];
+    let err = refused_start(&nats.url(), &bank, threshold, &input);
+    assert!(
+        err.contains("stream OODGATE_OUT max_msgs is 5 on the server but unlimited (output.max_msgs) in the configuration"),
+        "{err}"
+    );
+    assert!(
+        err.contains("stream OODGATE_OUT discard is old on the server but new (output.discard) in the configuration"),
+        "{err}"
+    );
+    assert!(err.contains("output.update_existing"), "{err}");
+
+    let mut extra = input.to_vec();
+    extra.push(("OODGATE__OUTPUT__UPDATE_EXISTING", "true"));
+    let _w = Worker::start(&nats, &bank, threshold, &extra);
+    publish(&nats.url(), &good_payloads());
+    let outs = outputs(&nats.url(), GOOD.len(), Duration::from_secs(60));
+    assert_eq!(outs.len(), GOOD.len());
+    rt().block_on(async {
+        use async_nats::jetstream::stream::{DiscardPolicy, RetentionPolicy};
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let out = js
+            .get_stream("OODGATE_OUT")
+            .await
+            .unwrap()
+            .info()
+            .await
+            .unwrap()
+            .config
+            .clone();
+        assert_eq!((out.max_messages, out.discard), (-1, DiscardPolicy::New));
+        let mut images = js.get_stream("IMAGES").await.unwrap();
+        let c = images.info().await.unwrap().config.clone();
+        assert_eq!(c.retention, RetentionPolicy::Interest);
+        assert_eq!(c.max_age, Duration::from_secs(3600));
+        assert_eq!((c.max_messages, c.max_bytes), (1000, 100_000_000));
+        assert_eq!(c.discard, DiscardPolicy::New);
+        // Interest retention: every input was acked after its output was stored, so the
+        // stream holds none of them any more.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while images.info().await.unwrap().state.messages > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(images.info().await.unwrap().state.messages, 0);
+    });
+}
+
+/// `input.object_after_routing = "delete"`: the objects of routed inputs are deleted once the
+/// inputs are acked, a dead-lettered input keeps its object for replay. `input.object_store_ttl`
+/// creates the bucket with that age limit, and a worker asking for a longer one is refused.
+#[test]
+fn routed_claim_checked_objects_are_deleted_and_dead_letters_keep_theirs() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let settings = [
+        ("OODGATE__INPUT__OBJECT_AFTER_ROUTING", "delete"),
+        ("OODGATE__INPUT__OBJECT_STORE_TTL", "1h"),
+    ];
+    let w = Worker::start(&nats, &bank, threshold, &settings);
+    let broken = tmp.path().join("broken.jpg");
+    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    std::fs::write(&broken, &chelsea[..chelsea.len() / 2]).unwrap();
+    let st = common::oodgate()
+        .args([
+            "publish",
+            "--nats",
+            &nats.url(),
+            "--object-store-above",
+            "0",
+        ])
+        .arg(common::fixture("images/chelsea.jpg"))
+        .arg(common::fixture("images/coffee.jpg"))
+        .arg(&broken)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let outs = outputs(&nats.url(), 3, Duration::from_secs(60));
+    assert_eq!(outs.len(), 3);
+    let object_of = |o: &Output| -> String {
+        let env: serde_json::Value = serde_json::from_slice(&o.payload).unwrap();
+        env["object"]["name"].as_str().unwrap().to_string()
+    };
+    let dead: Vec<String> = outs
+        .iter()
+        .filter(|o| o.subject == "oodgate.dlq")
+        .map(object_of)
+        .collect();
+    let routed: Vec<String> = outs
+        .iter()
+        .filter(|o| o.subject != "oodgate.dlq")
+        .map(object_of)
+        .collect();
+    assert_eq!((dead.len(), routed.len()), (1, 2), "{outs:?}");
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let store = js.get_object_store("oodgate-images").await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        // A deleted object keeps a metadata entry marked deleted; its chunks are purged.
+        let deleted = |name: String| {
+            let store = store.clone();
+            async move { store.info(&name).await.map(|i| i.deleted).unwrap_or(true) }
+        };
+        for name in &routed {
+            while !deleted(name.clone()).await && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            assert!(deleted(name.clone()).await, "{name} was not deleted");
+            assert!(store.get(name).await.is_err());
+        }
+        assert!(
+            !deleted(dead[0].clone()).await,
+            "the dead letter's object is gone"
+        );
+        let mut backing = js.get_stream("OBJ_oodgate-images").await.unwrap();
+        assert_eq!(
+            backing.info().await.unwrap().config.max_age,
+            Duration::from_secs(3600)
+        );
+    });
+    assert_eq!(w.metric("oodgate_objects_deleted_total"), 2.0);
+    let err = refused_start(
+        &nats.url(),
+        &bank,
+        threshold,
+        &[("OODGATE__INPUT__OBJECT_STORE_TTL", "2h")],
+    );
+    assert!(
+        err.contains("object store bucket oodgate-images max_age is 3600s on the server but 7200s (input.object_store_ttl)"),
+        "{err}"
+    );
 }
 
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times

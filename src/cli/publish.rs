@@ -29,6 +29,10 @@ pub struct PublishArgs {
     /// Object Store bucket for large files.
     #[arg(long, default_value = "oodgate-images")]
     pub bucket: String,
+    /// Age after which the bucket expires objects, when this command creates the bucket
+    /// (e.g. "7d"); unset: objects never expire. See `input.object_store_ttl`.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub object_ttl: Option<Duration>,
     /// Set Nats-Msg-Id to the content's SHA-256, so the stream drops repeated images.
     #[arg(long)]
     pub dedup: bool,
@@ -91,6 +95,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
                     Err(_) => js
                         .create_object_store(object_store::Config {
                             bucket: a.bucket.clone(),
+                            max_age: a.object_ttl.unwrap_or_default(),
                             ..Default::default()
                         })
                         .await

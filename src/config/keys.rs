@@ -240,9 +240,39 @@ pub const KEYS: &[KeyInfo] = &[
         "Replicas of the input stream when oodgate creates it (1–5); an existing stream with fewer stops the worker.",
     ),
     key(
+        "input.storage",
+        Kind::String,
+        "Storage of the input stream when oodgate creates it: `file` or `memory` (an existing stream in memory where `file` is configured stops the worker).",
+    ),
+    key(
+        "input.retention",
+        Kind::String,
+        "Retention of the input stream: `limits` keeps acked inputs until a limit, `interest` removes an input once every consumer acked it, `workqueue` once one did.",
+    ),
+    key(
+        "input.max_bytes",
+        Kind::Integer,
+        "Size limit of the input stream in bytes; 0 = unlimited.",
+    ),
+    key(
+        "input.max_msgs",
+        Kind::Integer,
+        "Message limit of the input stream; 0 = unlimited.",
+    ),
+    key(
+        "input.max_age",
+        Kind::Duration,
+        "Age limit of the input stream's messages; 0s = unlimited.",
+    ),
+    key(
+        "input.discard",
+        Kind::String,
+        "At a size or message limit: `new` refuses new messages (nothing is dropped silently), `old` drops the oldest.",
+    ),
+    key(
         "input.update_existing",
         Kind::Bool,
-        "Update an existing consumer or input stream whose ack_wait, max_deliver or replicas differ from the configuration, instead of refusing to start.",
+        "Update an existing consumer, input stream or claim-check bucket that is weaker than the configuration (ack_wait, max_deliver, replicas, limits, discard, bucket TTL) instead of refusing to start.",
     ),
     key(
         "input.object_store_bucket",
@@ -253,6 +283,16 @@ pub const KEYS: &[KeyInfo] = &[
         "input.fetch_timeout",
         Kind::Duration,
         "Time limit for reading one claim-checked object; a timeout is a transient failure (NAK with backoff).",
+    ),
+    key(
+        "input.object_after_routing",
+        Kind::String,
+        "What happens to a claim-checked object once its input is routed ID/OOD and acked: `keep` or `delete` (dead-lettered inputs keep theirs).",
+    ),
+    key(
+        "input.object_store_ttl",
+        Kind::Duration,
+        "Age after which the claim-check bucket expires objects; the worker creates the bucket with it, and a bucket expiring sooner stops the worker. 0s = not managed.",
     ),
     // [output]
     key(
@@ -311,9 +351,34 @@ pub const KEYS: &[KeyInfo] = &[
         "Replicas of the output stream when oodgate creates it (1–5); an existing stream with fewer stops the worker.",
     ),
     key(
+        "output.storage",
+        Kind::String,
+        "Storage of the output stream when oodgate creates it: `file` or `memory` (an existing stream in memory where `file` is configured stops the worker).",
+    ),
+    key(
+        "output.max_bytes",
+        Kind::Integer,
+        "Size limit of the output stream in bytes; 0 = unlimited.",
+    ),
+    key(
+        "output.max_msgs",
+        Kind::Integer,
+        "Message limit of the output stream; 0 = unlimited.",
+    ),
+    key(
+        "output.max_age",
+        Kind::Duration,
+        "Age limit of the output stream's messages; 0s = unlimited.",
+    ),
+    key(
+        "output.discard",
+        Kind::String,
+        "At a size or message limit: `new` refuses new messages (nothing is dropped silently), `old` drops the oldest.",
+    ),
+    key(
         "output.update_existing",
         Kind::Bool,
-        "Update an existing output stream with fewer replicas or a shorter duplicate window than configured, instead of refusing to start.",
+        "Update an existing output stream that is weaker than the configuration (replicas, limits, discard, duplicate window) instead of refusing to start.",
     ),
     key(
         "output.max_inflight_publishes",

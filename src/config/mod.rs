@@ -221,10 +221,28 @@ pub struct InputSettings {
     #[serde(with = "humantime_serde")]
     pub max_processing: Duration,
     pub replicas: usize,
+    /// `file` or `memory` (parsed by `stream_spec::parse_storage`).
+    pub storage: String,
+    /// `limits`, `interest` or `workqueue`.
+    pub retention: String,
+    /// 0 = unlimited.
+    pub max_bytes: i64,
+    /// 0 = unlimited.
+    pub max_msgs: i64,
+    /// 0 = unlimited.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// `new` or `old`.
+    pub discard: String,
     pub update_existing: bool,
     pub object_store_bucket: String,
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
+    /// `keep` or `delete` (after the ID/OOD output is stored and the input acked).
+    pub object_after_routing: String,
+    /// 0 = the bucket is not managed by the worker.
+    #[serde(with = "humantime_serde")]
+    pub object_store_ttl: Duration,
 }
 
 impl Default for InputSettings {
@@ -245,9 +263,17 @@ impl Default for InputSettings {
             nak_delay_max: Duration::from_secs(60),
             max_processing: Duration::from_secs(600),
             replicas: 1,
+            storage: "file".into(),
+            retention: "limits".into(),
+            max_bytes: 0,
+            max_msgs: 0,
+            max_age: Duration::ZERO,
+            discard: "new".into(),
             update_existing: false,
             object_store_bucket: "oodgate-images".into(),
             fetch_timeout: Duration::from_secs(30),
+            object_after_routing: "keep".into(),
+            object_store_ttl: Duration::ZERO,
         }
     }
 }
@@ -274,6 +300,17 @@ pub struct OutputSettings {
     pub retry_max_delay: Duration,
     pub max_inflight_publishes: usize,
     pub replicas: usize,
+    /// `file` or `memory`.
+    pub storage: String,
+    /// 0 = unlimited.
+    pub max_bytes: i64,
+    /// 0 = unlimited.
+    pub max_msgs: i64,
+    /// 0 = unlimited.
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// `new` or `old`.
+    pub discard: String,
     pub update_existing: bool,
 }
 
@@ -292,6 +329,11 @@ impl Default for OutputSettings {
             retry_max_delay: Duration::from_secs(5),
             max_inflight_publishes: 256,
             replicas: 1,
+            storage: "file".into(),
+            max_bytes: 0,
+            max_msgs: 0,
+            max_age: Duration::ZERO,
+            discard: "new".into(),
             update_existing: false,
         }
     }

@@ -18,6 +18,7 @@ use crate::model::encoder::EncoderOptions;
 use crate::stream::PipelineConfig;
 use crate::stream::route::OutputSubjects;
 use crate::stream::setup::{NatsOptions, Topology};
+use crate::stream::stream_spec::{self, StreamSpec};
 
 /// How the worker authenticates to NATS (at most one method; see [`NatsSettings::auth`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,14 +158,47 @@ impl Settings {
             ack_wait: self.input.ack_wait,
             max_deliver: self.input.max_deliver,
             max_ack_pending: self.input.max_ack_pending,
-            input_replicas: self.input.replicas,
+            input_spec: self.input_stream_spec(),
             update_input: self.input.update_existing,
             output_stream: self.output.stream.clone(),
             output_subjects: subjects,
             create_output: self.output.create_if_missing,
             duplicate_window: self.output.duplicate_window,
-            output_replicas: self.output.replicas,
+            output_spec: self.output_stream_spec(),
             update_output: self.output.update_existing,
+            object_bucket: self.input.object_store_bucket.clone(),
+            object_ttl: self.input.object_store_ttl,
+        }
+    }
+
+    /// The input stream's shape; names are validated, so unknown ones fall back to defaults.
+    pub fn input_stream_spec(&self) -> StreamSpec {
+        let i = &self.input;
+        let d = StreamSpec::unlimited("input");
+        StreamSpec {
+            replicas: i.replicas,
+            storage: stream_spec::parse_storage(&i.storage).unwrap_or(d.storage),
+            retention: stream_spec::parse_retention(&i.retention).unwrap_or(d.retention),
+            max_bytes: i.max_bytes,
+            max_msgs: i.max_msgs,
+            max_age: i.max_age,
+            discard: stream_spec::parse_discard(&i.discard).unwrap_or(d.discard),
+            ..d
+        }
+    }
+
+    /// The output stream's shape (always limits retention: outputs are read by others).
+    pub fn output_stream_spec(&self) -> StreamSpec {
+        let o = &self.output;
+        let d = StreamSpec::unlimited("output");
+        StreamSpec {
+            replicas: o.replicas,
+            storage: stream_spec::parse_storage(&o.storage).unwrap_or(d.storage),
+            max_bytes: o.max_bytes,
+            max_msgs: o.max_msgs,
+            max_age: o.max_age,
+            discard: stream_spec::parse_discard(&o.discard).unwrap_or(d.discard),
+            ..d
         }
     }
 
@@ -196,6 +230,7 @@ impl Settings {
             max_processing: self.input.max_processing,
             object_max_bytes: self.limits.max_bytes as usize,
             fetch_timeout: self.input.fetch_timeout,
+            delete_objects: self.input.object_after_routing == "delete",
         }
     }
 }

@@ -8,6 +8,7 @@ use super::keys::env_var_for;
 use super::{ConfigError, Settings};
 use crate::detect::method::Method;
 use crate::model::Device;
+use crate::stream::stream_spec;
 
 /// One invalid value: the key and what is wrong with it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,6 +248,25 @@ impl Settings {
         positive(p, "input.nak_delay", i.nak_delay);
         positive(p, "input.fetch_timeout", i.fetch_timeout);
         range_u(p, "input.replicas", i.replicas as u64, 1, 5);
+        stream_shape(p, "input", &i.storage, i.max_bytes, i.max_msgs, &i.discard);
+        if stream_spec::parse_retention(&i.retention).is_none() {
+            p.push(Problem::new(
+                "input.retention",
+                format!(
+                    "must be \"limits\", \"interest\" or \"workqueue\" (got {:?})",
+                    i.retention
+                ),
+            ));
+        }
+        if !matches!(i.object_after_routing.as_str(), "keep" | "delete") {
+            p.push(Problem::new(
+                "input.object_after_routing",
+                format!(
+                    "must be \"keep\" or \"delete\" (got {:?})",
+                    i.object_after_routing
+                ),
+            ));
+        }
         if i.nak_delay_max < i.nak_delay {
             p.push(Problem::new(
                 "input.nak_delay_max",
@@ -353,6 +373,7 @@ impl Settings {
         positive(p, "output.publish_timeout", o.publish_timeout);
         positive(p, "output.retry_max_delay", o.retry_max_delay);
         range_u(p, "output.replicas", o.replicas as u64, 1, 5);
+        stream_shape(p, "output", &o.storage, o.max_bytes, o.max_msgs, &o.discard);
         range_u(
             p,
             "output.publish_retries",
@@ -606,6 +627,37 @@ pub fn subject_covers(pattern: &str, subject: &str) -> bool {
     s.len() == p.len()
 }
 
+/// Checks the storage, limits and discard policy of the stream of `section`.
+fn stream_shape(
+    p: &mut Vec<Problem>,
+    section: &str,
+    storage: &str,
+    max_bytes: i64,
+    max_msgs: i64,
+    discard: &str,
+) {
+    if stream_spec::parse_storage(storage).is_none() {
+        p.push(Problem::new(
+            &format!("{section}.storage"),
+            format!("must be \"file\" or \"memory\" (got {storage:?})"),
+        ));
+    }
+    for (k, v) in [("max_bytes", max_bytes), ("max_msgs", max_msgs)] {
+        if v < 0 {
+            p.push(Problem::new(
+                &format!("{section}.{k}"),
+                format!("must be 0 (unlimited) or positive (got {v})"),
+            ));
+        }
+    }
+    if stream_spec::parse_discard(discard).is_none() {
+        p.push(Problem::new(
+            &format!("{section}.discard"),
+            format!("must be \"new\" or \"old\" (got {discard:?})"),
+        ));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -696,5 +748,35 @@ mod tests {
             e,
             r#"invalid device "tpu": expected "auto", "cpu", "cuda" or "cuda:N""#
         );
+    }
+
+    #[test]
+    fn stream_shape_values_are_checked_and_named() {
+        let mut s = Settings::default();
+        s.input.storage = "disk".into();
+        s.input.retention = "forever".into();
+        s.input.max_bytes = -1;
+        s.input.object_after_routing = "move".into();
+        s.output.discard = "oldest".into();
+        s.output.max_msgs = -5;
+        let mut p = Vec::new();
+        s.check(&mut p);
+        let keys: Vec<&str> = p.iter().map(|p| p.key.as_str()).collect();
+        assert_eq!(
+            keys,
+            [
+                "input.storage",
+                "input.max_bytes",
+                "input.retention",
+                "input.object_after_routing",
+                "output.max_msgs",
+                "output.discard"
+            ]
+        );
+        assert_eq!(
+            p[0].to_string(),
+            "input.storage must be \"file\" or \"memory\" (got \"disk\")"
+        );
+        assert!(Settings::default().validate().is_ok());
     }
 }

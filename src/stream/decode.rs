@@ -92,6 +92,8 @@ pub struct Intake {
     pub queued: Arc<AtomicUsize>,
     pub object_max_bytes: usize,
     pub fetch_timeout: std::time::Duration,
+    /// Delete a claim-checked object once its input is routed and acked.
+    pub delete_objects: bool,
 }
 
 impl Intake {
@@ -123,7 +125,7 @@ impl Intake {
     /// Resolves, decodes and queues one input.
     pub async fn process(
         self: Arc<Self>,
-        input: InFlight,
+        mut input: InFlight,
         payload: Bytes,
         headers: Option<HeaderMap>,
     ) {
@@ -154,6 +156,9 @@ impl Intake {
                     Ok(bytes) => {
                         histogram!(m::STAGE_SECONDS, "stage" => "fetch")
                             .record(started.elapsed().as_secs_f64());
+                        if self.delete_objects {
+                            input.delete_object_after_ack(self.js.clone(), env.object.clone());
+                        }
                         bytes
                     }
                     Err(FetchError::Permanent { kind, why }) => {

@@ -12,6 +12,8 @@ use async_nats::Subject;
 use async_nats::jetstream::{self, AckKind, message::Acker};
 use tokio::sync::OwnedSemaphorePermit;
 
+use super::message::ObjectRef;
+
 #[derive(Default)]
 pub struct Tracker {
     next: AtomicU64,
@@ -92,6 +94,9 @@ pub struct InFlight {
     id: u64,
     // Drop may run on the inference thread, outside the runtime: keep a handle to spawn the NAK.
     runtime: tokio::runtime::Handle,
+    /// A claim-checked object to delete once this input is acked (`input.object_after_routing
+    /// = "delete"`); cleared for dead letters, whose object stays for replay.
+    claim: Option<(jetstream::Context, ObjectRef)>,
     _permit: OwnedSemaphorePermit,
 }
 
@@ -111,15 +116,31 @@ impl InFlight {
             tracker,
             id,
             runtime: tokio::runtime::Handle::current(),
+            claim: None,
             _permit: permit,
         }
     }
 
-    /// Acks after the output is durably stored: a double ack waits for the server's confirmation.
+    /// Deletes `object` from its bucket after this input is acked.
+    pub fn delete_object_after_ack(&mut self, js: jetstream::Context, object: ObjectRef) {
+        self.claim = Some((js, object));
+    }
+
+    /// Keeps the claim-checked object after all (the input is dead-lettered).
+    pub fn keep_object(&mut self) {
+        self.claim = None;
+    }
+
+    /// Acks after the output is durably stored: a double ack waits for the server's
+    /// confirmation. Then the claim-checked object, if it is to go, is deleted in the
+    /// background: a crash before that leaves it to the bucket's TTL.
     pub async fn ack(mut self) -> Result<(), async_nats::Error> {
         if let Some(a) = self.acker.take() {
             self.tracker.finish(self.id);
             a.double_ack().await?;
+            if let Some((js, object)) = self.claim.take() {
+                tokio::spawn(delete_object(js, object));
+            }
         }
         Ok(())
     }
@@ -131,6 +152,19 @@ impl InFlight {
             if let Err(e) = a.ack_with(AckKind::Nak(delay)).await {
                 tracing::warn!(source = %self.source.label(), error = %e, "NAK failed; the input will be redelivered after ack_wait");
             }
+        }
+    }
+}
+
+async fn delete_object(js: jetstream::Context, object: ObjectRef) {
+    let deleted = match js.get_object_store(&object.bucket).await {
+        Ok(store) => store.delete(&object.name).await.map_err(|e| e.to_string()),
+        Err(e) => Err(e.to_string()),
+    };
+    match deleted {
+        Ok(()) => metrics::counter!(super::metrics::OBJECTS_DELETED).increment(1),
+        Err(e) => {
+            tracing::warn!(bucket = %object.bucket, object = %object.name, error = %e, "could not delete a routed claim-checked object")
         }
     }
 }

@@ -19,6 +19,7 @@ pub const PROVIDER: &str = "oodgate_execution_provider";
 pub const PENDING: &str = "oodgate_consumer_pending";
 pub const READY: &str = "oodgate_ready";
 pub const OUTPUT_BLOCKED: &str = "oodgate_output_blocked";
+pub const OBJECTS_DELETED: &str = "oodgate_objects_deleted_total";
 
 /// Counters a caller (tests, `bench`) can read after the run.
 #[derive(Debug, Default)]
@@ -50,6 +51,10 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(OUT, "Messages published, by decision (id, ood, dlq)");
     describe_counter!(DLQ, "Dead-lettered inputs by error kind");
     describe_counter!(NAKS, "Inputs NAKed for redelivery, by reason");
+    describe_counter!(
+        OBJECTS_DELETED,
+        "Claim-checked objects deleted after their input was routed (input.object_after_routing)"
+    );
     describe_histogram!(BATCH_SIZE, "Images per encoder batch");
     describe_histogram!(
         STAGE_SECONDS,

@@ -26,6 +26,7 @@ pub mod pull;
 pub mod route;
 pub mod setup;
 pub mod sink;
+pub mod stream_spec;
 
 pub use metrics::Stats;
 pub use pipeline::{PipelineConfig, PipelineError, run};

@@ -61,6 +61,8 @@ pub struct PipelineConfig {
     pub object_max_bytes: usize,
     /// Time limit for reading one claim-checked object.
     pub fetch_timeout: Duration,
+    /// `input.object_after_routing = "delete"`.
+    pub delete_objects: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -125,6 +127,7 @@ pub async fn run(
         queued: queued.clone(),
         object_max_bytes: cfg.object_max_bytes,
         fetch_timeout: cfg.fetch_timeout,
+        delete_objects: cfg.delete_objects,
     });
     let (encoder, encoder_thread) = EncoderHandle::spawn(encoder, 1)?;
     let encoder_alive = encoder.alive_flag();

@@ -7,6 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream::{self, consumer::pull, stream};
 
 use super::route::OutputSubjects;
+use super::stream_spec::{self, Mismatch, StreamSpec};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SetupError {
@@ -134,9 +135,9 @@ pub struct Topology {
     pub ack_wait: Duration,
     pub max_deliver: i64,
     pub max_ack_pending: i64,
-    /// Replicas of the input stream when oodgate creates it; an existing one with fewer is
-    /// refused (or updated, with `update_input`).
-    pub input_replicas: usize,
+    /// Shape of the input stream when oodgate creates it; an existing one with weaker
+    /// settings is refused (or updated, with `update_input`).
+    pub input_spec: StreamSpec,
     /// Bring an existing consumer (and input stream) up to this configuration instead of
     /// refusing to start.
     pub update_input: bool,
@@ -144,8 +145,11 @@ pub struct Topology {
     pub output_subjects: OutputSubjects,
     pub create_output: bool,
     pub duplicate_window: Duration,
-    pub output_replicas: usize,
+    pub output_spec: StreamSpec,
     pub update_output: bool,
+    /// The claim-check bucket and the object age it must keep (0: the bucket is not managed).
+    pub object_bucket: String,
+    pub object_ttl: Duration,
 }
 
 /// The input stream's identity: its creation time in Unix nanoseconds. A stream that is
@@ -166,66 +170,22 @@ pub fn epoch_of(info: &stream::Info) -> String {
     info.created.unix_timestamp_nanos().to_string()
 }
 
-/// One setting of an existing stream or consumer weaker than the configuration.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Mismatch {
-    pub what: String,
-    pub existing: String,
-    pub configured: String,
-}
-
-impl std::fmt::Display for Mismatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} is {} on the server but {} in the configuration",
-            self.what, self.existing, self.configured
-        )
-    }
-}
-
-fn mismatches_of_stream(
-    info: &stream::Info,
-    replicas: usize,
-    duplicate_window: Option<Duration>,
-) -> Vec<Mismatch> {
-    let c = &info.config;
-    let mut out = Vec::new();
-    if c.num_replicas.max(1) < replicas.max(1) {
-        out.push(Mismatch {
-            what: format!("stream {} replicas", c.name),
-            existing: c.num_replicas.max(1).to_string(),
-            configured: replicas.to_string(),
-        });
-    }
-    if let Some(w) = duplicate_window
-        && c.duplicate_window < w
-    {
-        out.push(Mismatch {
-            what: format!("stream {} duplicate_window", c.name),
-            existing: format!("{:?}", c.duplicate_window),
-            configured: format!("{w:?} (output.duplicate_window)"),
-        });
-    }
-    out
-}
-
 fn mismatches_of_consumer(c: &jetstream::consumer::Config, t: &Topology) -> Vec<Mismatch> {
     let mut out = Vec::new();
     let name = &t.durable;
     if c.ack_wait != t.ack_wait {
-        out.push(Mismatch {
-            what: format!("consumer {name} ack_wait"),
-            existing: format!("{:?}", c.ack_wait),
-            configured: format!("{:?} (input.ack_wait)", t.ack_wait),
-        });
+        out.push(Mismatch::new(
+            format!("consumer {name} ack_wait"),
+            format!("{:?}", c.ack_wait),
+            format!("{:?} (input.ack_wait)", t.ack_wait),
+        ));
     }
     if c.max_deliver != t.max_deliver {
-        out.push(Mismatch {
-            what: format!("consumer {name} max_deliver"),
-            existing: c.max_deliver.to_string(),
-            configured: format!("{} (input.max_deliver)", t.max_deliver),
-        });
+        out.push(Mismatch::new(
+            format!("consumer {name} max_deliver"),
+            c.max_deliver.to_string(),
+            format!("{} (input.max_deliver)", t.max_deliver),
+        ));
     }
     out
 }
@@ -244,9 +204,11 @@ fn consumer_config(t: &Topology) -> pull::Config {
 }
 
 /// Declares (or looks up) the streams and the durable consumer. Existing ones are compared
-/// with the configuration: a weaker setting (fewer replicas, a shorter duplicate window,
-/// another `ack_wait` or `max_deliver`) stops the worker with both values named, unless
-/// `update_input` / `update_output` allows bringing it up to the configuration.
+/// with the configuration: a weaker setting (fewer replicas, memory storage, another retention,
+/// a tighter limit, discarding old messages, a shorter duplicate window, another `ack_wait` or
+/// `max_deliver`) stops the worker with both values named, unless `update_input` /
+/// `update_output` allows bringing it up to the configuration. Storage and retention cannot be
+/// changed by an update and always stop the worker.
 pub async fn declare(
     js: &jetstream::Context,
     t: &Topology,
@@ -256,15 +218,15 @@ pub async fn declare(
         reason: e.to_string(),
     };
     let mut input = if t.create_input {
-        js.get_or_create_stream(stream::Config {
+        let mut cfg = stream::Config {
             name: t.input_stream.clone(),
             subjects: t.input_subjects.clone(),
-            storage: stream::StorageType::File,
-            num_replicas: t.input_replicas.max(1),
             ..Default::default()
-        })
-        .await
-        .map_err(|e| je(&format!("input stream {}", t.input_stream), &e))?
+        };
+        t.input_spec.apply(&mut cfg);
+        js.get_or_create_stream(cfg)
+            .await
+            .map_err(|e| je(&format!("input stream {}", t.input_stream), &e))?
     } else {
         js.get_stream(&t.input_stream).await.map_err(|e| {
             je(
@@ -282,16 +244,16 @@ pub async fn declare(
         .map_err(|e| je(&format!("input stream {}", t.input_stream), &e))?
         .clone();
     if t.create_output {
-        js.get_or_create_stream(stream::Config {
+        let mut cfg = stream::Config {
             name: t.output_stream.clone(),
             subjects: t.output_subjects.all().map(String::from).to_vec(),
-            storage: stream::StorageType::File,
             duplicate_window: t.duplicate_window,
-            num_replicas: t.output_replicas.max(1),
             ..Default::default()
-        })
-        .await
-        .map_err(|e| je(&format!("output stream {}", t.output_stream), &e))?;
+        };
+        t.output_spec.apply(&mut cfg);
+        js.get_or_create_stream(cfg)
+            .await
+            .map_err(|e| je(&format!("output stream {}", t.output_stream), &e))?;
     }
     let output_info = match js.get_stream(&t.output_stream).await {
         Ok(mut out) => Some(
@@ -302,28 +264,33 @@ pub async fn declare(
         ),
         Err(_) => None,
     };
+    let bucket_weak = declare_bucket(js, t).await?;
     let existing = input.get_consumer::<pull::Config>(&t.durable).await.ok();
     let consumer_info = existing.as_ref().map(|c| c.cached_info().config.clone());
 
     // Compare everything first, so one start-up error names every weaker setting.
-    let input_weak = mismatches_of_stream(&input_info, t.input_replicas, None);
+    let input_weak = stream_spec::weaker_settings(&input_info.config, &t.input_spec, None);
+    let window = Some(t.duplicate_window);
     let output_weak = output_info
         .as_ref()
-        .map(|i| mismatches_of_stream(i, t.output_replicas, Some(t.duplicate_window)))
+        .map(|i| stream_spec::weaker_settings(&i.config, &t.output_spec, window))
         .unwrap_or_default();
     let consumer_weak = consumer_info
         .as_ref()
         .map(|c| mismatches_of_consumer(c, t))
         .unwrap_or_default();
-    let mut refused = Vec::new();
+    let mut refused: Vec<Mismatch> = Vec::new();
     let mut keys = Vec::new();
-    let input_side_weak = !input_weak.is_empty() || !consumer_weak.is_empty();
-    if input_side_weak && !t.update_input {
-        refused.extend(input_weak.iter().cloned());
-        refused.extend(consumer_weak.iter().cloned());
+    let input_side: Vec<&Mismatch> = input_weak
+        .iter()
+        .chain(&consumer_weak)
+        .chain(&bucket_weak)
+        .collect();
+    if !input_side.is_empty() && (!t.update_input || input_side.iter().any(|m| !m.updatable)) {
+        refused.extend(input_side.into_iter().cloned());
         keys.push("input.update_existing");
     }
-    if !t.update_output && !output_weak.is_empty() {
+    if !output_weak.is_empty() && (!t.update_output || output_weak.iter().any(|m| !m.updatable)) {
         refused.extend(output_weak.iter().cloned());
         keys.push("output.update_existing");
     }
@@ -334,17 +301,35 @@ pub async fn declare(
         });
     }
     if !input_weak.is_empty() {
-        let mut cfg = input_info.config.clone();
-        cfg.num_replicas = t.input_replicas.max(1);
+        let cfg = stream_spec::strengthened(&input_info.config, &t.input_spec, None);
         js.update_stream(cfg)
             .await
             .map_err(|e| je(&format!("updating input stream {}", t.input_stream), &e))?;
-        tracing::warn!(stream = %t.input_stream, replicas = t.input_replicas, "input stream updated to the configuration");
+        tracing::warn!(stream = %t.input_stream, "input stream updated to the configuration");
+    }
+    if !bucket_weak.is_empty() {
+        let name = format!("OBJ_{}", t.object_bucket);
+        let mut s = js
+            .get_stream(&name)
+            .await
+            .map_err(|e| je(&format!("object store bucket {}", t.object_bucket), &e))?;
+        let mut cfg = s
+            .info()
+            .await
+            .map_err(|e| je(&format!("object store bucket {}", t.object_bucket), &e))?
+            .config
+            .clone();
+        cfg.max_age = t.object_ttl;
+        js.update_stream(cfg).await.map_err(|e| {
+            je(
+                &format!("updating object store bucket {}", t.object_bucket),
+                &e,
+            )
+        })?;
+        tracing::warn!(bucket = %t.object_bucket, ttl = ?t.object_ttl, "object store bucket updated to the configuration");
     }
     if let (false, Some(info)) = (output_weak.is_empty(), &output_info) {
-        let mut cfg = info.config.clone();
-        cfg.num_replicas = cfg.num_replicas.max(t.output_replicas.max(1));
-        cfg.duplicate_window = cfg.duplicate_window.max(t.duplicate_window);
+        let cfg = stream_spec::strengthened(&info.config, &t.output_spec, window);
         js.update_stream(cfg)
             .await
             .map_err(|e| je(&format!("updating output stream {}", t.output_stream), &e))?;
@@ -376,4 +361,44 @@ pub async fn declare(
         );
     }
     Ok(consumer)
+}
+
+/// With `input.object_store_ttl` set, makes sure the claim-check bucket exists and keeps
+/// objects at least that long; returns the bucket's weaker setting, if any.
+async fn declare_bucket(
+    js: &jetstream::Context,
+    t: &Topology,
+) -> Result<Vec<Mismatch>, SetupError> {
+    if t.object_ttl.is_zero() {
+        return Ok(Vec::new());
+    }
+    let je = |e: &dyn std::fmt::Display| SetupError::JetStream {
+        what: format!("object store bucket {}", t.object_bucket),
+        reason: e.to_string(),
+    };
+    // The bucket's backing stream is OBJ_<bucket>; its max_age is the objects' TTL.
+    match js.get_stream(format!("OBJ_{}", t.object_bucket)).await {
+        Ok(mut s) => {
+            let info = s.info().await.map_err(|e| je(&e))?;
+            Ok(stream_spec::bucket_expires_sooner(
+                &t.object_bucket,
+                info.config.max_age,
+                t.object_ttl,
+            )
+            .into_iter()
+            .collect())
+        }
+        Err(_) => {
+            js.create_object_store(jetstream::object_store::Config {
+                bucket: t.object_bucket.clone(),
+                max_age: t.object_ttl,
+                num_replicas: t.input_spec.replicas.max(1),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| je(&e))?;
+            tracing::info!(bucket = %t.object_bucket, ttl = ?t.object_ttl, "object store bucket created");
+            Ok(Vec::new())
+        }
+    }
 }

@@ -55,6 +55,8 @@ pub trait Settle: Send + 'static {
     /// When the input was received.
     fn received(&self) -> Instant;
     fn ack(self) -> impl Future<Output = Result<(), String>> + Send;
+    /// The input is dead-lettered: keep anything it refers to (its claim-checked object).
+    fn keep_referenced(&mut self) {}
     fn nak(self, delay: Option<Duration>) -> impl Future<Output = ()> + Send;
 }
 
@@ -104,6 +106,9 @@ impl Settle for InFlight {
     }
     async fn ack(self) -> Result<(), String> {
         InFlight::ack(self).await.map_err(|e| e.to_string())
+    }
+    fn keep_referenced(&mut self) {
+        self.keep_object();
     }
     async fn nak(self, delay: Option<Duration>) {
         InFlight::nak(self, delay).await
@@ -226,10 +231,13 @@ pub async fn deliver<P: Publish, S: Settle>(
             input.nak(delay).await;
         }
         Routed::Publish {
-            input,
+            mut input,
             payload,
             output,
         } => {
+            if matches!(output.outcome, Outcome::Dead(_)) {
+                input.keep_referenced();
+            }
             let t0 = Instant::now();
             let cap = tokio::time::Instant::from_std(input.received() + cfg.max_processing);
             let give_up = async {
