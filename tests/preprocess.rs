@@ -86,6 +86,7 @@ fn bad_inputs_give_typed_errors_naming_the_cause() {
         Limits {
             max_bytes: 1000,
             max_pixels: 1 << 30,
+            ..Limits::default()
         },
     );
     let big = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();

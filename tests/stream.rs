@@ -1008,6 +1008,39 @@ fn routed_claim_checked_objects_are_deleted_and_dead_letters_keep_theirs() {
     );
 }
 
+/// A progressive JPEG of 16 megapixels repeating one scan 20,000 times (300 KB) would hold a
+/// decode thread for several seconds (a 32 MiB one for many minutes). It is refused before
+/// decoding as `too_complex`, and the good images behind it are routed.
+#[test]
+fn a_jpeg_with_thousands_of_scans_is_dead_lettered_as_too_complex() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let _w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[("OODGATE__BATCH__DECODE_WORKERS", "1")],
+    );
+    let mut payloads = vec![(
+        "scans".to_string(),
+        common::jpeg_with_repeated_scans(4000, 20_000),
+    )];
+    payloads.extend(good_payloads());
+    publish(&nats.url(), &payloads);
+    let outs = outputs(&nats.url(), payloads.len(), Duration::from_secs(60));
+    assert_eq!(outs.len(), payloads.len());
+    let dead: Vec<&Output> = outs.iter().filter(|o| o.subject == "oodgate.dlq").collect();
+    assert_eq!(dead.len(), 1, "{outs:?}");
+    assert_eq!(dead[0].headers["X-Name"], "scans");
+    assert_eq!(dead[0].headers["Oodgate-Error-Kind"], "too_complex");
+    assert!(
+        dead[0].headers["Oodgate-Error"].contains("limits.max_jpeg_scans"),
+        "{:?}",
+        dead[0].headers
+    );
+}
+
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times
 /// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
 /// dead-lettered instead of being held forever.

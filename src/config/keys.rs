@@ -489,6 +489,11 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::Integer,
         "Largest accepted image in pixels (width × height).",
     ),
+    key(
+        "limits.max_jpeg_scans",
+        Kind::Integer,
+        "Most scans accepted in one JPEG, counted before decoding (1–100000); more is dead-lettered as `too_complex`.",
+    ),
     // [http]
     key(
         "http.listen",

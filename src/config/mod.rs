@@ -427,6 +427,7 @@ impl Default for BatchSettings {
 pub struct LimitsSettings {
     pub max_bytes: u64,
     pub max_pixels: u64,
+    pub max_jpeg_scans: u32,
 }
 
 impl Default for LimitsSettings {
@@ -434,6 +435,7 @@ impl Default for LimitsSettings {
         LimitsSettings {
             max_bytes: 32 * 1024 * 1024,
             max_pixels: 40_000_000,
+            max_jpeg_scans: 256,
         }
     }
 }

@@ -458,6 +458,13 @@ impl Settings {
             1,
             1_000_000_000,
         );
+        range_u(
+            p,
+            "limits.max_jpeg_scans",
+            self.limits.max_jpeg_scans.into(),
+            1,
+            100_000,
+        );
 
         if self.http.listen.trim().parse::<SocketAddr>().is_err() {
             p.push(Problem::new(

@@ -21,6 +21,14 @@ pub struct Limits {
     pub max_bytes: usize,
     /// Largest accepted decoded image, in pixels (width × height): the decompression-bomb guard.
     pub max_pixels: u64,
+    /// Most scans accepted in one JPEG. Each progressive scan is a pass over the whole image,
+    /// so a small file repeating scans can hold a decode thread for minutes.
+    #[serde(default = "default_max_jpeg_scans")]
+    pub max_jpeg_scans: u32,
+}
+
+fn default_max_jpeg_scans() -> u32 {
+    256
 }
 
 impl Default for Limits {
@@ -28,6 +36,7 @@ impl Default for Limits {
         Limits {
             max_bytes: 32 << 20,
             max_pixels: 40_000_000,
+            max_jpeg_scans: default_max_jpeg_scans(),
         }
     }
 }
@@ -55,6 +64,14 @@ pub enum PreprocessError {
     ZeroSize { width: u32, height: u32 },
     #[error("resize failed: {0}")]
     Resize(String),
+    #[error(
+        "JPEG with more than {limit} scans (limits.max_jpeg_scans): refused before decoding, as each scan is a pass over the whole image"
+    )]
+    TooComplex { scans: u32, limit: u32 },
+    /// The decoder panicked on this input (a bug in a decoder, caught so the input is
+    /// dead-lettered at once instead of redelivered until `max_deliver`).
+    #[error("corrupt image: the decoder failed unexpectedly ({0})")]
+    Panicked(String),
 }
 
 impl PreprocessError {
@@ -69,6 +86,8 @@ impl PreprocessError {
             PreprocessError::Corrupt { .. } => "corrupt",
             PreprocessError::ZeroSize { .. } => "corrupt",
             PreprocessError::Resize(_) => "resize",
+            PreprocessError::TooComplex { .. } => "too_complex",
+            PreprocessError::Panicked(_) => "corrupt",
         }
     }
 }
@@ -143,10 +162,15 @@ impl Preprocessor {
         ) {
             return Err(PreprocessError::UnsupportedFormat(format!("{format:?}")));
         }
-        if format == ImageFormat::Jpeg
-            && let Some(img) = self.decode_jpeg_turbo(bytes)?
-        {
-            return Ok(img);
+        if format == ImageFormat::Jpeg {
+            let limit = self.limits.max_jpeg_scans;
+            let scans = count_jpeg_scans(bytes, limit);
+            if scans > limit {
+                return Err(PreprocessError::TooComplex { scans, limit });
+            }
+            if let Some(img) = self.decode_jpeg_turbo(bytes)? {
+                return Ok(img);
+            }
         }
         let fmt_name = format!("{format:?}").to_uppercase();
         let corrupt = |e: image::ImageError| PreprocessError::Corrupt {
@@ -198,6 +222,9 @@ impl Preprocessor {
             return Ok(None);
         };
         let result = (|| {
+            // The marker count above decides; libjpeg-turbo's own limit is the backstop.
+            dec.set_scan_limit(self.limits.max_jpeg_scans)
+                .map_err(|e| PreprocessError::Resize(format!("libjpeg-turbo: {e}")))?;
             let header = dec.read_header(bytes).map_err(|e| corrupt(e.to_string()))?;
             if matches!(
                 header.colorspace,
@@ -319,6 +346,52 @@ pub fn crop_box(w: u32, h: u32, size: u32) -> (f64, f64, f64, f64) {
 
 /// Whether a JPEG stream contains its end-of-image marker (FF D9) near the end; trailing
 /// bytes after it (padding, appended data) are tolerated.
+/// Counts the start-of-scan markers of a JPEG, stopping once the count exceeds `limit`. A walk
+/// over the marker segments (skipping entropy-coded data): milliseconds even for the largest
+/// accepted file, while decoding a file of repeated scans costs a pass over the image per scan.
+/// Malformed structure ends the walk; the decoder reports it.
+fn count_jpeg_scans(bytes: &[u8], limit: u32) -> u32 {
+    const SOS: u8 = 0xDA;
+    let mut scans = 0u32;
+    let mut i = 2; // after SOI
+    while i + 4 <= bytes.len() && scans <= limit {
+        if bytes[i] != 0xFF {
+            return scans;
+        }
+        let marker = bytes[i + 1];
+        match marker {
+            // Fill bytes before a marker.
+            0xFF => {
+                i += 1;
+                continue;
+            }
+            0xD9 => return scans, // EOI
+            0xD0..=0xD7 | 0x01 => {
+                i += 2;
+                continue;
+            }
+            _ => {}
+        }
+        let len = u16::from_be_bytes([bytes[i + 2], bytes[i + 3]]) as usize;
+        i += 2 + len;
+        if marker == SOS {
+            scans += 1;
+            // Entropy-coded data runs to the next marker that is neither a stuffed 0xFF00
+            // nor a restart marker.
+            while i + 1 < bytes.len() {
+                if bytes[i] == 0xFF
+                    && bytes[i + 1] != 0x00
+                    && !(0xD0..=0xD7).contains(&bytes[i + 1])
+                {
+                    break;
+                }
+                i += 1;
+            }
+        }
+    }
+    scans
+}
+
 fn has_eoi(bytes: &[u8]) -> bool {
     let tail = &bytes[bytes.len().saturating_sub(64 << 10)..];
     tail.windows(2).rev().any(|w| w == [0xFF, 0xD9])
@@ -339,6 +412,43 @@ mod tests {
 
     fn pre() -> Preprocessor {
         Preprocessor::new(224, [0.5; 3], [0.5; 3], Limits::default())
+    }
+
+    /// SOI, a DQT-like segment, `n` scans whose data holds a stuffed 0xFF00 and a restart
+    /// marker, then EOI.
+    fn synthetic_jpeg(n: usize) -> Vec<u8> {
+        let mut b = vec![0xFF, 0xD8, 0xFF, 0xDB, 0x00, 0x04, 1, 2];
+        for _ in 0..n {
+            b.extend_from_slice(&[0xFF, 0xDA, 0x00, 0x03, 9]);
+            b.extend_from_slice(&[7, 0xFF, 0x00, 8, 0xFF, 0xD3, 6]);
+        }
+        b.extend_from_slice(&[0xFF, 0xD9]);
+        b
+    }
+
+    #[test]
+    fn jpeg_scans_are_counted_over_marker_segments() {
+        assert_eq!(count_jpeg_scans(&synthetic_jpeg(0), 10), 0);
+        assert_eq!(count_jpeg_scans(&synthetic_jpeg(3), 10), 3);
+        // The walk stops just above the limit: enough to refuse, and cheap.
+        assert_eq!(count_jpeg_scans(&synthetic_jpeg(1000), 10), 11);
+        // Truncated or malformed structure ends the walk without panicking.
+        let j = synthetic_jpeg(3);
+        for cut in 0..j.len() {
+            assert!(count_jpeg_scans(&j[..cut], 10) <= 3);
+        }
+    }
+
+    #[test]
+    fn a_jpeg_above_the_scan_limit_is_too_complex() {
+        let limits = Limits {
+            max_jpeg_scans: 2,
+            ..Limits::default()
+        };
+        let p = Preprocessor::new(224, [0.5; 3], [0.5; 3], limits);
+        let e = p.decode(&synthetic_jpeg(3)).map(|_| ()).unwrap_err();
+        assert_eq!(e, PreprocessError::TooComplex { scans: 3, limit: 2 });
+        assert_eq!(e.kind(), "too_complex");
     }
 
     #[test]
@@ -367,6 +477,7 @@ mod tests {
             Limits {
                 max_bytes: 4,
                 max_pixels: 10,
+                ..Limits::default()
             },
         );
         assert_eq!(small.decode(b"12345").unwrap_err().kind(), "too_large");

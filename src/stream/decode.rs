@@ -70,6 +70,22 @@ impl BufPool {
     }
 }
 
+/// Runs one decode; a decoder panic becomes a permanent error for this input, so it is
+/// dead-lettered as `corrupt` at once instead of redelivered until `max_deliver`. (The
+/// thread-local decoder it may have held is taken out during a decode and made afresh.)
+fn decode_guarded(
+    decode: impl FnOnce() -> Result<(), PreprocessError>,
+) -> Result<(), PreprocessError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        Err(PreprocessError::Panicked(why))
+    })
+}
+
 /// How decoding one input ended.
 enum Decode {
     Queued,
@@ -196,7 +212,7 @@ impl Intake {
         let decoded = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
             let mut buf = this.pool.take();
-            let r = this.pre.preprocess_into(&image, &mut buf);
+            let r = decode_guarded(|| this.pre.preprocess_into(&image, &mut buf));
             histogram!(m::STAGE_SECONDS, "stage" => "decode").record(t0.elapsed().as_secs_f64());
             match r {
                 Ok(()) => {
@@ -245,5 +261,24 @@ impl Intake {
             Ok(Decode::BatcherGone) => {}
             Err(e) => tracing::error!(error = %e, "decode task failed"),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_decoder_panic_dead_letters_the_input_as_corrupt() {
+        let e = decode_guarded(|| panic!("index out of bounds in some decoder")).unwrap_err();
+        assert_eq!(
+            e,
+            PreprocessError::Panicked("index out of bounds in some decoder".into())
+        );
+        assert_eq!(DeadKind::of_preprocess(&e), DeadKind::Corrupt);
+        assert!(e.to_string().contains("index out of bounds"), "{e}");
+        let owned = decode_guarded(|| panic!("{}", String::from("owned message"))).unwrap_err();
+        assert_eq!(owned, PreprocessError::Panicked("owned message".into()));
+        assert_eq!(decode_guarded(|| Ok(())), Ok(()));
     }
 }

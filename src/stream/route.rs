@@ -45,6 +45,8 @@ pub enum DeadKind {
     Encoder,
     /// The scorer fails on this image alone.
     Score,
+    /// A JPEG with more scans than `limits.max_jpeg_scans`.
+    TooComplex,
 }
 
 impl DeadKind {
@@ -62,6 +64,7 @@ impl DeadKind {
             DeadKind::MaxDeliveries => "max_deliveries",
             DeadKind::Encoder => "encoder",
             DeadKind::Score => "score",
+            DeadKind::TooComplex => "too_complex",
         }
     }
 
@@ -75,6 +78,8 @@ impl DeadKind {
             PreprocessError::TooManyPixels { .. } => DeadKind::TooManyPixels,
             PreprocessError::Corrupt { .. } | PreprocessError::ZeroSize { .. } => DeadKind::Corrupt,
             PreprocessError::Resize(_) => DeadKind::Resize,
+            PreprocessError::TooComplex { .. } => DeadKind::TooComplex,
+            PreprocessError::Panicked(_) => DeadKind::Corrupt,
         }
     }
 }

@@ -73,3 +73,30 @@ pub fn oodgate() -> Command {
 pub fn read_u8_npy(path: &Path) -> ndarray::ArrayD<u8> {
     ndarray_npy::read_npy(path).unwrap_or_else(|e| panic!("read {}: {e}", path.display()))
 }
+
+/// A progressive JPEG of `size` × `size` flat pixels whose last scan is repeated `extra` more
+/// times: a small file whose every scan costs the decoder a pass over the whole image.
+#[allow(dead_code)]
+pub fn jpeg_with_repeated_scans(size: usize, extra: usize) -> Vec<u8> {
+    let pixels = [120u8, 80, 200].repeat(size * size);
+    let image = turbojpeg::Image {
+        pixels: pixels.as_slice(),
+        width: size,
+        pitch: size * 3,
+        height: size,
+        format: turbojpeg::PixelFormat::RGB,
+    };
+    let mut c = turbojpeg::Compressor::new().unwrap();
+    c.set_progressive(true).unwrap();
+    let jpeg = c.compress_to_vec(image).unwrap();
+    // Entropy-coded data never contains FF DA (0xFF is stuffed), so the last FF DA starts the
+    // last scan, which runs to the end-of-image marker.
+    let last = jpeg.windows(2).rposition(|w| w == [0xFF, 0xDA]).unwrap();
+    let end = jpeg.len() - 2;
+    let mut out = jpeg[..end].to_vec();
+    for _ in 0..extra {
+        out.extend_from_slice(&jpeg[last..end]);
+    }
+    out.extend_from_slice(&jpeg[end..]);
+    out
+}

@@ -68,6 +68,7 @@ pub fn load_worker(
         Limits {
             max_bytes: s.limits.max_bytes as usize,
             max_pixels: s.limits.max_pixels,
+            max_jpeg_scans: s.limits.max_jpeg_scans,
         },
     );
     tracing::info!(
