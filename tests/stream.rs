@@ -1041,6 +1041,86 @@ fn a_jpeg_with_thousands_of_scans_is_dead_lettered_as_too_complex() {
     );
 }
 
+/// Bytes in flight are bounded, not only messages: twelve claim-checked 3 MiB images with
+/// `input.max_bytes_in_flight` = 8 MiB are fetched at most two at a time, and all are routed.
+#[test]
+fn bytes_in_flight_stay_within_the_budget_and_everything_is_routed() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__INPUT__MAX_BYTES_IN_FLIGHT", "8388608"),
+            ("OODGATE__LIMITS__MAX_BYTES", "4194304"),
+        ],
+    );
+    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    let files: Vec<PathBuf> = (0..12)
+        .map(|i| {
+            // Distinct contents, so distinct objects.
+            let path = tmp.path().join(format!("big-{i}.jpg"));
+            std::fs::write(&path, pad_jpeg(&chelsea, (3 << 20) + i)).unwrap();
+            path
+        })
+        .collect();
+    let st = common::oodgate()
+        .args([
+            "publish",
+            "--nats",
+            &nats.url(),
+            "--object-store-above",
+            "0",
+        ])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let outs = outputs(&nats.url(), files.len(), Duration::from_secs(90));
+    assert_eq!(outs.len(), files.len());
+    assert!(outs.iter().all(|o| o.subject != "oodgate.dlq"), "{outs:?}");
+    let peak = w.metric("oodgate_bytes_in_flight_peak");
+    assert!(
+        (3.0 * 1048576.0..=8.0 * 1048576.0).contains(&peak),
+        "peak bytes in flight {peak}"
+    );
+}
+
+/// For the record, not a pass/fail bound: the peak RSS of one worker routing 80 claim-checked
+/// 8 MiB images with the default settings (`OODGATE_TEST_BIN` selects another binary).
+/// Run with `cargo test --release --test stream -- --ignored peak_rss --nocapture`.
+#[test]
+#[ignore]
+fn peak_rss_with_many_large_claim_checks() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    let files: Vec<PathBuf> = (0..80)
+        .map(|i| {
+            let path = tmp.path().join(format!("big-{i}.jpg"));
+            std::fs::write(&path, pad_jpeg(&chelsea, (8 << 20) + i)).unwrap();
+            path
+        })
+        .collect();
+    let st = common::oodgate()
+        .args(["publish", "--nats", &nats.url(), "--object-store-above", "0"])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let w = Worker::start(&nats, &bank, threshold, &[]);
+    let outs = outputs(&nats.url(), files.len(), Duration::from_secs(300));
+    assert_eq!(outs.len(), files.len());
+    println!(
+        "peak RSS {:.0} MiB; peak bytes in flight {:.0} MiB",
+        peak_rss_mib(w.child.id()),
+        w.metric("oodgate_bytes_in_flight_peak") / 1048576.0
+    );
+}
+
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times
 /// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
 /// dead-lettered instead of being held forever.

@@ -294,6 +294,11 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::Duration,
         "Age after which the claim-check bucket expires objects; the worker creates the bucket with it, and a bucket expiring sooner stops the worker. 0s = not managed.",
     ),
+    key(
+        "input.max_bytes_in_flight",
+        Kind::Integer,
+        "Most bytes in-flight inputs hold at once (pulled payloads and fetched objects; ≥ `limits.max_bytes`); pulling and fetching wait beyond it.",
+    ),
     // [output]
     key(
         "output.prefix",

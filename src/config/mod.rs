@@ -243,6 +243,7 @@ pub struct InputSettings {
     /// 0 = the bucket is not managed by the worker.
     #[serde(with = "humantime_serde")]
     pub object_store_ttl: Duration,
+    pub max_bytes_in_flight: u64,
 }
 
 impl Default for InputSettings {
@@ -274,6 +275,7 @@ impl Default for InputSettings {
             fetch_timeout: Duration::from_secs(30),
             object_after_routing: "keep".into(),
             object_store_ttl: Duration::ZERO,
+            max_bytes_in_flight: 256 << 20,
         }
     }
 }

@@ -231,6 +231,7 @@ impl Settings {
             object_max_bytes: self.limits.max_bytes as usize,
             fetch_timeout: self.input.fetch_timeout,
             delete_objects: self.input.object_after_routing == "delete",
+            max_bytes_in_flight: self.input.max_bytes_in_flight as usize,
         }
     }
 }

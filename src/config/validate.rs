@@ -458,6 +458,17 @@ impl Settings {
             1,
             1_000_000_000,
         );
+        if self.input.max_bytes_in_flight < self.limits.max_bytes
+            || self.input.max_bytes_in_flight > 1 << 40
+        {
+            p.push(Problem::new(
+                "input.max_bytes_in_flight",
+                format!(
+                    "({}) must be at least limits.max_bytes ({}), so the largest accepted image fits, and at most 1 TiB",
+                    self.input.max_bytes_in_flight, self.limits.max_bytes
+                ),
+            ));
+        }
         range_u(
             p,
             "limits.max_jpeg_scans",

@@ -2,12 +2,16 @@
 //! Store bucket; fetch it, within the size limit. Failures are typed: permanent ones (no such
 //! bucket or object, an invalid name, too large) are dead-lettered, the rest are retried.
 
-use async_nats::jetstream::{self, context::GetStreamErrorKind, object_store::GetErrorKind};
+use async_nats::jetstream::{
+    self, context::GetStreamErrorKind, object_store, object_store::GetErrorKind,
+};
 use bytes::Bytes;
 use tokio::io::AsyncReadExt;
 
+use super::inflight::ByteBudget;
 use super::message::ObjectRef;
 use super::route::DeadKind;
+use tokio::sync::OwnedSemaphorePermit;
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum FetchError {
@@ -31,28 +35,45 @@ fn bucket_missing(e: &jetstream::context::ObjectStoreError) -> bool {
 }
 
 /// Reads the object `obj` refers to, refusing objects above `max_bytes` before reading them,
-/// within `timeout` (a read whose chunks never arrive would otherwise hold its input forever).
+/// and reserving its size in `budget` before reading it. Opening and reading each have
+/// `timeout` (a read whose chunks never arrive would otherwise hold its input forever); the
+/// wait for the budget has none, as the input is kept alive by progress acks meanwhile.
 pub async fn fetch(
     js: &jetstream::Context,
     obj: &ObjectRef,
     max_bytes: usize,
     timeout: std::time::Duration,
-) -> Result<Bytes, FetchError> {
-    tokio::time::timeout(timeout, fetch_unbounded(js, obj, max_bytes))
+    budget: &ByteBudget,
+) -> Result<(Bytes, OwnedSemaphorePermit), FetchError> {
+    let timed_out = || {
+        FetchError::Transient(format!(
+            "reading object {}/{} took longer than {timeout:?} (input.fetch_timeout)",
+            obj.bucket, obj.name
+        ))
+    };
+    let mut object = tokio::time::timeout(timeout, open(js, obj, max_bytes))
         .await
-        .unwrap_or_else(|_| {
-            Err(FetchError::Transient(format!(
-                "reading object {}/{} took longer than {timeout:?} (input.fetch_timeout)",
-                obj.bucket, obj.name
-            )))
-        })
+        .map_err(|_| timed_out())??;
+    let size = object.info.size;
+    let permit = budget
+        .reserve(size)
+        .await
+        .ok_or_else(|| FetchError::Transient("shutting down".into()))?;
+    let mut buf = Vec::with_capacity(size);
+    tokio::time::timeout(timeout, object.read_to_end(&mut buf))
+        .await
+        .map_err(|_| timed_out())?
+        .map_err(|e| {
+            FetchError::Transient(format!("reading object {}/{}: {e}", obj.bucket, obj.name))
+        })?;
+    Ok((Bytes::from(buf), permit))
 }
 
-async fn fetch_unbounded(
+async fn open(
     js: &jetstream::Context,
     obj: &ObjectRef,
     max_bytes: usize,
-) -> Result<Bytes, FetchError> {
+) -> Result<object_store::Object, FetchError> {
     use jetstream::context::ObjectStoreErrorKind;
     let store = js.get_object_store(&obj.bucket).await.map_err(|e| {
         if matches!(e.kind(), ObjectStoreErrorKind::InvalidBucketName) {
@@ -69,7 +90,7 @@ async fn fetch_unbounded(
             FetchError::Transient(format!("bucket {}: {e}", obj.bucket))
         }
     })?;
-    let mut object = store.get(&obj.name).await.map_err(|e| match e.kind() {
+    let object = store.get(&obj.name).await.map_err(|e| match e.kind() {
         GetErrorKind::NotFound => FetchError::Permanent {
             kind: DeadKind::MissingObject,
             why: format!("object {:?} not found in bucket {:?}", obj.name, obj.bucket),
@@ -90,9 +111,5 @@ async fn fetch_unbounded(
             ),
         });
     }
-    let mut buf = Vec::with_capacity(size);
-    object.read_to_end(&mut buf).await.map_err(|e| {
-        FetchError::Transient(format!("reading object {}/{}: {e}", obj.bucket, obj.name))
-    })?;
-    Ok(Bytes::from(buf))
+    Ok(object)
 }

@@ -14,7 +14,7 @@ use tokio::sync::{Semaphore, mpsc};
 
 use super::batcher::Queued;
 use super::claim_check::{self, FetchError};
-use super::inflight::InFlight;
+use super::inflight::{ByteBudget, InFlight};
 use super::message::{self as msg, Payload};
 use super::metrics as m;
 use super::route::{DeadKind, Retry, Router};
@@ -110,6 +110,8 @@ pub struct Intake {
     pub fetch_timeout: std::time::Duration,
     /// Delete a claim-checked object once its input is routed and acked.
     pub delete_objects: bool,
+    /// Bytes in flight: a fetched object takes its size from it before it is read.
+    pub budget: Arc<ByteBudget>,
 }
 
 impl Intake {
@@ -166,10 +168,12 @@ impl Intake {
                     &env.object,
                     self.object_max_bytes,
                     self.fetch_timeout,
+                    &self.budget,
                 )
                 .await
                 {
-                    Ok(bytes) => {
+                    Ok((bytes, held)) => {
+                        input.hold_bytes(held);
                         histogram!(m::STAGE_SECONDS, "stage" => "fetch")
                             .record(started.elapsed().as_secs_f64());
                         if self.delete_objects {

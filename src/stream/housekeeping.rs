@@ -12,7 +12,7 @@ use metrics::{counter, gauge};
 use tokio_util::sync::CancellationToken;
 
 use super::breaker::Breaker;
-use super::inflight::{Source, Tracker};
+use super::inflight::{ByteBudget, Source, Tracker};
 use super::metrics as m;
 use super::route::{DeadKind, Router};
 use super::sink::{Publish, RetryPolicy, publish_until_stored};
@@ -40,6 +40,18 @@ pub async fn progress_acks(
                 .await;
         }
         gauge!(m::IN_FLIGHT).set(tracker.len() as f64);
+    }
+}
+
+/// Keeps the bytes-in-flight gauges current (bytes are released when inputs drop, where
+/// nothing updates them).
+pub async fn byte_gauges(budget: Arc<ByteBudget>, shutdown: CancellationToken) {
+    loop {
+        budget.observe();
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
     }
 }
 

@@ -4,13 +4,13 @@
 //! shutdown that runs out of time.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_nats::Subject;
 use async_nats::jetstream::{self, AckKind, message::Acker};
-use tokio::sync::OwnedSemaphorePermit;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::message::ObjectRef;
 
@@ -69,6 +69,57 @@ impl Tracker {
     }
 }
 
+/// The bytes that in-flight inputs hold (pulled payloads and fetched objects), bounded by
+/// `input.max_bytes_in_flight` as the in-flight slots bound their number: 160 claim-checked
+/// objects of 32 MiB would otherwise be read into memory at once.
+pub struct ByteBudget {
+    bytes: Arc<Semaphore>,
+    total: usize,
+    peak: AtomicUsize,
+}
+
+impl ByteBudget {
+    pub fn new(total: usize) -> ByteBudget {
+        let total = total.clamp(1, Semaphore::MAX_PERMITS);
+        ByteBudget {
+            bytes: Arc::new(Semaphore::new(total)),
+            total,
+            peak: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn total(&self) -> usize {
+        self.total
+    }
+
+    /// Waits until `bytes` fit (a single input larger than the whole budget waits for all of
+    /// it); `None` once the budget is closed.
+    pub async fn reserve(&self, bytes: usize) -> Option<OwnedSemaphorePermit> {
+        let n = bytes.clamp(1, self.total.min(u32::MAX as usize)) as u32;
+        let permit = self.bytes.clone().acquire_many_owned(n).await.ok()?;
+        self.observe();
+        Some(permit)
+    }
+
+    /// Bytes held right now.
+    pub fn in_use(&self) -> usize {
+        self.total - self.bytes.available_permits()
+    }
+
+    /// The most bytes held at once since start-up.
+    pub fn peak(&self) -> usize {
+        self.peak.load(Ordering::Relaxed)
+    }
+
+    /// Updates the gauges (also called periodically, as releases happen on drop).
+    pub fn observe(&self) {
+        let used = self.in_use();
+        let peak = self.peak.fetch_max(used, Ordering::Relaxed).max(used);
+        metrics::gauge!(super::metrics::BYTES_IN_FLIGHT).set(used as f64);
+        metrics::gauge!(super::metrics::BYTES_IN_FLIGHT_PEAK).set(peak as f64);
+    }
+}
+
 /// The identity of an input message.
 #[derive(Debug, Clone)]
 pub struct Source {
@@ -98,6 +149,8 @@ pub struct InFlight {
     /// = "delete"`); cleared for dead letters, whose object stays for replay.
     claim: Option<(jetstream::Context, ObjectRef)>,
     _permit: OwnedSemaphorePermit,
+    /// Its share of the byte budget: the payload, plus a fetched object.
+    bytes: Option<OwnedSemaphorePermit>,
 }
 
 impl InFlight {
@@ -118,6 +171,15 @@ impl InFlight {
             runtime: tokio::runtime::Handle::current(),
             claim: None,
             _permit: permit,
+            bytes: None,
+        }
+    }
+
+    /// Adds bytes this input holds to its share of the byte budget (released with it).
+    pub fn hold_bytes(&mut self, permit: OwnedSemaphorePermit) {
+        match &mut self.bytes {
+            Some(held) => held.merge(permit),
+            None => self.bytes = Some(permit),
         }
     }
 
@@ -179,5 +241,28 @@ impl Drop for InFlight {
                 let _ = a.ack_with(AckKind::Nak(None)).await;
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_byte_budget_waits_when_used_up_and_tracks_its_peak() {
+        let b = ByteBudget::new(10);
+        let first = b.reserve(6).await.unwrap();
+        assert_eq!(b.in_use(), 6);
+        // 6 + 6 > 10: the second waits until the first is released.
+        let waiting = tokio::time::timeout(Duration::from_millis(50), b.reserve(6)).await;
+        assert!(waiting.is_err());
+        drop(first);
+        let mut second = b.reserve(6).await.unwrap();
+        second.merge(b.reserve(4).await.unwrap());
+        assert_eq!((b.in_use(), b.peak()), (10, 10));
+        drop(second);
+        assert_eq!(b.in_use(), 0);
+        // An input larger than the whole budget waits for all of it rather than forever.
+        assert!(b.reserve(1000).await.is_some());
     }
 }

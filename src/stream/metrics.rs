@@ -20,6 +20,8 @@ pub const PENDING: &str = "oodgate_consumer_pending";
 pub const READY: &str = "oodgate_ready";
 pub const OUTPUT_BLOCKED: &str = "oodgate_output_blocked";
 pub const OBJECTS_DELETED: &str = "oodgate_objects_deleted_total";
+pub const BYTES_IN_FLIGHT: &str = "oodgate_bytes_in_flight";
+pub const BYTES_IN_FLIGHT_PEAK: &str = "oodgate_bytes_in_flight_peak";
 
 /// Counters a caller (tests, `bench`) can read after the run.
 #[derive(Debug, Default)]
@@ -51,6 +53,14 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(OUT, "Messages published, by decision (id, ood, dlq)");
     describe_counter!(DLQ, "Dead-lettered inputs by error kind");
     describe_counter!(NAKS, "Inputs NAKed for redelivery, by reason");
+    describe_gauge!(
+        BYTES_IN_FLIGHT,
+        "Bytes held by in-flight inputs (payloads and fetched objects), bounded by input.max_bytes_in_flight"
+    );
+    describe_gauge!(
+        BYTES_IN_FLIGHT_PEAK,
+        "The most bytes in-flight inputs held at once since start-up"
+    );
     describe_counter!(
         OBJECTS_DELETED,
         "Claim-checked objects deleted after their input was routed (input.object_after_routing)"

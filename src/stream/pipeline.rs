@@ -23,7 +23,7 @@ use super::breaker::Breaker;
 use super::decode::{BufPool, Decoded, Intake};
 use super::housekeeping::{self, Health};
 use super::infer::{Blame, EncoderHandle, InferError, blame};
-use super::inflight::{InFlight, Tracker};
+use super::inflight::{ByteBudget, InFlight, Tracker};
 use super::metrics::{self as m, Stats};
 use super::pull::{self, PullConfig};
 use super::route::{DeadKind, Output, Redelivery, Retry, Router};
@@ -63,6 +63,8 @@ pub struct PipelineConfig {
     pub fetch_timeout: Duration,
     /// `input.object_after_routing = "delete"`.
     pub delete_objects: bool,
+    /// `input.max_bytes_in_flight`.
+    pub max_bytes_in_flight: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -116,6 +118,7 @@ pub async fn run(
     let queued = Arc::new(AtomicUsize::new(0));
     let pool = Arc::new(BufPool::new(pre.tensor_len()));
     let size = pre.size() as usize;
+    let budget = Arc::new(ByteBudget::new(cfg.max_bytes_in_flight));
     let intake = Arc::new(Intake {
         js: js.clone(),
         pre,
@@ -128,6 +131,7 @@ pub async fn run(
         object_max_bytes: cfg.object_max_bytes,
         fetch_timeout: cfg.fetch_timeout,
         delete_objects: cfg.delete_objects,
+        budget: budget.clone(),
     });
     let (encoder, encoder_thread) = EncoderHandle::spawn(encoder, 1)?;
     let encoder_alive = encoder.alive_flag();
@@ -190,11 +194,16 @@ pub async fn run(
             batch: cfg.pull_batch,
             expires: cfg.pull_expires,
             heartbeat: cfg.heartbeat,
+            // A message larger than a pull's max_bytes is never delivered to it.
+            max_bytes: budget
+                .total()
+                .max(client.server_info().max_payload + (64 << 10)),
         },
         intake,
         tracker.clone(),
         breaker.clone(),
         Arc::new(Semaphore::new(cfg.max_in_flight.max(1))),
+        budget.clone(),
         stats.clone(),
         intake_tasks.clone(),
         shutdown.clone(),
@@ -208,6 +217,7 @@ pub async fn run(
         shutdown.clone(),
     ));
     chores.spawn(housekeeping::pending_gauge(consumer, shutdown.clone()));
+    chores.spawn(housekeeping::byte_gauges(budget, shutdown.clone()));
     chores.spawn(housekeeping::watchdog(
         encoder_alive,
         stats.clone(),

@@ -14,7 +14,7 @@ use tokio_util::task::TaskTracker;
 
 use super::breaker::Breaker;
 use super::decode::Intake;
-use super::inflight::{InFlight, Source, Tracker};
+use super::inflight::{ByteBudget, InFlight, Source, Tracker};
 use super::metrics as m;
 use super::metrics::Stats;
 use super::setup::{self, SetupError, Topology};
@@ -24,6 +24,9 @@ pub struct PullConfig {
     pub batch: usize,
     pub expires: Duration,
     pub heartbeat: Duration,
+    /// Most bytes one pull request may bring (at least the server's `max_payload`, or a larger
+    /// message could never be delivered).
+    pub max_bytes: usize,
 }
 
 /// Pulls until `shutdown` is cancelled; each input's intake runs on `intake_tasks`. When
@@ -39,6 +42,7 @@ pub async fn run(
     tracker: Arc<Tracker>,
     breaker: Arc<Breaker>,
     in_flight: Arc<Semaphore>,
+    budget: Arc<ByteBudget>,
     stats: Arc<Stats>,
     intake_tasks: TaskTracker,
     shutdown: CancellationToken,
@@ -57,6 +61,7 @@ pub async fn run(
             let stream = consumer
                 .stream()
                 .max_messages_per_batch(cfg.batch.max(1))
+                .max_bytes_per_batch(cfg.max_bytes)
                 .expires(cfg.expires)
                 .heartbeat(cfg.heartbeat)
                 .messages()
@@ -138,9 +143,16 @@ pub async fn run(
                     counter!(m::IN).increment(1);
                     stats.received.fetch_add(1, Ordering::Relaxed);
                     gauge!(m::IN_FLIGHT).set(tracker.len() as f64 + 1.0);
-                    let input =
-                        InFlight::new(intake.js.clone(), reply, source, tracker.clone(), permit);
                     let jm = message.message;
+                    // Registered first, so progress acks keep it alive while it waits.
+                    let mut input =
+                        InFlight::new(intake.js.clone(), reply, source, tracker.clone(), permit);
+                    // Back-pressure on bytes: pull nothing more until this payload fits.
+                    let bytes = tokio::select! {
+                        _ = shutdown.cancelled() => break 'outer,
+                        b = budget.reserve(jm.payload.len()) => match b { Some(b) => b, None => break 'outer },
+                    };
+                    input.hold_bytes(bytes);
                     intake_tasks.spawn(intake.clone().process(input, jm.payload, jm.headers));
                 }
             }
