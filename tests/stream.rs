@@ -1041,6 +1041,26 @@ fn a_jpeg_with_thousands_of_scans_is_dead_lettered_as_too_complex() {
     );
 }
 
+/// Publishes `n` claim-checked copies of a fixture padded to `size` bytes (+ i, so each is its
+/// own object) with `oodgate publish`; returns the files.
+fn publish_big_claim_checks(url: &str, dir: &Path, n: usize, size: usize) -> Vec<PathBuf> {
+    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    let files: Vec<PathBuf> = (0..n)
+        .map(|i| {
+            let path = dir.join(format!("big-{i}.jpg"));
+            std::fs::write(&path, pad_jpeg(&chelsea, size + i)).unwrap();
+            path
+        })
+        .collect();
+    let st = common::oodgate()
+        .args(["publish", "--nats", url, "--object-store-above", "0"])
+        .args(&files)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    files
+}
+
 /// Bytes in flight are bounded, not only messages: twelve claim-checked 3 MiB images with
 /// `input.max_bytes_in_flight` = 8 MiB are fetched at most two at a time, and all are routed.
 #[test]
@@ -1097,20 +1117,7 @@ fn peak_rss_with_many_large_claim_checks() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
-    let files: Vec<PathBuf> = (0..80)
-        .map(|i| {
-            let path = tmp.path().join(format!("big-{i}.jpg"));
-            std::fs::write(&path, pad_jpeg(&chelsea, (8 << 20) + i)).unwrap();
-            path
-        })
-        .collect();
-    let st = common::oodgate()
-        .args(["publish", "--nats", &nats.url(), "--object-store-above", "0"])
-        .args(&files)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let files = publish_big_claim_checks(&nats.url(), tmp.path(), 80, 8 << 20);
     let w = Worker::start(&nats, &bank, threshold, &[]);
     let outs = outputs(&nats.url(), files.len(), Duration::from_secs(300));
     assert_eq!(outs.len(), files.len());
