@@ -1077,27 +1077,7 @@ fn bytes_in_flight_stay_within_the_budget_and_everything_is_routed() {
             ("OODGATE__LIMITS__MAX_BYTES", "4194304"),
         ],
     );
-    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
-    let files: Vec<PathBuf> = (0..12)
-        .map(|i| {
-            // Distinct contents, so distinct objects.
-            let path = tmp.path().join(format!("big-{i}.jpg"));
-            std::fs::write(&path, pad_jpeg(&chelsea, (3 << 20) + i)).unwrap();
-            path
-        })
-        .collect();
-    let st = common::oodgate()
-        .args([
-            "publish",
-            "--nats",
-            &nats.url(),
-            "--object-store-above",
-            "0",
-        ])
-        .args(&files)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let files = publish_big_claim_checks(&nats.url(), tmp.path(), 12, 3 << 20);
     let outs = outputs(&nats.url(), files.len(), Duration::from_secs(90));
     assert_eq!(outs.len(), files.len());
     assert!(outs.iter().all(|o| o.subject != "oodgate.dlq"), "{outs:?}");
