@@ -1108,6 +1108,56 @@ fn peak_rss_with_many_large_claim_checks() {
     );
 }
 
+/// Producers cannot forge the worker's headers: `Oodgate-*` headers in any case are dropped
+/// from every output (ID, OOD and DLQ); unrelated headers travel on.
+#[test]
+fn forged_oodgate_headers_never_reach_an_output() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let _w = Worker::start(&nats, &bank, threshold, &[]);
+    let good = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        for payload in [good.clone(), b"not an image at all".to_vec()] {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert("Oodgate-Error-Kind", "none");
+            h.insert("oodgate-decision", "id");
+            h.insert("OODGATE-SCORE", "1e9");
+            h.insert("oodgate-bank", "forged");
+            h.insert("X-Trace", "t-1");
+            js.publish_with_headers("images.in", h, payload.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    });
+    let outs = outputs(&nats.url(), 2, Duration::from_secs(60));
+    assert_eq!(outs.len(), 2);
+    for o in &outs {
+        assert_eq!(o.headers.get("X-Trace").map(String::as_str), Some("t-1"));
+        let ours: Vec<&String> = o
+            .headers
+            .keys()
+            .filter(|k| k.to_ascii_lowercase().starts_with("oodgate-"))
+            .collect();
+        assert!(
+            ours.iter().all(|k| k.starts_with("Oodgate-")),
+            "{}: {ours:?}",
+            o.subject
+        );
+        assert_ne!(o.headers["Oodgate-Bank"], "forged");
+    }
+    let dead: Vec<&Output> = outs.iter().filter(|o| o.subject == "oodgate.dlq").collect();
+    assert_eq!(dead.len(), 1);
+    assert_eq!(dead[0].headers["Oodgate-Error-Kind"], "not_image");
+    assert!(!dead[0].headers.contains_key("Oodgate-Decision"));
+    let routed: Vec<&Output> = outs.iter().filter(|o| o.subject != "oodgate.dlq").collect();
+    assert!(!routed[0].headers.contains_key("Oodgate-Error-Kind"));
+    assert_ne!(routed[0].headers["Oodgate-Score"], "1e9");
+}
+
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times
 /// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
 /// dead-lettered instead of being held forever.

@@ -104,12 +104,16 @@ pub fn header_bytes(h: &HeaderMap) -> usize {
 }
 
 /// The input's headers minus NATS control headers (`Nats-*`: message id, expectations), which
-/// must not leak into the output stream.
+/// must not leak into the output stream, and minus every `Oodgate-*` header, which only the
+/// worker writes. The one filter for ID, OOD and dead-letter outputs.
 pub fn carry_headers(input: Option<&HeaderMap>) -> HeaderMap {
     let mut out = HeaderMap::new();
     if let Some(h) = input {
         for (name, values) in h.iter() {
-            if name.to_string().to_ascii_lowercase().starts_with("nats-") {
+            let lower = name.to_string().to_ascii_lowercase();
+            // NATS control headers, and every `Oodgate-*` header in any case: a producer must
+            // never be able to forge (or shadow, in another case) what the worker decides.
+            if lower.starts_with("nats-") || lower.starts_with("oodgate-") {
                 continue;
             }
             for v in values {

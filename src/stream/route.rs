@@ -359,6 +359,54 @@ mod tests {
         h.get(k).map(|v| v.as_str())
     }
 
+    /// Names of `h`'s headers that start with `oodgate-` in any case, lowercased, with counts.
+    fn oodgate_headers(h: &HeaderMap) -> Vec<(String, usize)> {
+        let mut names: Vec<(String, usize)> = h
+            .iter()
+            .map(|(k, v)| (k.to_string().to_ascii_lowercase(), v.len()))
+            .filter(|(k, _)| k.starts_with("oodgate-"))
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn inbound_oodgate_headers_are_dropped_in_any_case_on_every_subject() {
+        let mut inbound = HeaderMap::new();
+        inbound.insert("Oodgate-Error-Kind", "none");
+        inbound.insert("oodgate-decision", "id");
+        inbound.insert("OODGATE-SCORE", "1e9");
+        inbound.insert("oodgate-bank", "forged");
+        inbound.insert("Oodgate-Custom", "x");
+        inbound.insert("X-Trace", "t-1");
+        let v = Verdict {
+            score: -1.0,
+            decision: Decision::Ood,
+            top_label: "dog".into(),
+            explanation: None,
+        };
+        let r = router();
+        let verdict = r.verdict(&source(), Some(&inbound), &v).headers;
+        let dead = r
+            .dead(&source(), Some(&inbound), DeadKind::NotImage, "no")
+            .headers;
+        for h in [&verdict, &dead] {
+            assert_eq!(get(h, "X-Trace"), Some("t-1"));
+            assert_eq!(get(h, msg::H_BANK), Some("bank1"));
+            // Only the worker's own headers, each once, in the worker's spelling.
+            assert!(oodgate_headers(h).iter().all(|(_, n)| *n == 1), "{h:?}");
+            assert!(h.iter().all(|(k, _)| {
+                let k = k.to_string();
+                !k.to_ascii_lowercase().starts_with("oodgate-") || k.starts_with("Oodgate-")
+            }));
+            assert!(get(h, "Oodgate-Custom").is_none());
+        }
+        assert_eq!(get(&verdict, msg::H_DECISION), Some("ood"));
+        assert!(get(&verdict, msg::H_ERROR_KIND).is_none());
+        assert_eq!(get(&dead, msg::H_ERROR_KIND), Some("not_image"));
+        assert!(get(&dead, msg::H_DECISION).is_none());
+    }
+
     #[test]
     fn verdicts_route_by_decision_with_every_header() {
         let mut inbound = HeaderMap::new();
