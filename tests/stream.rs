@@ -1158,6 +1158,78 @@ fn forged_oodgate_headers_never_reach_an_output() {
     assert_ne!(routed[0].headers["Oodgate-Score"], "1e9");
 }
 
+/// Claim checks may only name allowed buckets: an envelope pointing at another tenant's bucket,
+/// or at an invalid bucket name, is dead-lettered as `bad_envelope` on its first delivery and
+/// the object is never read; allowing the bucket routes it. A non-image's bytes are never
+/// echoed in `Oodgate-Error`.
+#[test]
+fn claim_checks_naming_foreign_buckets_are_refused_unread() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
+        let store = js
+            .create_object_store(async_nats::jetstream::object_store::Config {
+                bucket: "tenant-b".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        store
+            .put("cat.jpg", &mut std::io::Cursor::new(chelsea.clone()))
+            .await
+            .unwrap();
+    });
+    let envelope = |bucket: &str| {
+        format!(r#"{{"id": 1, "object": {{"bucket": "{bucket}", "name": "cat.jpg"}}}}"#)
+            .into_bytes()
+    };
+    let payloads = vec![
+        ("foreign".to_string(), envelope("tenant-b")),
+        ("invalid".to_string(), envelope("bad.name")),
+        ("secret".to_string(), b"SECRET-TOKEN-0123456789".to_vec()),
+    ];
+    {
+        let _w = Worker::start(&nats, &bank, threshold, &[]);
+        publish(&nats.url(), &payloads);
+        let outs = outputs(&nats.url(), 3, Duration::from_secs(60));
+        assert_eq!(outs.len(), 3);
+        for o in &outs {
+            assert_eq!(o.subject, "oodgate.dlq", "{o:?}");
+            let error = &o.headers["Oodgate-Error"];
+            match o.headers["X-Name"].as_str() {
+                "secret" => {
+                    assert_eq!(o.headers["Oodgate-Error-Kind"], "not_image");
+                    assert!(
+                        !error.contains("SECRET") && !error.contains("53 45 43"),
+                        "{error}"
+                    );
+                }
+                name => {
+                    assert_eq!(o.headers["Oodgate-Error-Kind"], "bad_envelope", "{name}");
+                    assert!(error.contains("input.object_store_buckets"), "{error}");
+                }
+            }
+        }
+    }
+    // Allowing the bucket routes the same kind of envelope.
+    let _w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[(
+            "OODGATE__INPUT__OBJECT_STORE_BUCKETS",
+            "oodgate-images,tenant-b",
+        )],
+    );
+    publish(&nats.url(), &payloads[..1]);
+    let outs = outputs(&nats.url(), 4, Duration::from_secs(60));
+    assert_eq!(outs.len(), 4);
+    assert_ne!(outs[3].subject, "oodgate.dlq", "{:?}", outs[3]);
+}
+
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times
 /// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
 /// dead-lettered instead of being held forever.

@@ -280,6 +280,11 @@ pub const KEYS: &[KeyInfo] = &[
         "Object Store bucket for claim-check images (`oodgate publish`).",
     ),
     key(
+        "input.object_store_buckets",
+        Kind::StringList,
+        "The only buckets a claim check may name (an allow-list); any other is dead-lettered as `bad_envelope` without being read. Empty: `input.object_store_bucket` alone.",
+    ),
+    key(
         "input.fetch_timeout",
         Kind::Duration,
         "Time limit for reading one claim-checked object; a timeout is a transient failure (NAK with backoff).",

@@ -236,6 +236,8 @@ pub struct InputSettings {
     pub discard: String,
     pub update_existing: bool,
     pub object_store_bucket: String,
+    /// The buckets claim checks may name; empty: only `object_store_bucket`.
+    pub object_store_buckets: Vec<String>,
     #[serde(with = "humantime_serde")]
     pub fetch_timeout: Duration,
     /// `keep` or `delete` (after the ID/OOD output is stored and the input acked).
@@ -272,6 +274,7 @@ impl Default for InputSettings {
             discard: "new".into(),
             update_existing: false,
             object_store_bucket: "oodgate-images".into(),
+            object_store_buckets: Vec::new(),
             fetch_timeout: Duration::from_secs(30),
             object_after_routing: "keep".into(),
             object_store_ttl: Duration::ZERO,

@@ -171,6 +171,16 @@ impl Settings {
         }
     }
 
+    /// The buckets claim checks may name: `input.object_store_buckets`, or when it is empty
+    /// `input.object_store_bucket` alone.
+    pub fn allowed_buckets(&self) -> Vec<String> {
+        if self.input.object_store_buckets.is_empty() {
+            vec![self.input.object_store_bucket.clone()]
+        } else {
+            self.input.object_store_buckets.clone()
+        }
+    }
+
     /// The input stream's shape; names are validated, so unknown ones fall back to defaults.
     pub fn input_stream_spec(&self) -> StreamSpec {
         let i = &self.input;
@@ -231,6 +241,7 @@ impl Settings {
             object_max_bytes: self.limits.max_bytes as usize,
             fetch_timeout: self.input.fetch_timeout,
             delete_objects: self.input.object_after_routing == "delete",
+            allowed_buckets: self.allowed_buckets(),
             max_bytes_in_flight: self.input.max_bytes_in_flight as usize,
         }
     }

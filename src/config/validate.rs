@@ -287,18 +287,24 @@ impl Settings {
                 ),
             ));
         }
-        if i.object_store_bucket.is_empty()
-            || !i
-                .object_store_bucket
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        {
+        let valid_bucket = |b: &str| {
+            !b.is_empty()
+                && b.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
+        if !valid_bucket(&i.object_store_bucket) {
             p.push(Problem::new(
                 "input.object_store_bucket",
                 format!(
                     "must be letters, digits, '_' or '-' (got {:?})",
                     i.object_store_bucket
                 ),
+            ));
+        }
+        for b in i.object_store_buckets.iter().filter(|b| !valid_bucket(b)) {
+            p.push(Problem::new(
+                "input.object_store_buckets",
+                format!("entries must be letters, digits, '_' or '-' (got {b:?})"),
             ));
         }
     }

@@ -48,10 +48,9 @@ pub enum PreprocessError {
     Empty,
     #[error("input is {bytes} bytes, above the limit of {limit} bytes")]
     TooLarge { bytes: usize, limit: usize },
-    #[error(
-        "not an image: the content matches no supported format (JPEG, PNG, WebP, GIF, BMP); first bytes {head}"
-    )]
-    NotAnImage { head: String },
+    #[error("not an image: {bytes} bytes match no supported format (JPEG, PNG, WebP, GIF, BMP)")]
+    /// The content is never echoed: it may come from an object the producer should not read.
+    NotAnImage { bytes: usize },
     #[error("unsupported image format {0}")]
     UnsupportedFormat(String),
     #[error(
@@ -149,9 +148,8 @@ impl Preprocessor {
                 limit: self.limits.max_bytes,
             });
         }
-        let format = image::guess_format(bytes).map_err(|_| PreprocessError::NotAnImage {
-            head: hex_head(bytes),
-        })?;
+        let format = image::guess_format(bytes)
+            .map_err(|_| PreprocessError::NotAnImage { bytes: bytes.len() })?;
         if !matches!(
             format,
             ImageFormat::Jpeg
@@ -395,15 +393,6 @@ fn count_jpeg_scans(bytes: &[u8], limit: u32) -> u32 {
 fn has_eoi(bytes: &[u8]) -> bool {
     let tail = &bytes[bytes.len().saturating_sub(64 << 10)..];
     tail.windows(2).rev().any(|w| w == [0xFF, 0xD9])
-}
-
-fn hex_head(bytes: &[u8]) -> String {
-    bytes
-        .iter()
-        .take(8)
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(" ")
 }
 
 #[cfg(test)]

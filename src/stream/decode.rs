@@ -110,6 +110,8 @@ pub struct Intake {
     pub fetch_timeout: std::time::Duration,
     /// Delete a claim-checked object once its input is routed and acked.
     pub delete_objects: bool,
+    /// The only buckets a claim check may name.
+    pub allowed_buckets: Vec<String>,
     /// Bytes in flight: a fetched object takes its size from it before it is read.
     pub budget: Arc<ByteBudget>,
 }
@@ -162,6 +164,24 @@ impl Intake {
                     .await;
             }
             Ok(Payload::Image) => payload.clone(),
+            Ok(Payload::Envelope(env))
+                if !self.allowed_buckets.contains(&env.object.bucket) =>
+            {
+                // Never read: the producer may be pointing at another tenant's objects.
+                let why = format!(
+                    "claim check names bucket {:?}, which is not in input.object_store_buckets",
+                    env.object.bucket
+                );
+                return self
+                    .dead_letter(
+                        input,
+                        payload,
+                        headers.as_ref(),
+                        DeadKind::BadEnvelope,
+                        &why,
+                    )
+                    .await;
+            }
             Ok(Payload::Envelope(env)) => {
                 match claim_check::fetch(
                     &self.js,

@@ -63,6 +63,8 @@ pub struct PipelineConfig {
     pub fetch_timeout: Duration,
     /// `input.object_after_routing = "delete"`.
     pub delete_objects: bool,
+    /// `input.object_store_buckets`: the only buckets a claim check may name.
+    pub allowed_buckets: Vec<String>,
     /// `input.max_bytes_in_flight`.
     pub max_bytes_in_flight: usize,
 }
@@ -131,6 +133,7 @@ pub async fn run(
         object_max_bytes: cfg.object_max_bytes,
         fetch_timeout: cfg.fetch_timeout,
         delete_objects: cfg.delete_objects,
+        allowed_buckets: cfg.allowed_buckets.clone(),
         budget: budget.clone(),
     });
     let (encoder, encoder_thread) = EncoderHandle::spawn(encoder, 1)?;
