@@ -307,6 +307,61 @@ fn string_env_values_are_taken_verbatim_and_secrets_are_redacted() {
 }
 
 #[test]
+fn credentials_inside_server_urls_are_redacted_and_refused_in_the_clear_with_tls_required() {
+    let s = load(
+        None,
+        &[(
+            "OODGATE__NATS__SERVERS",
+            "nats://alice:hunter2@10.0.0.1:4222,tls://tok3n@nats.example:4443,nats://plain:4222",
+        )],
+    )
+    .expect("load");
+    let debug = format!("{s:?}");
+    let shown = toml::to_string(&s).expect("serialize");
+    for text in [&debug, &shown] {
+        assert!(
+            !text.contains("hunter2") && !text.contains("alice") && !text.contains("tok3n"),
+            "{text}"
+        );
+        assert!(text.contains("nats://<redacted>@10.0.0.1:4222"), "{text}");
+        assert!(
+            text.contains("tls://<redacted>@nats.example:4443"),
+            "{text}"
+        );
+        assert!(text.contains("nats://plain:4222"), "{text}");
+    }
+    // The real URLs are still what the client connects with.
+    assert!(s.nats.servers[0].contains("hunter2"));
+    assert!(s.validate().is_ok());
+
+    let bad = load(
+        None,
+        &[
+            (
+                "OODGATE__NATS__SERVERS",
+                "nats://alice:hunter2@10.0.0.1:4222",
+            ),
+            ("OODGATE__NATS__TLS_REQUIRED", "true"),
+        ],
+    );
+    let e = bad
+        .and_then(|s| s.validate().map(|_| s))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nats.servers") && e.contains("tls_required"),
+        "{e}"
+    );
+    assert!(!e.contains("hunter2"), "{e}");
+    // Malformed entries are named without their credentials too.
+    let e = load(None, &[("OODGATE__NATS__SERVERS", "ftp://bob:s3cret@host")])
+        .and_then(|s| s.validate().map(|_| s))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("scheme") && !e.contains("s3cret"), "{e}");
+}
+
+#[test]
 fn empty_env_var_counts_as_unset_and_others_are_ignored() {
     let s = load(
         Some("[nats]\nuser = \"w\"\npassword = \"p\"\n"),

@@ -130,6 +130,10 @@ impl Serialize for Secret {
     }
 }
 
+fn serialize_redacted_urls<S: serde::Serializer>(urls: &[String], s: S) -> Result<S::Ok, S::Error> {
+    s.collect_seq(urls.iter().map(|u| crate::stream::setup::redact_url(u)))
+}
+
 /// Everything oodgate can be configured with. See `config/default.toml` for each key.
 ///
 /// `Serialize` is for showing the effective settings (secrets print as `<redacted>`), not for
@@ -150,9 +154,11 @@ pub struct Settings {
 }
 
 /// `[nats]`: connection and authentication.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct NatsSettings {
+    /// Credentials inside a URL are redacted when shown.
+    #[serde(serialize_with = "serialize_redacted_urls")]
     pub servers: Vec<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -175,6 +181,31 @@ pub struct NatsSettings {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     pub name: String,
+}
+
+/// Like the derived `Debug`, with credentials inside server URLs redacted.
+impl fmt::Debug for NatsSettings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let servers: Vec<String> = self
+            .servers
+            .iter()
+            .map(|u| crate::stream::setup::redact_url(u))
+            .collect();
+        f.debug_struct("NatsSettings")
+            .field("servers", &servers)
+            .field("user", &self.user)
+            .field("password", &self.password)
+            .field("token", &self.token)
+            .field("nkey", &self.nkey)
+            .field("creds_file", &self.creds_file)
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_cert", &self.tls_cert)
+            .field("tls_key", &self.tls_key)
+            .field("tls_required", &self.tls_required)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("name", &self.name)
+            .finish()
+    }
 }
 
 impl Default for NatsSettings {

@@ -8,6 +8,7 @@ use super::keys::env_var_for;
 use super::{ConfigError, Settings};
 use crate::detect::method::Method;
 use crate::model::Device;
+use crate::stream::setup::{redact_url, url_has_credentials};
 use crate::stream::stream_spec;
 
 /// One invalid value: the key and what is wrong with it.
@@ -119,6 +120,17 @@ impl Settings {
         for s in &n.servers {
             if let Err(m) = check_server_url(s) {
                 p.push(Problem::new("nats.servers", m));
+            }
+            // Credentials in a URL travel in the clear unless the URL itself says TLS.
+            let tls_url = s.starts_with("tls://") || s.starts_with("wss://");
+            if n.tls_required && url_has_credentials(s) && !tls_url {
+                p.push(Problem::new(
+                    "nats.servers",
+                    format!(
+                        "entry {:?} carries credentials but is not a tls:// or wss:// URL while nats.tls_required is set; use tls:// or nats.user / nats.password",
+                        redact_url(s)
+                    ),
+                ));
             }
         }
         match (&n.user, &n.password) {
@@ -577,7 +589,9 @@ pub(super) fn device_problem(got: &str) -> Problem {
     )
 }
 
-fn check_server_url(s: &str) -> Result<(), String> {
+fn check_server_url(url: &str) -> Result<(), String> {
+    let shown = redact_url(url);
+    let s = shown.as_str();
     if s.chars().any(char::is_whitespace) {
         return Err(format!("entry {s:?} contains whitespace"));
     }

@@ -164,9 +164,7 @@ impl Intake {
                     .await;
             }
             Ok(Payload::Image) => payload.clone(),
-            Ok(Payload::Envelope(env))
-                if !self.allowed_buckets.contains(&env.object.bucket) =>
-            {
+            Ok(Payload::Envelope(env)) if !self.allowed_buckets.contains(&env.object.bucket) => {
                 // Never read: the producer may be pointing at another tenant's objects.
                 let why = format!(
                     "claim check names bucket {:?}, which is not in input.object_store_buckets",

@@ -40,9 +40,33 @@ pub struct NatsOptions {
     pub connect_timeout: Duration,
 }
 
+/// `url` with any credentials in it (`nats://user:pass@host`, `nats://token@host`) replaced by
+/// `<redacted>`, for every log line, error and `config show`.
+pub fn redact_url(url: &str) -> String {
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), url),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}<redacted>{}", &rest[at..]),
+        None => url.to_string(),
+    }
+}
+
+/// True when `url` carries credentials (user information before the host).
+pub fn url_has_credentials(url: &str) -> bool {
+    redact_url(url) != url
+}
+
 /// Connects with unlimited reconnects; reconnection events are logged.
 pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> {
-    let servers = o.servers.join(",");
+    let servers = o
+        .servers
+        .iter()
+        .map(|s| redact_url(s))
+        .collect::<Vec<_>>()
+        .join(",");
     let err = |reason: String| SetupError::Connect {
         servers: servers.clone(),
         reason,
@@ -101,7 +125,7 @@ pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> 
         .iter()
         .map(|s| {
             s.parse::<async_nats::ServerAddr>()
-                .map_err(|e| err(format!("bad server address {s}: {e}")))
+                .map_err(|e| err(format!("bad server address {}: {e}", redact_url(s))))
         })
         .collect::<Result<_, _>>()?;
     // With retry_on_initial_connect, connect returns at once and connects in the background;
