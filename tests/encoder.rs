@@ -202,3 +202,31 @@ fn cuda_on_a_cpu_library_fails_loudly_and_auto_falls_back() {
     .unwrap();
     assert_eq!(enc.info().provider, "cpu");
 }
+
+/// The ONNX Runtime library is never searched for in the working directory: a library planted
+/// in whatever folder the worker runs in (here `.ort/lib` under it) is not loaded.
+#[test]
+fn a_library_planted_in_the_working_directory_is_never_loaded() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // A copy of the binary away from the project, so its own ancestors hold no library.
+    let bin = tmp.path().join("bin/oodgate");
+    std::fs::create_dir_all(bin.parent().expect("parent")).expect("mkdir");
+    std::fs::copy(common::oodgate_bin(), &bin).expect("copy binary");
+    let cwd = tmp.path().join("work");
+    let planted = cwd.join(".ort/lib/libonnxruntime.so.1.31.1");
+    std::fs::create_dir_all(planted.parent().expect("parent")).expect("mkdir");
+    std::fs::write(&planted, b"not a library").expect("plant");
+    let out = std::process::Command::new(&bin)
+        .arg("info")
+        .current_dir(&cwd)
+        .env_remove("ORT_DYLIB_PATH")
+        .output()
+        .expect("run oodgate info");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!text.contains(&*planted.to_string_lossy()), "{text}");
+    assert!(!text.contains("/work/.ort"), "{text}");
+}

@@ -3,7 +3,8 @@
 //! ort is built with `load-dynamic`, so the library is opened at run time. Resolution order:
 //! an explicit path (config key `model.ort_library`), then `ORT_DYLIB_PATH`, then the project's
 //! default locations (the `.ort/lib` folder that `deploy/setup/fetch-ort.sh` fills, found
-//! relative to the executable and to the working directory, then `/opt/oodgate/lib`).
+//! relative to the executable, then `/opt/oodgate/lib`). Never the working directory: a
+//! library planted in whatever folder the worker runs in would otherwise be loaded.
 
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
@@ -108,9 +109,6 @@ pub fn candidate_paths(explicit: Option<&Path>) -> Vec<PathBuf> {
             dirs.push(up.join(".ort/lib"));
             dirs.push(up.join("lib"));
         }
-    }
-    if let Ok(cwd) = std::env::current_dir() {
-        dirs.push(cwd.join(".ort/lib"));
     }
     dirs.push(PathBuf::from("/opt/oodgate/lib"));
     for d in dirs {
