@@ -1230,6 +1230,227 @@ fn claim_checks_naming_foreign_buckets_are_refused_unread() {
     assert_ne!(outs[3].subject, "oodgate.dlq", "{:?}", outs[3]);
 }
 
+/// PEM files of a throw-away CA, a server certificate for 127.0.0.1 and a client certificate.
+struct Pki {
+    ca: PathBuf,
+    server_cert: PathBuf,
+    server_key: PathBuf,
+    client_cert: PathBuf,
+    client_key: PathBuf,
+}
+
+fn make_pki(dir: &Path) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
+    let ca_key = KeyPair::generate().unwrap();
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca_params
+        .distinguished_name
+        .push(DnType::CommonName, "oodgate test CA");
+    let ca_cert = ca_params.self_signed(&ca_key).unwrap();
+    let issuer = Issuer::new(ca_params, ca_key);
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    let (server_cert, server_key) = leaf(vec!["127.0.0.1".into(), "localhost".into()]);
+    let (client_cert, client_key) = leaf(vec!["worker.oodgate.test".into()]);
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    };
+    Pki {
+        ca: write("ca.pem", &ca_cert.pem()),
+        server_cert: write("server.pem", &server_cert),
+        server_key: write("server-key.pem", &server_key),
+        client_cert: write("client.pem", &client_cert),
+        client_key: write("client-key.pem", &client_key),
+    }
+}
+
+/// Publishes one image with a client made from `opts` and waits for the worker to report one
+/// output.
+fn route_one_with(opts: async_nats::ConnectOptions, url: &str, w: &Worker) {
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(opts.connect(url).await.unwrap());
+        let image = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+        js.publish("images.in", image.into())
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.metric("oodgate_messages_out_total") < 1.0 {
+        assert!(Instant::now() < deadline, "no output from {url}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// [`route_one_with`] over TLS (with the client certificate when asked).
+fn publish_over_tls(port: u16, pki: &Pki, client_cert: bool, w: &Worker) {
+    let mut opts = async_nats::ConnectOptions::new().add_root_certificates(pki.ca.clone());
+    if client_cert {
+        opts = opts.add_client_certificate(pki.client_cert.clone(), pki.client_key.clone());
+    }
+    route_one_with(opts, &format!("tls://127.0.0.1:{port}"), w);
+}
+
+/// TLS for real: a worker verifies the server with `nats.tls_ca` and routes; against a server
+/// that requires client certificates it is refused without one and routes with
+/// `nats.tls_cert` / `nats.tls_key`; with `nats.tls_required` a plain server is refused at
+/// once with an error that says TLS. Certificates are generated here.
+#[test]
+fn tls_and_mutual_tls_for_real_and_tls_required_refuses_a_plain_server() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let pki = make_pki(tmp.path());
+    let ca = pki.ca.display().to_string();
+    let tls_conf = |verify: bool| {
+        format!(
+            "tls {{\n  cert_file: \"{}\"\n  key_file: \"{}\"\n  ca_file: \"{}\"\n  verify: {verify}\n}}\n",
+            pki.server_cert.display(),
+            pki.server_key.display(),
+            pki.ca.display()
+        )
+    };
+
+    // Server-side TLS.
+    let nats = NatsServer::start_with_conf(&tls_conf(false));
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let w = Worker::start_on(&url, &bank, threshold, &[("OODGATE__NATS__TLS_CA", &ca)]);
+    publish_over_tls(nats.port, &pki, false, &w);
+    drop(w);
+    drop(nats);
+
+    // Mutual TLS: no client certificate, refused; with one, routed.
+    let nats = NatsServer::start_with_conf(&tls_conf(true));
+    let url = format!("tls://127.0.0.1:{}", nats.port);
+    let err = refused_start(&url, &bank, threshold, &[("OODGATE__NATS__TLS_CA", &ca)]);
+    assert!(err.contains("TLS failed"), "{err}");
+    let (cert, key) = (
+        pki.client_cert.display().to_string(),
+        pki.client_key.display().to_string(),
+    );
+    let w = Worker::start_on(
+        &url,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__NATS__TLS_CA", &ca),
+            ("OODGATE__NATS__TLS_CERT", &cert),
+            ("OODGATE__NATS__TLS_KEY", &key),
+            ("OODGATE__NATS__TLS_REQUIRED", "true"),
+        ],
+    );
+    publish_over_tls(nats.port, &pki, true, &w);
+    drop(w);
+    drop(nats);
+
+    // tls_required against a plain server: refused at once, naming TLS.
+    let plain = NatsServer::start();
+    let started = Instant::now();
+    let err = refused_start(
+        &plain.url(),
+        &bank,
+        threshold,
+        &[("OODGATE__NATS__TLS_REQUIRED", "true")],
+    );
+    assert!(
+        err.contains("TLS") && err.contains("nats.tls_required"),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(25), "{err}");
+}
+
+/// Each authentication method against a server that requires it: user and password, token and
+/// NKey connect and route; a wrong password is refused at once, naming authentication.
+#[test]
+fn user_password_token_and_nkey_authentication() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let route_one = |nats: &NatsServer, w: &Worker, auth: &[(&str, &str)]| {
+        let opts = match nats_auth_for_test(auth) {
+            TestAuth::UserPassword(u, p) => {
+                async_nats::ConnectOptions::with_user_and_password(u, p)
+            }
+            TestAuth::Token(t) => async_nats::ConnectOptions::with_token(t),
+            TestAuth::NKey(seed) => async_nats::ConnectOptions::with_nkey(seed),
+        };
+        route_one_with(opts, &nats.url(), w);
+    };
+
+    let nats = NatsServer::start_with_conf(
+        "authorization { users: [ { user: alice, password: \"s3cret-pw\" } ] }\n",
+    );
+    let auth = [
+        ("OODGATE__NATS__USER", "alice"),
+        ("OODGATE__NATS__PASSWORD", "s3cret-pw"),
+    ];
+    let w = Worker::start(&nats, &bank, threshold, &auth);
+    route_one(&nats, &w, &auth);
+    drop(w);
+    let err = refused_start(
+        &nats.url(),
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__NATS__USER", "alice"),
+            ("OODGATE__NATS__PASSWORD", "wrong"),
+        ],
+    );
+    assert!(err.contains("authentication failed"), "{err}");
+    assert!(!err.contains("wrong") && !err.contains("s3cret"), "{err}");
+    drop(nats);
+
+    let nats = NatsServer::start_with_conf("authorization { token: \"t0ken-xyz\" }\n");
+    let auth = [("OODGATE__NATS__TOKEN", "t0ken-xyz")];
+    let w = Worker::start(&nats, &bank, threshold, &auth);
+    route_one(&nats, &w, &auth);
+    drop(w);
+    drop(nats);
+
+    let user = nkeys::KeyPair::new_user();
+    let seed = user.seed().unwrap();
+    let nats = NatsServer::start_with_conf(&format!(
+        "authorization {{ users: [ {{ nkey: {} }} ] }}\n",
+        user.public_key()
+    ));
+    let auth = [("OODGATE__NATS__NKEY", seed.as_str())];
+    let w = Worker::start(&nats, &bank, threshold, &auth);
+    route_one(&nats, &w, &auth);
+}
+
+enum TestAuth {
+    UserPassword(String, String),
+    Token(String),
+    NKey(String),
+}
+
+/// The test client's credentials, from the same pairs the worker gets.
+fn nats_auth_for_test(auth: &[(&str, &str)]) -> TestAuth {
+    let get = |k: &str| {
+        auth.iter()
+            .find(|(key, _)| *key == k)
+            .map(|(_, v)| v.to_string())
+    };
+    if let Some(t) = get("OODGATE__NATS__TOKEN") {
+        TestAuth::Token(t)
+    } else if let Some(s) = get("OODGATE__NATS__NKEY") {
+        TestAuth::NKey(s)
+    } else {
+        TestAuth::UserPassword(
+            get("OODGATE__NATS__USER").unwrap(),
+            get("OODGATE__NATS__PASSWORD").unwrap(),
+        )
+    }
+}
+
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times
 /// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
 /// dead-lettered instead of being held forever.

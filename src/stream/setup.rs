@@ -59,7 +59,9 @@ pub fn url_has_credentials(url: &str) -> bool {
     redact_url(url) != url
 }
 
-/// Connects with unlimited reconnects; reconnection events are logged.
+/// Connects with unlimited reconnects; reconnection events are logged. A first attempt
+/// that fails on TLS or authentication is reported at once (retrying cannot fix it); a server
+/// that is not reachable yet is waited for, up to 30 s.
 pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> {
     let servers = o
         .servers
@@ -71,6 +73,79 @@ pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> 
         servers: servers.clone(),
         reason,
     };
+    let urls: Vec<async_nats::ServerAddr> = o
+        .servers
+        .iter()
+        .map(|s| {
+            s.parse::<async_nats::ServerAddr>()
+                .map_err(|e| err(format!("bad server address {}: {e}", redact_url(s))))
+        })
+        .collect::<Result<_, _>>()?;
+    let client = match options(o).await?.connect(urls.clone()).await {
+        Ok(client) => client,
+        Err(e) => {
+            use async_nats::ConnectErrorKind as K;
+            // TLS failures during the handshake surface as IO errors carrying rustls' words:
+            // a plain server answering (InvalidContentType), a refused or missing client
+            // certificate (a fatal alert), an unverifiable server certificate.
+            let text = e.to_string();
+            let tls_failure = e.kind() == K::Tls
+                || [
+                    "InvalidContentType",
+                    "fatal alert",
+                    "certificate",
+                    "Certificate",
+                ]
+                .iter()
+                .any(|w| text.contains(w));
+            match e.kind() {
+                _ if tls_failure => {
+                    let hint = if o.tls_required {
+                        " (nats.tls_required is set: is the server serving TLS, and does nats.tls_ca verify it?)"
+                    } else {
+                        " (check nats.tls_ca, nats.tls_cert and nats.tls_key)"
+                    };
+                    return Err(err(format!("TLS failed: {e}{hint}")));
+                }
+                K::Authentication | K::AuthorizationViolation => {
+                    return Err(err(format!(
+                        "authentication failed: {e} (check nats.user / nats.password, nats.token, nats.nkey or nats.creds_file)"
+                    )));
+                }
+                // Not reachable yet (a server starting next to us): keep trying in the background.
+                _ => {
+                    tracing::warn!(error = %e, "NATS not reachable yet; retrying");
+                    options(o)
+                        .await?
+                        .retry_on_initial_connect()
+                        .connect(urls)
+                        .await
+                        .map_err(|e| err(e.to_string()))?
+                }
+            }
+        }
+    };
+    // With retry_on_initial_connect, connect returns at once and connects in the background;
+    // wait (bounded) for the first connection so start-up errors are reported.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    while client.connection_state() != async_nats::connection::State::Connected {
+        if tokio::time::Instant::now() > deadline {
+            return Err(err("no connection within 30 s".into()));
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let info = client.server_info();
+    tracing::info!(server = %info.server_name, version = %info.version, jetstream = info.jetstream, "connected to NATS");
+    if !info.jetstream {
+        return Err(err(
+            "the server does not have JetStream enabled (start it with -js)".into(),
+        ));
+    }
+    Ok(client)
+}
+
+/// The client options: name, unlimited reconnects, credentials, TLS and event logging.
+async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupError> {
     let mut opts = async_nats::ConnectOptions::new()
         .name(if o.name.is_empty() {
             "oodgate"
@@ -78,7 +153,6 @@ pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> 
             &o.name
         })
         .max_reconnects(None)
-        .retry_on_initial_connect()
         .connection_timeout(if o.connect_timeout.is_zero() {
             Duration::from_secs(5)
         } else {
@@ -109,7 +183,15 @@ pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> 
         opts = opts
             .credentials_file(c)
             .await
-            .map_err(|e| err(format!("credentials file {}: {e}", c.display())))?;
+            .map_err(|e| SetupError::Connect {
+                servers: o
+                    .servers
+                    .iter()
+                    .map(|s| redact_url(s))
+                    .collect::<Vec<_>>()
+                    .join(","),
+                reason: format!("credentials file {}: {e}", c.display()),
+            })?;
     }
     if let Some(ca) = &o.tls_ca {
         opts = opts.add_root_certificates(ca.clone());
@@ -120,32 +202,7 @@ pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> 
     if o.tls_required {
         opts = opts.require_tls(true);
     }
-    let urls: Vec<async_nats::ServerAddr> = o
-        .servers
-        .iter()
-        .map(|s| {
-            s.parse::<async_nats::ServerAddr>()
-                .map_err(|e| err(format!("bad server address {}: {e}", redact_url(s))))
-        })
-        .collect::<Result<_, _>>()?;
-    // With retry_on_initial_connect, connect returns at once and connects in the background;
-    // wait (bounded) for the first connection so start-up errors are reported.
-    let client = opts.connect(urls).await.map_err(|e| err(e.to_string()))?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
-    while client.connection_state() != async_nats::connection::State::Connected {
-        if tokio::time::Instant::now() > deadline {
-            return Err(err("no connection within 30 s".into()));
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let info = client.server_info();
-    tracing::info!(server = %info.server_name, version = %info.version, jetstream = info.jetstream, "connected to NATS");
-    if !info.jetstream {
-        return Err(err(
-            "the server does not have JetStream enabled (start it with -js)".into(),
-        ));
-    }
-    Ok(client)
+    Ok(opts)
 }
 
 /// Stream and consumer settings.
