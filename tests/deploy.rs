@@ -979,7 +979,8 @@ fn nats_permissions_name_oodgate_default_subjects() {
             "\"$JS.API.STREAM.INFO.OBJ_{}\"",
             st.input.object_store_bucket
         ),
-        "\"_INBOX.>\"".to_string(),
+        "\"_INBOX_worker.>\"".to_string(),
+        "\"_INBOX_publisher.>\"".to_string(),
     ]);
     want.extend(st.input.subjects.iter().map(|s| format!("\"{s}\"")));
     for w in want {
@@ -1042,7 +1043,9 @@ fn free_port() -> u16 {
 }
 
 async fn connect(url: &str, user: &str, password: &str) -> async_nats::jetstream::Context {
+    // Each user's own reply prefix, as the configuration requires.
     let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
+        .custom_inbox_prefix(format!("_INBOX_{user}"))
         .connect(url)
         .await
         .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
@@ -1134,10 +1137,17 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
         .put("big.jpg", &mut big.as_slice())
         .await
         .expect("publisher stores an object");
-    bucket
-        .put("big.jpg", &mut big.as_slice())
-        .await
-        .expect("publisher replaces an object (purges its chunks)");
+    // No purge right: the publisher cannot erase chunks (replacing an object needs it).
+    assert!(
+        publisher
+            .get_stream(format!("OBJ_{}", st.input.object_store_bucket))
+            .await
+            .expect("bucket stream info")
+            .purge()
+            .await
+            .is_err(),
+        "publisher could purge the bucket"
+    );
 
     // Worker: pull, publish the decision with a message ID, double-ack.
     let mut batch = consumer
@@ -1217,6 +1227,42 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
         Err(_) => true,
     };
     assert!(forged, "publisher could publish a decision");
+    // Refused: the producer may not listen to the worker's replies (pulled images, API
+    // answers); the server reports the violation on the connection.
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let spy = async_nats::ConnectOptions::with_user_and_password(
+        "publisher".into(),
+        PUBLISHER_PASSWORD.into(),
+    )
+    .custom_inbox_prefix("_INBOX_publisher")
+    .event_callback(move |ev| {
+        let tx = tx.clone();
+        async move {
+            let _ = tx.send(ev.to_string());
+        }
+    })
+    .connect(&server.url)
+    .await
+    .expect("publisher connects");
+    // The worker's prefix, and the shared default one workers used before per-user prefixes.
+    for inbox in ["_INBOX_worker.>", "_INBOX.>"] {
+        let _sub = spy.subscribe(inbox).await.expect("subscribe call");
+        spy.flush().await.expect("flush");
+        let violation = tokio::time::timeout(Duration::from_secs(5), async {
+            while let Some(ev) = rx.recv().await {
+                if ev.to_lowercase().contains("permissions violation") {
+                    return ev;
+                }
+            }
+            String::new()
+        })
+        .await
+        .unwrap_or_default();
+        assert!(
+            violation.contains(inbox.trim_end_matches(".>")),
+            "publisher could subscribe to {inbox}: {violation:?}"
+        );
+    }
     drop(server);
 }
 

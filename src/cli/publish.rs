@@ -8,15 +8,20 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, object_store, stream};
 use oodgate::model::pipeline::collect_images;
+use oodgate::stream::setup::redact_url;
 use sha2::{Digest, Sha256};
 
 use super::common::progress;
 
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
-    /// NATS server URL.
+    /// NATS server URL (credentials may be given in it, `nats://user:password@host`; they are
+    /// never printed).
     #[arg(long, env = "OODGATE_NATS", default_value = "nats://127.0.0.1:4222")]
     pub nats: String,
+    /// Prefix of reply subjects; with the shipped server configuration, `_INBOX_publisher`.
+    #[arg(long, default_value = "_INBOX")]
+    pub inbox_prefix: String,
     /// Subject to publish to (must be captured by a stream).
     #[arg(long, default_value = "images.in")]
     pub subject: String,
@@ -55,9 +60,10 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     }
     let client = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
+        .custom_inbox_prefix(&a.inbox_prefix)
         .connect(a.nats.as_str())
         .await
-        .with_context(|| format!("connecting to {}", a.nats))?;
+        .with_context(|| format!("connecting to {}", redact_url(&a.nats)))?;
     let js = jetstream::new(client.clone());
     // Make sure a stream captures the subject (the worker would create the same one).
     if js.stream_by_subject(&a.subject).await.is_err() {
@@ -108,7 +114,16 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
                     .map(|e| format!(".{}", e.to_string_lossy()))
                     .unwrap_or_default()
             );
-            if let Some(s) = &store {
+            // Object names are content hashes: an object already there is this file, and
+            // putting it again would need the right to purge the chunks it replaces.
+            let stored = match &store {
+                Some(s) => s
+                    .info(&name)
+                    .await
+                    .is_ok_and(|i| !i.deleted && i.size == bytes.len()),
+                None => false,
+            };
+            if let (Some(s), false) = (&store, stored) {
                 let mut reader = std::io::Cursor::new(bytes);
                 s.put(name.as_str(), &mut tokio::io::BufReader::new(&mut reader))
                     .await

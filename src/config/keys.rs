@@ -163,6 +163,11 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::String,
         "Connection name shown in the server's monitoring.",
     ),
+    key(
+        "nats.inbox_prefix",
+        Kind::String,
+        "Prefix of the client's reply subjects; one per user (e.g. `_INBOX_worker`) keeps other users from reading the worker's replies.",
+    ),
     // [input]
     key(
         "input.stream",

@@ -181,6 +181,7 @@ pub struct NatsSettings {
     #[serde(with = "humantime_serde")]
     pub connect_timeout: Duration,
     pub name: String,
+    pub inbox_prefix: String,
 }
 
 /// Like the derived `Debug`, with credentials inside server URLs redacted.
@@ -204,6 +205,7 @@ impl fmt::Debug for NatsSettings {
             .field("tls_required", &self.tls_required)
             .field("connect_timeout", &self.connect_timeout)
             .field("name", &self.name)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -223,6 +225,7 @@ impl Default for NatsSettings {
             tls_required: false,
             connect_timeout: Duration::from_secs(5),
             name: "oodgate".into(),
+            inbox_prefix: "_INBOX".into(),
         }
     }
 }

@@ -142,6 +142,7 @@ impl Settings {
             tls_key: n.tls_key.clone(),
             tls_required: n.tls_required,
             connect_timeout: n.connect_timeout,
+            inbox_prefix: n.inbox_prefix.clone(),
         }
     }
 

@@ -185,6 +185,9 @@ impl Settings {
             _ => {}
         }
         positive(p, "nats.connect_timeout", n.connect_timeout);
+        if let Err(m) = check_subject(&n.inbox_prefix, false) {
+            p.push(Problem::new("nats.inbox_prefix", m));
+        }
     }
 
     fn check_input(&self, p: &mut Vec<Problem>) {

@@ -38,6 +38,8 @@ pub struct NatsOptions {
     pub tls_key: Option<PathBuf>,
     pub tls_required: bool,
     pub connect_timeout: Duration,
+    /// Prefix of reply subjects (`_INBOX` when empty).
+    pub inbox_prefix: String,
 }
 
 /// `url` with any credentials in it (`nats://user:pass@host`, `nats://token@host`) replaced by
@@ -153,6 +155,11 @@ async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupErr
             &o.name
         })
         .max_reconnects(None)
+        .custom_inbox_prefix(if o.inbox_prefix.is_empty() {
+            "_INBOX"
+        } else {
+            &o.inbox_prefix
+        })
         .connection_timeout(if o.connect_timeout.is_zero() {
             Duration::from_secs(5)
         } else {
