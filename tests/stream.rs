@@ -1406,6 +1406,9 @@ fn user_password_token_and_nkey_authentication() {
     );
     assert!(err.contains("authentication failed"), "{err}");
     assert!(!err.contains("wrong") && !err.contains("s3cret"), "{err}");
+    // Credentials written in the URL authenticate too (the client library ignores them).
+    let in_url = format!("nats://alice:s3cret-pw@127.0.0.1:{}", nats.port);
+    drop(Worker::start_on(&in_url, &bank, threshold, &[]));
     drop(nats);
 
     let nats = NatsServer::start_with_conf("authorization { token: \"t0ken-xyz\" }\n");
@@ -1449,6 +1452,82 @@ fn nats_auth_for_test(auth: &[(&str, &str)]) -> TestAuth {
             get("OODGATE__NATS__PASSWORD").unwrap(),
         )
     }
+}
+
+/// The real `oodgate serve` and `oodgate publish` under the shipped server configuration's
+/// least-privilege users: the worker declares its streams and consumer, the producer stores
+/// claim checks and publishes, everything is routed; publishing the same files again needs no
+/// purge right; a producer without its own reply prefix is refused and its password is never
+/// printed.
+#[test]
+fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
+    let nats = NatsServer::start_shipped(&[
+        ("OODGATE_WORKER_PASSWORD", "w-pass-41"),
+        ("OODGATE_PUBLISHER_PASSWORD", "p-pass-42"),
+    ]);
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__NATS__USER", "worker"),
+            ("OODGATE__NATS__PASSWORD", "w-pass-41"),
+            ("OODGATE__NATS__INBOX_PREFIX", "_INBOX_worker"),
+        ],
+    );
+    let url = format!("nats://publisher:p-pass-42@127.0.0.1:{}", nats.port);
+    let publish = |above: &str, files: &[&str], prefix: Option<&str>| {
+        let mut cmd = common::oodgate();
+        cmd.args(["publish", "--nats", &url, "--object-store-above", above]);
+        if let Some(p) = prefix {
+            cmd.args(["--inbox-prefix", p]);
+        }
+        for f in files {
+            cmd.arg(common::fixture("images").join(f));
+        }
+        cmd.output().unwrap()
+    };
+    let claims = ["chelsea.jpg", "coffee.jpg"];
+    let wait_outputs = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while w.metric("oodgate_messages_out_total") < n {
+            assert!(Instant::now() < deadline, "fewer than {n} outputs");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let out = publish("0", &claims, Some("_INBOX_publisher"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = publish("900000", &["rocket.jpg"], Some("_INBOX_publisher"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_outputs(3.0);
+    // The same objects again: already stored under their content hash, nothing to purge.
+    let out = publish("0", &claims, Some("_INBOX_publisher"));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_outputs(5.0);
+    assert_eq!(w.metric("oodgate_dlq_total"), 0.0);
+    // Without its own reply prefix the producer gets no answers: refused, password unprinted.
+    let out = publish("900000", &["rocket.jpg"], None);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(!text.contains("p-pass-42"), "{text}");
 }
 
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times

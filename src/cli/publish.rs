@@ -8,7 +8,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, object_store, stream};
 use oodgate::model::pipeline::collect_images;
-use oodgate::stream::setup::redact_url;
+use oodgate::stream::setup::{redact_url, with_url_credentials};
 use sha2::{Digest, Sha256};
 
 use super::common::progress;
@@ -58,9 +58,10 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     if files.is_empty() {
         bail!("no image files found in the inputs");
     }
-    let client = async_nats::ConnectOptions::new()
+    let opts = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
-        .custom_inbox_prefix(&a.inbox_prefix)
+        .custom_inbox_prefix(&a.inbox_prefix);
+    let client = with_url_credentials(opts, std::slice::from_ref(&a.nats))
         .connect(a.nats.as_str())
         .await
         .with_context(|| format!("connecting to {}", redact_url(&a.nats)))?;

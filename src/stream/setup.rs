@@ -146,6 +146,25 @@ pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> 
     Ok(client)
 }
 
+/// Applies credentials written in a server URL (`nats://user:password@host` or
+/// `nats://token@host`), which the client library does not read from the URL by itself. The
+/// first URL that carries any wins.
+pub fn with_url_credentials(
+    opts: async_nats::ConnectOptions,
+    urls: &[String],
+) -> async_nats::ConnectOptions {
+    let creds = urls.iter().find_map(|u| {
+        let addr = u.parse::<async_nats::ServerAddr>().ok()?;
+        let user = addr.username()?.to_string();
+        Some((user, addr.password().map(str::to_string)))
+    });
+    match creds {
+        Some((user, Some(password))) => opts.user_and_password(user, password),
+        Some((token, None)) => opts.token(token),
+        None => opts,
+    }
+}
+
 /// The client options: name, unlimited reconnects, credentials, TLS and event logging.
 async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupError> {
     let mut opts = async_nats::ConnectOptions::new()
@@ -177,6 +196,11 @@ async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupErr
                 other => tracing::info!(event = %other, "NATS event"),
             }
         });
+    let configured =
+        o.user.is_some() || o.token.is_some() || o.nkey.is_some() || o.creds_file.is_some();
+    if !configured {
+        opts = with_url_credentials(opts, &o.servers);
+    }
     if let (Some(u), Some(p)) = (&o.user, &o.password) {
         opts = opts.user_and_password(u.clone(), p.clone());
     }

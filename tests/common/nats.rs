@@ -36,6 +36,41 @@ impl NatsServer {
         }
     }
 
+    /// A server started with the shipped `deploy/nats/nats-server.conf` (its users and
+    /// permissions), on free loopback ports with its store in a temporary folder; `env` gives
+    /// the passwords the file references.
+    #[allow(dead_code)]
+    pub fn start_shipped(env: &[(&str, &str)]) -> NatsServer {
+        let conf = std::fs::read_to_string(super::root().join("deploy/nats/nats-server.conf"))
+            .expect("deploy/nats/nats-server.conf");
+        let http = free_port();
+        let inner = LocalServer::start_with(&binary(), env, |port, dir| {
+            // store_dir moved to the temporary folder (--sd would duplicate the file's line).
+            let line = conf
+                .lines()
+                .find(|l| l.trim_start().starts_with("store_dir:"))
+                .expect("store_dir line");
+            let conf = conf.replace(line, &format!("  store_dir: {:?}", dir.to_string_lossy()));
+            let path = dir.join("nats-server.conf");
+            std::fs::write(&path, conf)?;
+            Ok(vec![
+                "-c".into(),
+                path.display().to_string(),
+                "-a".into(),
+                "127.0.0.1".into(),
+                "-p".into(),
+                port.to_string(),
+                "-m".into(),
+                http.to_string(),
+            ])
+        })
+        .unwrap_or_else(|e| panic!("{e}"));
+        NatsServer {
+            port: inner.port,
+            inner,
+        }
+    }
+
     /// A server started with the configuration lines `conf` (e.g. `max_payload: 65536`) on
     /// top of the usual flags.
     pub fn start_with_conf(conf: &str) -> NatsServer {
