@@ -118,7 +118,9 @@ pub struct BankMeta {
 /// The file also carries the HNSW graphs over the ID and outlier rows ([`StoredIndex`]): byte
 /// tensors holding hnsw_rs's dumps, described in the metadata's `index` field with a SHA-256
 /// per blob. The index is derived data (its construction is not deterministic), so it
-/// is outside the content hash; a missing or damaged index is rebuilt at load with a warning.
+/// is outside the content hash; instead it is verified against the hashed rows when loaded
+/// (every stored vector must be its row, sampled searches must find their exact neighbours).
+/// A missing, damaged or mismatching index is rebuilt with a warning.
 #[derive(Debug, Clone)]
 pub struct Bank {
     pub meta: BankMeta,
@@ -184,8 +186,10 @@ impl StoredIndex {
             ..self.params
         };
         let id = VectorIndex::from_dump(&self.id, params, bank.id.nrows())
+            .and_then(|ix| ix.verify_against(bank.id.view()).map(|()| ix))
             .map_err(|e| format!("ID index: {e}"))?;
         let outliers = VectorIndex::from_dump(&self.outliers, params, bank.outliers.nrows())
+            .and_then(|ix| ix.verify_against(bank.outliers.view()).map(|()| ix))
             .map_err(|e| format!("outlier index: {e}"))?;
         Ok(BankIndex {
             id: Arc::new(id),
@@ -684,6 +688,34 @@ mod tests {
             damaged.indexes(IndexParams::default()).id.search(&q, 1)[0].0,
             1
         );
+    }
+
+    #[test]
+    fn a_stored_index_of_other_rows_is_refused_even_with_valid_checksums() {
+        // The index is outside the content hash: someone can swap in an index of other rows
+        // and recompute its checksums. Loading checks it against the hashed rows.
+        let mut b = toy();
+        let mut other = toy();
+        other.outliers = ndarray::array![[0.0, 1.0, 0.0]];
+        other.attach_index(IndexParams::default()).unwrap();
+        b.stored_index = other.stored_index.clone();
+        let back = Bank::from_bytes(&b.to_bytes().unwrap()).unwrap();
+        let stored = back.stored_index.clone().expect("checksums pass");
+        let err = stored.load(&back, 64).map(|_| ()).unwrap_err();
+        assert!(
+            err.contains("outlier index") && err.contains("differs from the row"),
+            "{err}"
+        );
+        // The bank still serves: its index is rebuilt from the hashed rows.
+        let q = [0.0f32, 0.0, 1.0];
+        let ix = back.indexes(IndexParams::default());
+        assert_eq!(ix.outliers.search(&q, 1)[0].0, 0);
+        assert!((ix.outliers.search(&q, 1)[0].1 - 1.0).abs() < 1e-6);
+        // An honest index passes.
+        let mut honest = toy();
+        honest.attach_index(IndexParams::default()).unwrap();
+        let back = Bank::from_bytes(&honest.to_bytes().unwrap()).unwrap();
+        assert!(back.stored_index.clone().unwrap().load(&back, 64).is_ok());
     }
 
     #[test]

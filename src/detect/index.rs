@@ -15,6 +15,8 @@ pub enum IndexError {
     Hnsw { op: &'static str, reason: String },
     #[error("the stored index holds {got} rows, the matrix it indexes {expected}")]
     RowCount { expected: usize, got: usize },
+    #[error("the stored index does not match the rows it indexes: {0}")]
+    Mismatch(String),
 }
 
 /// hnsw_rs's dump of one graph, byte for byte: `<name>.hnsw.graph` and `<name>.hnsw.data`.
@@ -25,6 +27,10 @@ pub struct IndexDump {
 }
 
 const DUMP_NAME: &str = "index";
+
+/// Lowest recall@10 a stored index may show at load ([`VectorIndex::verify_against`]); an
+/// honest graph built with the default parameters is far above it.
+const VERIFY_MIN_RECALL: f64 = 0.8;
 
 /// HNSW parameters (M, ef_construction, ef_search).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
@@ -169,6 +175,52 @@ impl VectorIndex {
             len: rows,
             params,
         })
+    }
+
+    /// Checks a loaded index against the rows it claims to index, which the bank's version
+    /// covers (the index itself is outside it): every stored vector must be its row, bit for
+    /// bit, and searches for a sample of rows must find most of their exact neighbours. A
+    /// modified graph or vector store is refused, so explanations and approximate scores only
+    /// ever come from the hashed rows.
+    pub fn verify_against(&self, rows: ArrayView2<'_, f32>) -> Result<(), IndexError> {
+        let mismatch = |m: String| Err(IndexError::Mismatch(m));
+        let mut seen = 0usize;
+        for p in self.hnsw.get_point_indexation() {
+            let id = p.get_origin_id();
+            if id >= rows.nrows() {
+                return mismatch(format!("point {id} is beyond the {} rows", rows.nrows()));
+            }
+            let row = rows.row(id);
+            if p.get_v().len() != row.len()
+                || p.get_v()
+                    .iter()
+                    .zip(row.iter())
+                    .any(|(a, b)| a.to_bits() != b.to_bits())
+            {
+                return mismatch(format!(
+                    "the vector stored for row {id} differs from the row"
+                ));
+            }
+            seen += 1;
+        }
+        if seen != rows.nrows() {
+            return mismatch(format!("{seen} points for {} rows", rows.nrows()));
+        }
+        // Graph quality: every 1/64th row (at most 64) as a query, its 10 exact neighbours.
+        let n = rows.nrows();
+        if n > 20 {
+            let step = (n / 64).max(1);
+            let picks: Vec<usize> = (0..n).step_by(step).take(64).collect();
+            let queries = rows.select(ndarray::Axis(0), &picks);
+            let recall = recall_at_k(self, rows, queries.view(), 10);
+            if recall < VERIFY_MIN_RECALL {
+                return mismatch(format!(
+                    "recall@10 of {recall:.2} on {} sample rows (at least {VERIFY_MIN_RECALL} expected)",
+                    picks.len()
+                ));
+            }
+        }
+        Ok(())
     }
 
     pub fn params(&self) -> IndexParams {
@@ -348,5 +400,21 @@ mod tests {
         let top = exact_top_k(rows.view(), &[0.8, 0.6], 2);
         assert_eq!(top[0].0, 2);
         assert_eq!(top[1].0, 0);
+    }
+
+    #[test]
+    fn verification_accepts_its_rows_and_refuses_other_vectors() {
+        let rows = clustered(500, 16, 7);
+        let ix = VectorIndex::build(rows.view(), IndexParams::default());
+        assert!(ix.verify_against(rows.view()).is_ok());
+        let mut changed = rows.clone();
+        changed[[123, 4]] += 0.001;
+        let e = ix.verify_against(changed.view()).unwrap_err().to_string();
+        assert!(e.contains("row 123"), "{e}");
+        // An index of the same rows in another order stores other vectors under each id.
+        let mut permuted = rows.clone();
+        permuted.invert_axis(ndarray::Axis(0));
+        let other = VectorIndex::build(permuted.view(), IndexParams::default());
+        assert!(other.verify_against(rows.view()).is_err());
     }
 }
