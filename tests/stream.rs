@@ -240,10 +240,20 @@ fn rt() -> tokio::runtime::Runtime {
         .unwrap()
 }
 
+/// A test client; credentials in the URL are used (the client library ignores them).
+async fn test_connect(url: &str) -> Result<async_nats::Client, async_nats::ConnectError> {
+    oodgate::stream::setup::with_url_credentials(
+        async_nats::ConnectOptions::new(),
+        &[url.to_string()],
+    )
+    .connect(url)
+    .await
+}
+
 /// Publishes each payload to images.in (creating the input stream like the worker does).
 fn publish(url: &str, payloads: &[(String, Vec<u8>)]) {
     rt().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = test_connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client.clone());
         js.get_or_create_stream(async_nats::jetstream::stream::Config {
             name: "IMAGES".into(),
@@ -274,7 +284,7 @@ struct Output {
 /// Waits until the output stream holds `n` messages (or the timeout), then reads them all.
 fn outputs(url: &str, n: usize, timeout: Duration) -> Vec<Output> {
     rt().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = test_connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
         let deadline = Instant::now() + timeout;
         let mut stream = loop {
@@ -572,7 +582,7 @@ fn an_output_above_max_payload_is_dead_lettered_without_its_payload() {
 /// Deletes the input stream (its sequences restart at 1 when it is created again).
 fn delete_input_stream(url: &str) {
     rt().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = test_connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
         js.delete_stream("IMAGES").await.unwrap();
     });
@@ -664,7 +674,7 @@ fn a_recreated_input_stream_gets_new_outputs() {
 /// its duplicate window (the worker's default is 15 min).
 fn create_output_stream(url: &str, window: Duration) {
     rt().block_on(async {
-        let client = async_nats::connect(url).await.unwrap();
+        let client = test_connect(url).await.unwrap();
         let js = async_nats::jetstream::new(client);
         js.get_or_create_stream(async_nats::jetstream::stream::Config {
             name: "OODGATE_OUT".into(),
@@ -1158,6 +1168,25 @@ fn forged_oodgate_headers_never_reach_an_output() {
     assert_ne!(routed[0].headers["Oodgate-Score"], "1e9");
 }
 
+/// Creates bucket `tenant-b` holding `cat.jpg` (a fixture), connecting with `url`.
+fn make_tenant_bucket(url: &str) {
+    rt().block_on(async {
+        let js = async_nats::jetstream::new(test_connect(url).await.unwrap());
+        let store = js
+            .create_object_store(async_nats::jetstream::object_store::Config {
+                bucket: "tenant-b".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+        let image = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+        store
+            .put("cat.jpg", &mut std::io::Cursor::new(image))
+            .await
+            .unwrap();
+    });
+}
+
 /// Claim checks may only name allowed buckets: an envelope pointing at another tenant's bucket,
 /// or at an invalid bucket name, is dead-lettered as `bad_envelope` on its first delivery and
 /// the object is never read; allowing the bucket routes it. A non-image's bytes are never
@@ -1167,21 +1196,7 @@ fn claim_checks_naming_foreign_buckets_are_refused_unread() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let chelsea = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
-    rt().block_on(async {
-        let js = async_nats::jetstream::new(async_nats::connect(nats.url()).await.unwrap());
-        let store = js
-            .create_object_store(async_nats::jetstream::object_store::Config {
-                bucket: "tenant-b".into(),
-                ..Default::default()
-            })
-            .await
-            .unwrap();
-        store
-            .put("cat.jpg", &mut std::io::Cursor::new(chelsea.clone()))
-            .await
-            .unwrap();
-    });
+    make_tenant_bucket(&nats.url());
     let envelope = |bucket: &str| {
         format!(r#"{{"id": 1, "object": {{"bucket": "{bucket}", "name": "cat.jpg"}}}}"#)
             .into_bytes()
@@ -1530,6 +1545,55 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
     assert!(!text.contains("p-pass-42"), "{text}");
 }
 
+/// An allowed bucket the worker's user may not read: the server refuses the requests (they
+/// time out), reports a permissions violation, and the input is dead-lettered as
+/// `bad_envelope` on its first delivery instead of being retried as a transient failure.
+#[test]
+fn a_bucket_the_worker_may_not_read_is_dead_lettered_at_once() {
+    let nats = NatsServer::start_with_conf(
+        "authorization { users: [\n  { user: admin, password: admin-pw }\n  { user: worker, password: worker-pw, permissions: { publish: { deny: [\"$JS.API.STREAM.INFO.OBJ_tenant-b\", \"$JS.API.DIRECT.GET.OBJ_tenant-b.>\", \"$JS.API.STREAM.MSG.GET.OBJ_tenant-b\"] } } }\n] }\n",
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let admin_url = format!("nats://admin:admin-pw@127.0.0.1:{}", nats.port);
+    make_tenant_bucket(&admin_url);
+    let w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__NATS__USER", "worker"),
+            ("OODGATE__NATS__PASSWORD", "worker-pw"),
+            (
+                "OODGATE__INPUT__OBJECT_STORE_BUCKETS",
+                "oodgate-images,tenant-b",
+            ),
+            ("OODGATE__INPUT__FETCH_TIMEOUT", "3s"),
+        ],
+    );
+    publish(
+        &admin_url,
+        &[(
+            "forbidden".into(),
+            br#"{"id": 1, "object": {"bucket": "tenant-b", "name": "cat.jpg"}}"#.to_vec(),
+        )],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while w.metric("oodgate_dlq_total") < 1.0 {
+        assert!(Instant::now() < deadline, "not dead-lettered");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(w.metric("oodgate_naks_total"), 0.0, "retried as transient");
+    let outs = outputs(&admin_url, 1, Duration::from_secs(10));
+    assert_eq!(outs.len(), 1);
+    assert_eq!(outs[0].headers["Oodgate-Error-Kind"], "bad_envelope");
+    assert!(
+        outs[0].headers["Oodgate-Error"].contains("may not read"),
+        "{:?}",
+        outs[0].headers
+    );
+}
+
 /// A claim-checked object whose chunks are gone: reading it never completes. The read times
 /// out (`input.fetch_timeout`), is retried with backoff, and on the last delivery the input is
 /// dead-lettered instead of being held forever.
@@ -1674,7 +1738,7 @@ fn a_three_node_cluster_survives_losing_the_input_leader_and_a_worker() {
 /// Messages stored in the output stream so far.
 fn output_count(url: &str) -> usize {
     rt().block_on(async {
-        let js = async_nats::jetstream::new(async_nats::connect(url).await.unwrap());
+        let js = async_nats::jetstream::new(test_connect(url).await.unwrap());
         match js.get_stream("OODGATE_OUT").await {
             Ok(mut s) => s
                 .info()

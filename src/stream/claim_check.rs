@@ -45,6 +45,39 @@ pub async fn fetch(
     timeout: std::time::Duration,
     budget: &ByteBudget,
 ) -> Result<(Bytes, OwnedSemaphorePermit), FetchError> {
+    fetch_within(js, obj, max_bytes, timeout, budget)
+        .await
+        .map_err(|e| match e {
+            FetchError::Transient(_) => forbidden(obj, timeout).unwrap_or(e),
+            permanent => permanent,
+        })
+}
+
+/// A failed fetch the server's permissions explain: the worker may not read the bucket, so
+/// retrying cannot help (the violation arrives as its own event; the request just timed out).
+fn forbidden(obj: &ObjectRef, timeout: std::time::Duration) -> Option<FetchError> {
+    let stream = format!("OBJ_{}", obj.bucket);
+    let chunks = format!("$O.{}.", obj.bucket);
+    let violation = super::permissions::recent(
+        &[&stream, &chunks],
+        timeout * 2 + std::time::Duration::from_secs(10),
+    )?;
+    Some(FetchError::Permanent {
+        kind: DeadKind::BadEnvelope,
+        why: format!(
+            "the worker may not read object store bucket {:?} ({violation})",
+            obj.bucket
+        ),
+    })
+}
+
+async fn fetch_within(
+    js: &jetstream::Context,
+    obj: &ObjectRef,
+    max_bytes: usize,
+    timeout: std::time::Duration,
+    budget: &ByteBudget,
+) -> Result<(Bytes, OwnedSemaphorePermit), FetchError> {
     let timed_out = || {
         FetchError::Transient(format!(
             "reading object {}/{} took longer than {timeout:?} (input.fetch_timeout)",

@@ -21,6 +21,7 @@ pub mod inflight;
 pub mod local_server;
 pub mod message;
 pub mod metrics;
+pub mod permissions;
 pub mod pipeline;
 pub mod pull;
 pub mod route;

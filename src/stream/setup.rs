@@ -193,6 +193,11 @@ async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupErr
                 async_nats::Event::SlowConsumer(n) => {
                     tracing::warn!(subscription = n, "NATS slow consumer")
                 }
+                async_nats::Event::ServerError(async_nats::ServerError::Other(e))
+                    if super::permissions::record(&e) =>
+                {
+                    tracing::warn!(error = %e, "refused by the server's permissions")
+                }
                 other => tracing::info!(event = %other, "NATS event"),
             }
         });
