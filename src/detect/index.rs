@@ -184,25 +184,44 @@ impl VectorIndex {
     /// ever come from the hashed rows.
     pub fn verify_against(&self, rows: ArrayView2<'_, f32>) -> Result<(), IndexError> {
         let mismatch = |m: String| Err(IndexError::Mismatch(m));
-        let mut seen = 0usize;
-        for p in self.hnsw.get_point_indexation() {
-            let id = p.get_origin_id();
-            if id >= rows.nrows() {
-                return mismatch(format!("point {id} is beyond the {} rows", rows.nrows()));
+        if self.len == 0 || rows.nrows() == 0 {
+            // hnsw_rs's point iterator panics on a graph without an entry point.
+            return if self.len == rows.nrows() {
+                Ok(())
+            } else {
+                mismatch(format!("{} points for {} rows", self.len, rows.nrows()))
+            };
+        }
+        // The first vector that is not its row, and how many points were seen. hnsw_rs's
+        // iterator unwraps internally: a malformed graph is a mismatch, not a crash.
+        let walk = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let mut seen = 0usize;
+            for p in self.hnsw.get_point_indexation() {
+                let id = p.get_origin_id();
+                let same = id < rows.nrows() && {
+                    let row = rows.row(id);
+                    p.get_v().len() == row.len()
+                        && p.get_v()
+                            .iter()
+                            .zip(row.iter())
+                            .all(|(a, b)| a.to_bits() == b.to_bits())
+                };
+                if !same {
+                    return (Some(id), seen);
+                }
+                seen += 1;
             }
-            let row = rows.row(id);
-            if p.get_v().len() != row.len()
-                || p.get_v()
-                    .iter()
-                    .zip(row.iter())
-                    .any(|(a, b)| a.to_bits() != b.to_bits())
-            {
+            (None, seen)
+        }));
+        let seen = match walk {
+            Ok((None, seen)) => seen,
+            Ok((Some(id), _)) => {
                 return mismatch(format!(
-                    "the vector stored for row {id} differs from the row"
+                    "the vector stored for row {id} differs from the row (or there is no such row)"
                 ));
             }
-            seen += 1;
-        }
+            Err(_) => return mismatch("hnsw_rs could not walk the stored graph".into()),
+        };
         if seen != rows.nrows() {
             return mismatch(format!("{seen} points for {} rows", rows.nrows()));
         }
