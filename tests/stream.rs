@@ -1444,6 +1444,93 @@ fn user_password_token_and_nkey_authentication() {
     route_one(&nats, &w, &auth);
 }
 
+/// A NATS JWT: `claims` (with `iss` and `sub` added) signed by `issuer`.
+fn nats_jwt(issuer: &nkeys::KeyPair, subject: &str, nats: serde_json::Value) -> String {
+    use base64::Engine;
+    let b64 = |b: &[u8]| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b);
+    let header = b64(br#"{"typ":"JWT","alg":"ed25519-nkey"}"#);
+    let claims = serde_json::json!({
+        "jti": format!("{subject}-jti"),
+        "iat": 1_700_000_000u64,
+        "iss": issuer.public_key(),
+        "name": subject,
+        "sub": subject,
+        "nats": nats,
+    });
+    let body = b64(claims.to_string().as_bytes());
+    let signed = format!("{header}.{body}");
+    let sig = b64(&issuer.sign(signed.as_bytes()).unwrap());
+    format!("{signed}.{sig}")
+}
+
+/// `.creds` authentication (operator mode: an operator, an account with JetStream and a user,
+/// all generated here): the worker connects with `nats.creds_file` and routes.
+#[test]
+fn creds_file_authentication_in_operator_mode() {
+    let operator = nkeys::KeyPair::new_operator();
+    let account = nkeys::KeyPair::new_account();
+    let user = nkeys::KeyPair::new_user();
+    let op_jwt = nats_jwt(
+        &operator,
+        &operator.public_key(),
+        serde_json::json!({"type": "operator", "version": 2}),
+    );
+    let limits = serde_json::json!({
+        "subs": -1, "data": -1, "payload": -1, "imports": -1, "exports": -1,
+        "wildcards": true, "conn": -1, "leaf": -1,
+        "mem_storage": -1, "disk_storage": -1, "streams": -1, "consumer": -1,
+    });
+    let acct_jwt = nats_jwt(
+        &operator,
+        &account.public_key(),
+        serde_json::json!({"limits": limits, "type": "account", "version": 2}),
+    );
+    let user_jwt = nats_jwt(
+        &account,
+        &user.public_key(),
+        serde_json::json!({
+            "pub": {}, "sub": {}, "subs": -1, "data": -1, "payload": -1,
+            "type": "user", "version": 2,
+        }),
+    );
+    // JetStream needs a system account in operator mode.
+    let system = nkeys::KeyPair::new_account();
+    let sys_jwt = nats_jwt(
+        &operator,
+        &system.public_key(),
+        serde_json::json!({"type": "account", "version": 2}),
+    );
+    let nats = NatsServer::start_with_conf(&format!(
+        "operator: {op_jwt}\nsystem_account: {sys}\nresolver: MEMORY\nresolver_preload: {{\n  {acct}: {acct_jwt}\n  {sys}: {sys_jwt}\n}}\n",
+        acct = account.public_key(),
+        sys = system.public_key(),
+    ));
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let creds = tmp.path().join("worker.creds");
+    std::fs::write(
+        &creds,
+        format!(
+            "-----BEGIN NATS USER JWT-----\n{user_jwt}\n------END NATS USER JWT------\n\n-----BEGIN USER NKEY SEED-----\n{}\n------END USER NKEY SEED------\n",
+            user.seed().unwrap()
+        ),
+    )
+    .unwrap();
+    let creds_path = creds.display().to_string();
+    let w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[("OODGATE__NATS__CREDS_FILE", &creds_path)],
+    );
+    let opts = rt()
+        .block_on(async_nats::ConnectOptions::with_credentials_file(
+            creds.clone(),
+        ))
+        .unwrap();
+    route_one_with(opts, &nats.url(), &w);
+}
+
 enum TestAuth {
     UserPassword(String, String),
     Token(String),
