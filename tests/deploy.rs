@@ -14,8 +14,9 @@ use std::sync::OnceLock;
 use std::time::Duration;
 
 use oodgate::config::{KEYS, Settings};
-use oodgate::stream::local_server::{self, LocalServer};
 use serde_json::Value;
+
+mod common;
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -993,53 +994,13 @@ fn nats_permissions_name_oodgate_default_subjects() {
     assert!(KEYS.iter().any(|k| k.key == "input.durable"));
 }
 
-/// A nats-server started with deploy/nats/nats-server.conf on free loopback ports (the
-/// library's launcher, as the stream tests and `oodgate bench` use).
-struct Server {
-    url: String,
-    _server: LocalServer,
-}
-
-fn start_server() -> Server {
-    let conf = read("deploy/nats/nats-server.conf");
-    let http = free_port();
-    let server = LocalServer::start_with(
-        &nats_server(),
-        &[
-            ("OODGATE_WORKER_PASSWORD", WORKER_PASSWORD),
-            ("OODGATE_PUBLISHER_PASSWORD", PUBLISHER_PASSWORD),
-        ],
-        |port, dir| {
-            // The configuration with its store_dir moved to the temp dir (--sd would be a
-            // duplicate).
-            let line = conf
-                .lines()
-                .find(|l| l.trim_start().starts_with("store_dir:"))
-                .expect("store_dir line");
-            let conf = conf.replace(line, &format!("  store_dir: {:?}", dir.to_string_lossy()));
-            let conf_path = dir.join("nats-server.conf");
-            std::fs::write(&conf_path, conf)?;
-            Ok(vec![
-                "-c".into(),
-                conf_path.display().to_string(),
-                "-a".into(),
-                "127.0.0.1".into(),
-                "-p".into(),
-                port.to_string(),
-                "-m".into(),
-                http.to_string(),
-            ])
-        },
-    )
-    .unwrap_or_else(|e| panic!("{e}"));
-    Server {
-        url: server.url(),
-        _server: server,
-    }
-}
-
-fn free_port() -> u16 {
-    local_server::free_port().expect("free port")
+/// A nats-server started with deploy/nats/nats-server.conf on free loopback ports, with the
+/// passwords it references.
+fn start_server() -> common::nats::NatsServer {
+    common::nats::NatsServer::start_shipped(&[
+        ("OODGATE_WORKER_PASSWORD", WORKER_PASSWORD),
+        ("OODGATE_PUBLISHER_PASSWORD", PUBLISHER_PASSWORD),
+    ])
 }
 
 async fn connect(url: &str, user: &str, password: &str) -> async_nats::jetstream::Context {
@@ -1065,14 +1026,15 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
     use tokio::io::AsyncReadExt;
 
     let server = start_server();
+    let url = server.url();
     let st = Settings::default();
     let out = st.output_subjects();
-    let worker = connect(&server.url, "worker", WORKER_PASSWORD).await;
-    let publisher = connect(&server.url, "publisher", PUBLISHER_PASSWORD).await;
+    let worker = connect(&url, "worker", WORKER_PASSWORD).await;
+    let publisher = connect(&url, "publisher", PUBLISHER_PASSWORD).await;
 
     // A wrong password is refused.
     let bad = async_nats::ConnectOptions::with_user_and_password("worker".into(), "nope".into())
-        .connect(&server.url)
+        .connect(&url)
         .await;
     assert!(bad.is_err(), "wrong password accepted");
 
@@ -1241,7 +1203,7 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
             let _ = tx.send(ev.to_string());
         }
     })
-    .connect(&server.url)
+    .connect(&url)
     .await
     .expect("publisher connects");
     // The worker's prefix, and the shared default one workers used before per-user prefixes.

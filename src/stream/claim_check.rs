@@ -45,12 +45,35 @@ pub async fn fetch(
     timeout: std::time::Duration,
     budget: &ByteBudget,
 ) -> Result<(Bytes, OwnedSemaphorePermit), FetchError> {
-    fetch_within(js, obj, max_bytes, timeout, budget)
-        .await
-        .map_err(|e| match e {
-            FetchError::Transient(_) => forbidden(obj, timeout).unwrap_or(e),
-            permanent => permanent,
-        })
+    let fetched = async {
+        let timed_out = || {
+            FetchError::Transient(format!(
+                "reading object {}/{} took longer than {timeout:?} (input.fetch_timeout)",
+                obj.bucket, obj.name
+            ))
+        };
+        let mut object = tokio::time::timeout(timeout, open(js, obj, max_bytes))
+            .await
+            .map_err(|_| timed_out())??;
+        let size = object.info.size;
+        let permit = budget
+            .reserve(size)
+            .await
+            .ok_or_else(|| FetchError::Transient("shutting down".into()))?;
+        let mut buf = Vec::with_capacity(size);
+        tokio::time::timeout(timeout, object.read_to_end(&mut buf))
+            .await
+            .map_err(|_| timed_out())?
+            .map_err(|e| {
+                FetchError::Transient(format!("reading object {}/{}: {e}", obj.bucket, obj.name))
+            })?;
+        Ok((Bytes::from(buf), permit))
+    };
+    // A timeout the server's permissions explain is permanent.
+    fetched.await.map_err(|e| match e {
+        FetchError::Transient(_) => forbidden(obj, timeout).unwrap_or(e),
+        permanent => permanent,
+    })
 }
 
 /// A failed fetch the server's permissions explain: the worker may not read the bucket, so
@@ -69,37 +92,6 @@ fn forbidden(obj: &ObjectRef, timeout: std::time::Duration) -> Option<FetchError
             obj.bucket
         ),
     })
-}
-
-async fn fetch_within(
-    js: &jetstream::Context,
-    obj: &ObjectRef,
-    max_bytes: usize,
-    timeout: std::time::Duration,
-    budget: &ByteBudget,
-) -> Result<(Bytes, OwnedSemaphorePermit), FetchError> {
-    let timed_out = || {
-        FetchError::Transient(format!(
-            "reading object {}/{} took longer than {timeout:?} (input.fetch_timeout)",
-            obj.bucket, obj.name
-        ))
-    };
-    let mut object = tokio::time::timeout(timeout, open(js, obj, max_bytes))
-        .await
-        .map_err(|_| timed_out())??;
-    let size = object.info.size;
-    let permit = budget
-        .reserve(size)
-        .await
-        .ok_or_else(|| FetchError::Transient("shutting down".into()))?;
-    let mut buf = Vec::with_capacity(size);
-    tokio::time::timeout(timeout, object.read_to_end(&mut buf))
-        .await
-        .map_err(|_| timed_out())?
-        .map_err(|e| {
-            FetchError::Transient(format!("reading object {}/{}: {e}", obj.bucket, obj.name))
-        })?;
-    Ok((Bytes::from(buf), permit))
 }
 
 async fn open(

@@ -65,12 +65,7 @@ pub fn url_has_credentials(url: &str) -> bool {
 /// that fails on TLS or authentication is reported at once (retrying cannot fix it); a server
 /// that is not reachable yet is waited for, up to 30 s.
 pub async fn connect(o: &NatsOptions) -> Result<async_nats::Client, SetupError> {
-    let servers = o
-        .servers
-        .iter()
-        .map(|s| redact_url(s))
-        .collect::<Vec<_>>()
-        .join(",");
+    let servers = shown_servers(o);
     let err = |reason: String| SetupError::Connect {
         servers: servers.clone(),
         reason,
@@ -165,6 +160,15 @@ pub fn with_url_credentials(
     }
 }
 
+/// The server list as shown in errors: comma-separated, credentials redacted.
+fn shown_servers(o: &NatsOptions) -> String {
+    o.servers
+        .iter()
+        .map(|s| redact_url(s))
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 /// The client options: name, unlimited reconnects, credentials, TLS and event logging.
 async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupError> {
     let mut opts = async_nats::ConnectOptions::new()
@@ -220,12 +224,7 @@ async fn options(o: &NatsOptions) -> Result<async_nats::ConnectOptions, SetupErr
             .credentials_file(c)
             .await
             .map_err(|e| SetupError::Connect {
-                servers: o
-                    .servers
-                    .iter()
-                    .map(|s| redact_url(s))
-                    .collect::<Vec<_>>()
-                    .join(","),
+                servers: shown_servers(o),
                 reason: format!("credentials file {}: {e}", c.display()),
             })?;
     }
