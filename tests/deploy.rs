@@ -278,6 +278,17 @@ fn configmap_settings_load_and_match_the_deployments() {
             vol(s(models, "name"))["persistentVolumeClaim"]["readOnly"],
             true
         );
+        // TLS only, with the CA from a Secret mounted read-only where nats.tls_ca points.
+        assert!(st.nats.tls_required, "{file}: nats.tls_required");
+        assert!(st.nats.servers.iter().all(|u| u.starts_with("tls://")));
+        let tls = mount_of(&|v| v["secret"]["secretName"] == "oodgate-nats-tls");
+        assert_eq!(tls["readOnly"], true, "{file}: TLS volume read-only");
+        let ca = st.nats.tls_ca.clone().expect("nats.tls_ca set");
+        assert!(
+            ca.starts_with(s(tls, "mountPath")),
+            "{file}: nats.tls_ca {} under the TLS Secret's mount",
+            ca.display()
+        );
         // Probes on the metrics port, which is http.listen's port.
         let port = st.http.listen_addr().expect("listen").port();
         let ports = get(c, "ports").as_array().expect("ports");
@@ -405,6 +416,8 @@ fn compose_runs_a_nats_cluster_or_one_node_and_scalable_workers() {
             .collect()
     };
     let top_volumes = doc["volumes"].as_object().cloned().unwrap_or_default();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (conf_path, _) = common::nats::shipped_conf(tmp.path());
     for node in ["nats-1", "nats-2", "nats-3", "nats"] {
         let svc = &services[node];
         assert!(s(svc, "image").starts_with("nats:2.10"), "{node}");
@@ -417,8 +430,8 @@ fn compose_runs_a_nats_cluster_or_one_node_and_scalable_workers() {
         let flag = |f: &str| cmd.iter().position(|a| *a == f).map(|i| cmd[i + 1]);
         assert_eq!(flag("-c"), Some("/etc/nats/nats-server.conf"), "{node}");
         assert_eq!(flag("--name"), Some(node), "{node}");
-        // The server accepts exactly these flags with the shared file.
-        let conf_path = root().join("deploy/nats/nats-server.conf");
+        // The server accepts exactly these flags with the shared file (TLS files from
+        // make-certs.sh).
         let out = nats_cmd_raw()
             .args(cmd.iter().map(|a| {
                 if *a == "/etc/nats/nats-server.conf" {
@@ -485,6 +498,11 @@ fn compose_runs_a_nats_cluster_or_one_node_and_scalable_workers() {
         for var in ["OODGATE_WORKER_PASSWORD", "OODGATE_PUBLISHER_PASSWORD"] {
             assert!(svc["environment"][var].is_string(), "{node}: {var}");
         }
+        // ... and the TLS files where the configuration looks for them.
+        assert!(
+            vols.contains(&"../nats/tls:/etc/nats/tls:ro"),
+            "{node}: TLS files not mounted"
+        );
     }
 
     let w = &services["worker"];
@@ -531,6 +549,13 @@ fn compose_runs_a_nats_cluster_or_one_node_and_scalable_workers() {
     let st = settings_from(&read("deploy/docker/oodgate.toml"), env, "compose worker");
     assert_eq!(st.nats.user.as_deref(), Some("worker"));
     assert!(st.nats.password.is_some());
+    // TLS only, verified against the CA make-certs.sh writes (mounted read-only).
+    assert!(st.nats.tls_required);
+    assert!(st.nats.servers.iter().all(|u| u.starts_with("tls://")));
+    assert_eq!(
+        st.nats.tls_ca.as_deref(),
+        Some(Path::new("/etc/nats/tls/ca.pem"))
+    );
     assert!(grace > st.shutdown.drain_timeout.as_secs_f64());
 }
 
@@ -928,15 +953,20 @@ fn nats_cmd_raw() -> Command {
     c
 }
 
-fn nats_cmd() -> Command {
+/// nats-server with the shipped configuration, its TLS files issued into `dir`.
+fn nats_cmd(dir: &Path) -> Command {
     let mut c = nats_cmd_raw();
-    c.arg("-c").arg(root().join("deploy/nats/nats-server.conf"));
+    c.arg("-c").arg(common::nats::shipped_conf(dir).0);
     c
 }
 
 #[test]
 fn nats_server_accepts_the_configuration() {
-    let out = nats_cmd().arg("-t").output().expect("run nats-server -t");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let out = nats_cmd(tmp.path())
+        .arg("-t")
+        .output()
+        .expect("run nats-server -t");
     assert!(
         out.status.success() && String::from_utf8_lossy(&out.stderr).contains("is valid"),
         "nats-server -c deploy/nats/nats-server.conf -t failed:\n{}{}",
@@ -946,7 +976,7 @@ fn nats_server_accepts_the_configuration() {
     // The passwords are not in the file: without them the server refuses to start.
     let out = Command::new(nats_server())
         .arg("-c")
-        .arg(root().join("deploy/nats/nats-server.conf"))
+        .arg(common::nats::shipped_conf(tmp.path()).0)
         .arg("-t")
         .env_remove("OODGATE_WORKER_PASSWORD")
         .env_remove("OODGATE_PUBLISHER_PASSWORD")
@@ -1003,11 +1033,17 @@ fn start_server() -> common::nats::NatsServer {
     ])
 }
 
-async fn connect(url: &str, user: &str, password: &str) -> async_nats::jetstream::Context {
-    // Each user's own reply prefix, as the configuration requires.
+async fn connect(
+    server: &common::nats::NatsServer,
+    user: &str,
+    password: &str,
+) -> async_nats::jetstream::Context {
+    // Each user's own reply prefix, as the configuration requires; TLS with the server's CA.
+    let url = server.url();
     let client = async_nats::ConnectOptions::with_user_and_password(user.into(), password.into())
         .custom_inbox_prefix(format!("_INBOX_{user}"))
-        .connect(url)
+        .add_root_certificates(server.ca.clone().expect("the shipped server serves TLS"))
+        .connect(url.as_str())
         .await
         .unwrap_or_else(|e| panic!("connect as {user}: {e}"));
     // Denied requests get no reply: keep their timeouts short.
@@ -1029,14 +1065,43 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
     let url = server.url();
     let st = Settings::default();
     let out = st.output_subjects();
-    let worker = connect(&url, "worker", WORKER_PASSWORD).await;
-    let publisher = connect(&url, "publisher", PUBLISHER_PASSWORD).await;
+    let worker = connect(&server, "worker", WORKER_PASSWORD).await;
+    let publisher = connect(&server, "publisher", PUBLISHER_PASSWORD).await;
+    let ca = server.ca.clone().expect("CA");
 
     // A wrong password is refused.
     let bad = async_nats::ConnectOptions::with_user_and_password("worker".into(), "nope".into())
+        .add_root_certificates(ca.clone())
         .connect(&url)
         .await;
     assert!(bad.is_err(), "wrong password accepted");
+    // TLS only: a client that insists on plain text is refused, and one that does not trust
+    // the CA cannot complete the handshake. Neither gets as far as sending its password.
+    let mut raw = std::net::TcpStream::connect(("127.0.0.1", server.port)).expect("tcp");
+    raw.set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    let mut info = [0u8; 4096];
+    let n = std::io::Read::read(&mut raw, &mut info).expect("INFO");
+    let info = String::from_utf8_lossy(&info[..n]);
+    assert!(info.contains("\"tls_required\":true"), "{info}");
+    std::io::Write::write_all(
+        &mut raw,
+        format!("CONNECT {{\"user\":\"worker\",\"pass\":\"{WORKER_PASSWORD}\"}}\r\nPING\r\n")
+            .as_bytes(),
+    )
+    .expect("write");
+    let mut reply = Vec::new();
+    let _ = std::io::Read::read_to_end(&mut raw, &mut reply);
+    let reply = String::from_utf8_lossy(&reply);
+    assert!(
+        !reply.contains("PONG"),
+        "a plain-text client was served: {reply}"
+    );
+    let untrusted =
+        async_nats::ConnectOptions::with_user_and_password("worker".into(), WORKER_PASSWORD.into())
+            .connect(&url)
+            .await;
+    assert!(untrusted.is_err(), "connected without trusting the CA");
 
     // Worker start-up: both streams and the durable consumer (as setup::declare does).
     let input = worker
@@ -1197,6 +1262,7 @@ async fn nats_users_can_do_their_jobs_and_no_more() {
         PUBLISHER_PASSWORD.into(),
     )
     .custom_inbox_prefix("_INBOX_publisher")
+    .add_root_certificates(ca.clone())
     .event_callback(move |ev| {
         let tx = tx.clone();
         async move {

@@ -1557,8 +1557,8 @@ fn nats_auth_for_test(auth: &[(&str, &str)]) -> TestAuth {
 }
 
 /// The real `oodgate serve` and `oodgate publish` under the shipped server configuration's
-/// least-privilege users: the worker declares its streams and consumer, the producer stores
-/// claim checks and publishes, everything is routed; publishing the same files again needs no
+/// least-privilege users, over the TLS it requires: the worker declares its streams and
+/// consumer, the producer stores claim checks and publishes, everything is routed; publishing the same files again needs no
 /// purge right; a producer without its own reply prefix is refused and its password is never
 /// printed.
 #[test]
@@ -1569,20 +1569,24 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
     ]);
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let w = Worker::start(
-        &nats,
+    let ca = nats.ca.clone().unwrap().display().to_string();
+    let w = Worker::start_on(
+        &format!("tls://127.0.0.1:{}", nats.port),
         &bank,
         threshold,
         &[
             ("OODGATE__NATS__USER", "worker"),
             ("OODGATE__NATS__PASSWORD", "w-pass-41"),
             ("OODGATE__NATS__INBOX_PREFIX", "_INBOX_worker"),
+            ("OODGATE__NATS__TLS_CA", &ca),
+            ("OODGATE__NATS__TLS_REQUIRED", "true"),
         ],
     );
-    let url = format!("nats://publisher:p-pass-42@127.0.0.1:{}", nats.port);
+    let url = format!("tls://publisher:p-pass-42@127.0.0.1:{}", nats.port);
     let publish = |above: &str, files: &[&str], prefix: Option<&str>| {
         let mut cmd = common::oodgate();
-        cmd.args(["publish", "--nats", &url, "--object-store-above", above]);
+        cmd.args(["publish", "--nats", &url, "--tls-ca", &ca]);
+        cmd.args(["--object-store-above", above]);
         if let Some(p) = prefix {
             cmd.args(["--inbox-prefix", p]);
         }
@@ -1629,6 +1633,25 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(!out.status.success(), "{text}");
+    assert!(!text.contains("p-pass-42"), "{text}");
+    // Without the CA the server cannot be verified: refused, naming TLS, password unprinted.
+    let out = common::oodgate()
+        .args([
+            "publish",
+            "--nats",
+            &url,
+            "--inbox-prefix",
+            "_INBOX_publisher",
+        ])
+        .arg(common::fixture("images/rocket.jpg"))
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{text}");
+    assert!(
+        text.to_lowercase().contains("tls") || text.contains("certificate"),
+        "{text}"
+    );
     assert!(!text.contains("p-pass-42"), "{text}");
 }
 

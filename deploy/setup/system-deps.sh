@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Checks the prerequisites (Rust, Python) and installs the Debian/Ubuntu packages oodgate needs
 # to build and test: a C toolchain, cmake + nasm (libjpeg-turbo is built from source),
-# python3-venv, unzip and nats-server. Uses sudo when not root; installs only what is missing.
+# python3-venv, unzip, nats-server and openssl (deploy/nats/make-certs.sh, which the tests run).
+# Uses sudo when not root; installs only what is missing.
 set -euo pipefail
 fail() { echo "error: $*" >&2; exit 1; }
 command -v cargo >/dev/null || fail "Rust is required (cargo not found): install it with rustup, https://rustup.rs, Rust >= 1.92"
@@ -11,7 +12,7 @@ rustc_minor=$(rustc --version | sed -E 's/^rustc 1\.([0-9]+).*/\1/')
 
 need=()
 have() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
-for p in build-essential cmake nasm pkg-config python3-venv unzip nats-server curl; do
+for p in build-essential cmake nasm pkg-config python3-venv unzip nats-server curl openssl; do
   have "$p" || need+=("$p")
 done
 # python3-venv may be provided without the Debian package (e.g. pyenv builds).

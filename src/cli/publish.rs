@@ -22,6 +22,16 @@ pub struct PublishArgs {
     /// Prefix of reply subjects; with the shipped server configuration, `_INBOX_publisher`.
     #[arg(long, default_value = "_INBOX")]
     pub inbox_prefix: String,
+    /// CA certificate (PEM) to verify a TLS server with (with the shipped server
+    /// configuration: deploy/nats/tls/ca.pem).
+    #[arg(long, env = "OODGATE_NATS_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for servers that require mutual TLS; needs --tls-key.
+    #[arg(long, requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
     /// Subject to publish to (must be captured by a stream).
     #[arg(long, default_value = "images.in")]
     pub subject: String,
@@ -58,9 +68,15 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     if files.is_empty() {
         bail!("no image files found in the inputs");
     }
-    let opts = async_nats::ConnectOptions::new()
+    let mut opts = async_nats::ConnectOptions::new()
         .connection_timeout(Duration::from_secs(5))
         .custom_inbox_prefix(&a.inbox_prefix);
+    if let Some(ca) = &a.tls_ca {
+        opts = opts.add_root_certificates(ca.clone());
+    }
+    if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
+        opts = opts.add_client_certificate(c.clone(), k.clone());
+    }
     let client = with_url_credentials(opts, std::slice::from_ref(&a.nats))
         .connect(a.nats.as_str())
         .await

@@ -6,6 +6,39 @@ use oodgate::stream::local_server::{self, LocalServer};
 pub struct NatsServer {
     inner: LocalServer,
     pub port: u16,
+    /// The CA clients must trust, for a server that serves TLS.
+    pub ca: Option<std::path::PathBuf>,
+}
+
+/// The shipped `deploy/nats/nats-server.conf`, runnable on this machine: TLS files issued by
+/// the shipped `deploy/nats/make-certs.sh` into `dir/tls` (the paths under /etc/nats/tls point
+/// there) and `store_dir` moved into `dir`. Returns the file and the CA certificate.
+#[allow(dead_code)]
+pub fn shipped_conf(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let root = super::root();
+    let tls = dir.join("tls");
+    let out = std::process::Command::new(root.join("deploy/nats/make-certs.sh"))
+        .arg(&tls)
+        .output()
+        .expect("run deploy/nats/make-certs.sh");
+    assert!(
+        out.status.success(),
+        "make-certs.sh: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let conf = std::fs::read_to_string(root.join("deploy/nats/nats-server.conf"))
+        .expect("deploy/nats/nats-server.conf");
+    // store_dir moved to the temporary folder (--sd would duplicate the file's line).
+    let line = conf
+        .lines()
+        .find(|l| l.trim_start().starts_with("store_dir:"))
+        .expect("store_dir line");
+    let conf = conf
+        .replace(line, &format!("  store_dir: {:?}", dir.to_string_lossy()))
+        .replace("\"/etc/nats/tls/", &format!("\"{}/", tls.display()));
+    let path = dir.join("nats-server.conf");
+    std::fs::write(&path, conf).expect("write nats-server.conf");
+    (path, tls.join("ca.pem"))
 }
 
 pub fn free_port() -> u16 {
@@ -33,6 +66,7 @@ impl NatsServer {
         NatsServer {
             port: inner.port,
             inner,
+            ca: None,
         }
     }
 
@@ -41,18 +75,11 @@ impl NatsServer {
     /// the passwords the file references.
     #[allow(dead_code)]
     pub fn start_shipped(env: &[(&str, &str)]) -> NatsServer {
-        let conf = std::fs::read_to_string(super::root().join("deploy/nats/nats-server.conf"))
-            .expect("deploy/nats/nats-server.conf");
         let http = free_port();
+        let mut ca = None;
         let inner = LocalServer::start_with(&binary(), env, |port, dir| {
-            // store_dir moved to the temporary folder (--sd would duplicate the file's line).
-            let line = conf
-                .lines()
-                .find(|l| l.trim_start().starts_with("store_dir:"))
-                .expect("store_dir line");
-            let conf = conf.replace(line, &format!("  store_dir: {:?}", dir.to_string_lossy()));
-            let path = dir.join("nats-server.conf");
-            std::fs::write(&path, conf)?;
+            let (path, ca_path) = shipped_conf(dir);
+            ca = Some(ca_path);
             Ok(vec![
                 "-c".into(),
                 path.display().to_string(),
@@ -68,6 +95,7 @@ impl NatsServer {
         NatsServer {
             port: inner.port,
             inner,
+            ca,
         }
     }
 
@@ -94,6 +122,7 @@ impl NatsServer {
         NatsServer {
             port: inner.port,
             inner,
+            ca: None,
         }
     }
 
