@@ -154,7 +154,9 @@ fn hopg_needs_enough_id_classes() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let err = fail(&f.with_model(&args));
     assert!(
-        err.contains("150") && err.contains("only 10 ID classes") && err.contains("--no-hopg"),
+        err.contains("150")
+            && err.contains("only 10 ID classes")
+            && err.contains("--hard-prototypes 0"),
         "{err}"
     );
     assert!(!bank.exists());
@@ -766,4 +768,178 @@ fn large_outlier_bank_scores_approximately_and_carries_its_index() {
         "--exact-limit",
         "1000",
     ]);
+}
+
+/// `bank build --id-embeddings/--outlier-embeddings`: fed the text tower's own label embeddings
+/// (a `--prototypes none` bank's export: T and every cleaned word's row), each variant builds
+/// the bank that encoding builds (the same rows, byte for byte in the export); the variant and
+/// `--scale` are recorded, shown by `bank inspect` and used by `score` and `eval`; impossible
+/// variant flags are refused with advice.
+#[test]
+fn banks_from_precomputed_embeddings_and_variants() {
+    let f = Fixture::new();
+    f.build("all.oodb", &["--prototypes", "none"]);
+    let exp = f.path("all");
+    ok(&["bank", "export", s(&f.path("all.oodb")), "-o", s(&exp)]);
+    let (t, o, lines) = (
+        exp.join("id.npy"),
+        exp.join("outliers.npy"),
+        exp.join("outlier_labels.txt"),
+    );
+    let export = |bank: &str| {
+        let dir = f.path(&format!("{bank}.export"));
+        ok(&["bank", "export", s(&f.path(bank)), "-o", s(&dir)]);
+        (
+            std::fs::read(dir.join("id.npy")).unwrap(),
+            std::fs::read(dir.join("outliers.npy")).unwrap(),
+            std::fs::read_to_string(dir.join("outlier_labels.txt")).unwrap(),
+        )
+    };
+    let inspect = |bank: &str| -> Value {
+        serde_json::from_str(&ok(&["bank", "inspect", s(&f.path(bank)), "--json"])).unwrap()
+    };
+    for (variant, extra) in [
+        ("words", vec!["--prototypes", "words"]),
+        ("kmeans", vec!["--hard-prototypes", "0"]),
+        ("none", vec!["--raw-outliers"]),
+    ] {
+        let encoded = format!("enc-{variant}.oodb");
+        f.build(&encoded, &extra);
+        let pre = format!("pre-{variant}.oodb");
+        let mut args: Vec<&str> = vec![
+            "bank",
+            "build",
+            "--id",
+            "cifar10",
+            "--id-embeddings",
+            s(&t),
+            "--outliers",
+            s(&lines),
+            "--outlier-embeddings",
+            s(&o),
+            "--model",
+            f.model(),
+            "--k",
+            "8",
+            "--quantile",
+            "0.5",
+        ];
+        args.extend(&extra);
+        let out = f.path(&pre);
+        args.extend(["-o", s(&out)]);
+        ok(&args);
+        assert_eq!(export(&pre), export(&encoded), "{variant}");
+        let (a, b) = (inspect(&pre), inspect(&encoded));
+        assert_eq!(a["model_fingerprint"], b["model_fingerprint"]);
+        assert_eq!(a["theta"], b["theta"], "{variant}");
+        assert_eq!(a["variant"]["label_source"], "precomputed");
+        assert_eq!(b["variant"]["label_source"], "text-encoder");
+        assert_eq!(a["variant"]["prototypes"], variant);
+    }
+    assert_eq!(inspect("enc-words.oodb")["variant"]["hard_prototypes"], 0);
+    assert_eq!(inspect("all.oodb")["outlier_kinds"]["label"], n_words() - 2);
+
+    // --scale is stored and used: score's JSON and eval's report carry it; a flag overrides.
+    let scaled = f.path("scaled.oodb");
+    ok(&[
+        "bank",
+        "build",
+        "--id",
+        "cifar10",
+        "--id-embeddings",
+        s(&t),
+        "--outliers",
+        s(&lines),
+        "--outlier-embeddings",
+        s(&o),
+        "--model-fingerprint",
+        inspect("all.oodb")["model_fingerprint"].as_str().unwrap(),
+        "--prototypes",
+        "words",
+        "--quantile",
+        "0.5",
+        "--scale",
+        "12.5",
+        "-o",
+        s(&scaled),
+    ]);
+    let i = inspect("scaled.oodb");
+    assert_eq!(i["scale"], 12.5);
+    assert_eq!(i["model_weights"], "unknown");
+    let text = ok(&["bank", "inspect", s(&scaled)]);
+    assert!(
+        text.contains(
+            "--prototypes words --hard-prototypes 0, labels from precomputed, scale 12.5"
+        ),
+        "{text}"
+    );
+    let emb = f.path("img.npy");
+    ok(&f.with_model(&["embed", s(&images()), "-o", s(&emb)]));
+    let eval = |extra: &[&str]| -> Value {
+        let mut args = vec![
+            "eval",
+            "--bank",
+            s(&scaled),
+            "--method",
+            "ole",
+            "--id",
+            s(&emb),
+            "--ood",
+        ];
+        let ood = format!("same={}", s(&emb));
+        args.push(&ood);
+        args.extend(extra);
+        args.push("--json");
+        serde_json::from_str(&ok(&args)).unwrap()
+    };
+    let default_scale = eval(&[]);
+    let overridden = eval(&["--scale", "50"]);
+    let scale_of = |v: &Value| v.to_string();
+    assert!(
+        scale_of(&default_scale).contains("\"scale\":12.5"),
+        "{default_scale}"
+    );
+    assert!(
+        scale_of(&overridden).contains("\"scale\":50.0"),
+        "{overridden}"
+    );
+
+    // Refused: HOPG without a refinement, a count that is not a multiple of the components,
+    // outlier embeddings whose rows do not match the list, the generated WordNet corpus.
+    let base = |extra: &[&str]| {
+        let mut v = vec![
+            "bank",
+            "build",
+            "--id",
+            "cifar10",
+            "--id-embeddings",
+            s(&t),
+            "--outlier-embeddings",
+            s(&o),
+            "--model-fingerprint",
+            "x",
+        ];
+        v.extend(extra);
+        v.extend(["-o", s(&scaled)]);
+        fail(&v)
+    };
+    let err = base(&[
+        "--outliers",
+        s(&lines),
+        "--prototypes",
+        "none",
+        "--hard-prototypes",
+        "150",
+    ]);
+    assert!(
+        err.contains("θ") && err.contains("--hard-prototypes 0"),
+        "{err}"
+    );
+    let err = base(&["--outliers", s(&lines), "--hard-prototypes", "7"]);
+    assert!(err.contains("multiple of --hopg-clusters 5"), "{err}");
+    let words = f.path("words.txt");
+    let err = base(&["--outliers", s(&words), "--prototypes", "words"]);
+    assert!(err.contains("rows but the outlier list has"), "{err}");
+    let err = base(&["--outliers", "wordnet", "--prototypes", "words"]);
+    assert!(err.contains("one per line in row order"), "{err}");
 }

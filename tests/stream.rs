@@ -94,6 +94,7 @@ fn make_bank(dir: &Path) -> (PathBuf, f64) {
             })
             .collect(),
         theta: None,
+        scale: None,
         build: serde_json::json!({}),
         cleaning: serde_json::Value::Null,
         thresholds: BTreeMap::new(),

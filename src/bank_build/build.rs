@@ -9,16 +9,16 @@ use ndarray::{Array2, ArrayView2, Axis, s};
 use serde::{Deserialize, Serialize};
 
 use super::BuildError;
-use super::embed::{LabelEmbeddings, Phase, Progress, embed_labels};
+use super::embed::{LabelEmbeddings, Progress};
 use super::embed_cache::{CacheError, EmbedCache};
 use super::labels::{IdLabels, Templates};
+use super::source::{LabelSet, LabelSource};
 use crate::detect::bank::{BANK_FORMAT, Bank, BankMeta, OutlierRow};
 use crate::detect::kmeans::{KMeansParams, kmeans};
 use crate::detect::prototypes::{
-    self, OplCounts, OplParams, ProtoError, hard_prototypes, nearest_words, outlier_prototypes,
-    refine,
+    self, HopgParams, OplCounts, OplParams, ProtoError, hard_prototypes, nearest_words,
+    outlier_prototypes, refine,
 };
-use crate::model::{ClipTokenizer, Encoder};
 
 /// Outlier words recorded per outlier row.
 pub const DEFAULT_WORDS_PER_ROW: usize = 10;
@@ -45,9 +45,13 @@ impl Default for NegLabelParams {
 /// What the outlier rows of the bank are.
 #[derive(Debug, Clone, PartialEq)]
 pub enum OutlierMode {
-    /// OPL prototypes, refinement and (optionally) HOPG (§5–§7).
+    /// OPL prototypes, refinement and (optionally) HOPG (§5–§7): `--prototypes kmeans`.
     Prototypes(OplParams),
-    /// Every outlier-label embedding as a row (the "raw OLE" ablation, §11.10).
+    /// The refinement applied to the outlier-label embeddings themselves, no clustering, and
+    /// (optionally) HOPG: `--prototypes words` (§6.1).
+    Words(WordParams),
+    /// Every outlier-label embedding as a row (the "raw OLE" ablation, §11.10):
+    /// `--prototypes none`.
     Raw,
     /// NegLabel's mined negatives: nouns embedded with `noun_templates`, adjectives with
     /// `adj_templates` (§9).
@@ -61,13 +65,50 @@ pub enum OutlierMode {
     },
 }
 
+/// The `words` variant: refinement at `quantile` over the label embeddings, then HOPG.
+#[derive(Debug, Clone, PartialEq)]
+pub struct WordParams {
+    /// Refinement quantile q. Default 0.1.
+    pub quantile: f64,
+    /// HOPG parameters; `None` skips it.
+    pub hopg: Option<HopgParams>,
+}
+
 impl OutlierMode {
-    fn name(&self) -> &'static str {
+    /// The mode as `BankMeta.build.mode` records it (`prototypes` is the OPL pipeline).
+    pub fn name(&self) -> &'static str {
         match self {
             OutlierMode::Prototypes(_) => "prototypes",
+            OutlierMode::Words(_) => "words",
             OutlierMode::Raw => "raw",
             OutlierMode::NegLabel { .. } => "neglabel",
         }
+    }
+
+    /// The `--prototypes` variant: kmeans, words or none (`neglabel` for NegLabel banks).
+    pub fn prototypes(&self) -> &'static str {
+        match self {
+            OutlierMode::Prototypes(_) => "kmeans",
+            OutlierMode::Words(_) => "words",
+            OutlierMode::Raw => "none",
+            OutlierMode::NegLabel { .. } => "neglabel",
+        }
+    }
+
+    /// HOPG's parameters, when it runs.
+    pub fn hopg(&self) -> Option<&HopgParams> {
+        match self {
+            OutlierMode::Prototypes(p) => p.hopg.as_ref(),
+            OutlierMode::Words(p) => p.hopg.as_ref(),
+            _ => None,
+        }
+    }
+
+    /// `--hard-prototypes N`: the boundary ID embeddings HOPG mixes (J × per component),
+    /// 0 when it is off.
+    pub fn hard_prototypes(&self) -> usize {
+        self.hopg()
+            .map_or(0, |h| h.clusters.saturating_mul(h.per_cluster))
     }
 }
 
@@ -90,6 +131,8 @@ pub struct BuildRequest {
     pub words_per_row: usize,
     /// Prompts per encoder call.
     pub batch: usize,
+    /// Logit scale stored in the bank (the methods' own default when `None`).
+    pub scale: Option<f32>,
     /// Extra parameters to record in `BankMeta.build` (label specs, cleaning options, …).
     pub params: serde_json::Value,
     /// Recorded as `BankMeta.cleaning` (the cleaning report).
@@ -160,7 +203,7 @@ pub struct CacheSpec {
     pub root: PathBuf,
 }
 
-fn open_cache(
+pub(crate) fn open_cache(
     spec: Option<&CacheSpec>,
     fingerprint: &str,
     templates: &Templates,
@@ -220,17 +263,15 @@ pub fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
                     req.outlier_words.len()
                 )));
             }
-            if let Some(h) = &p.hopg
-                && h.clusters.saturating_mul(h.per_cluster) > c
-            {
-                return Err(BuildError::Invalid(format!(
-                    "HOPG needs {} × {} = {} boundary ID embeddings (docs/method.md §7) but there are \
-                     only {c} ID classes; pass --no-hopg, or lower --hopg-clusters / \
-                     --hopg-per-cluster",
-                    h.clusters,
-                    h.per_cluster,
-                    h.clusters.saturating_mul(h.per_cluster)
-                )));
+        }
+        OutlierMode::Words(p) => {
+            if !(0.0..=1.0).contains(&p.quantile) {
+                return Err(ProtoError::InvalidQuantile(p.quantile).into());
+            }
+            if req.outlier_words.is_empty() {
+                return Err(BuildError::Invalid(
+                    "no outlier words remain after cleaning".into(),
+                ));
             }
         }
         OutlierMode::Raw => {
@@ -257,6 +298,25 @@ pub fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
                 return Err(BuildError::Invalid("no NegLabel candidates".into()));
             }
         }
+    }
+    if let Some(h) = req.mode.hopg()
+        && h.clusters.saturating_mul(h.per_cluster) > c
+    {
+        return Err(BuildError::Invalid(format!(
+            "HOPG needs {} × {} = {} boundary ID embeddings (docs/method.md §7) but there are \
+             only {c} ID classes; pass --hard-prototypes 0, or fewer (a multiple of \
+             --hopg-clusters)",
+            h.clusters,
+            h.per_cluster,
+            h.clusters.saturating_mul(h.per_cluster)
+        )));
+    }
+    if let Some(s) = req.scale
+        && !(s.is_finite() && s > 0.0)
+    {
+        return Err(BuildError::Invalid(format!(
+            "--scale must be a finite number > 0, got {s}"
+        )));
     }
     Ok(())
 }
@@ -288,21 +348,18 @@ fn percentile_cos(cands: ArrayView2<f32>, id: ArrayView2<f32>, percentile: f64) 
     out
 }
 
-/// Builds a bank from labels: embeds the ID labels and the outlier words with `encoder`
-/// (through the cache when `cache` is given), then makes the outlier rows as `req.mode` says.
+/// Builds a bank from labels: embeds the ID labels and the outlier words with `source` (the
+/// text tower or precomputed matrices), then makes the outlier rows as `req.mode` says.
 ///
 /// `BankMeta.build` records every parameter; `BankMeta.cleaning` is `req.cleaning`.
 pub fn build_bank(
-    encoder: &mut dyn Encoder,
-    tokenizer: &ClipTokenizer,
+    source: &mut dyn LabelSource,
     req: &BuildRequest,
-    cache: Option<&CacheSpec>,
     progress: &mut dyn Progress,
 ) -> Result<(Bank, BuildReport), BuildError> {
     check_request(req)?;
-    let info = encoder.info().clone();
-    let dim = info.embed_dim;
-    let fingerprint = info.fingerprint.clone();
+    let model = source.model().clone();
+    let dim = model.dim;
     let mut timings = Timings::default();
     let (mut cached, mut encoded, mut prompts) = (0, 0, 0);
     let mut tally = |e: &LabelEmbeddings| {
@@ -313,16 +370,7 @@ pub fn build_bank(
 
     // Text embeddings.
     let t0 = Instant::now();
-    let mut main_cache = open_cache(cache, &fingerprint, &req.templates, dim);
-    let id_emb = embed_labels(
-        encoder,
-        tokenizer,
-        &req.templates,
-        &req.id.names,
-        main_cache.as_mut(),
-        req.batch,
-        &mut Phase::new(progress, "ID labels"),
-    )?;
+    let id_emb = source.embed(LabelSet::Id, &req.templates, &req.id.names, progress)?;
     tally(&id_emb);
     let t = id_emb.vectors;
     if let Some(no) = &req.no_embeddings
@@ -342,6 +390,9 @@ pub fn build_bank(
     let mut kmeans_info = None;
     let mut build = serde_json::Map::new();
     build.insert("mode".into(), req.mode.name().into());
+    build.insert("prototypes".into(), req.mode.prototypes().into());
+    build.insert("hard_prototypes".into(), req.mode.hard_prototypes().into());
+    build.insert("label_source".into(), source.kind().into());
     build.insert(
         "templates".into(),
         serde_json::json!({
@@ -354,34 +405,24 @@ pub fn build_bank(
     build.insert("words_per_row".into(), req.words_per_row.into());
     build.insert("batch".into(), req.batch.into());
     build.insert("no_embeddings".into(), req.no_embeddings.is_some().into());
+    if let Some(scale) = req.scale {
+        build.insert("scale".into(), f64::from(scale).into());
+    }
 
-    // Prototype and raw modes embed the outlier labels with the main templates.
-    let mut labels = match &req.mode {
-        OutlierMode::Prototypes(_) | OutlierMode::Raw => {
-            let w = embed_labels(
-                encoder,
-                tokenizer,
-                &req.templates,
-                words,
-                main_cache.as_mut(),
-                req.batch,
-                &mut Phase::new(progress, "outlier labels"),
-            )?;
+    // Every mode but NegLabel embeds the outlier labels with the main templates.
+    let labels = match &req.mode {
+        OutlierMode::NegLabel { .. } => None,
+        _ => {
+            let w = source.embed(LabelSet::Outliers, &req.templates, words, progress)?;
             tally(&w);
             timings.text_embedding = t0.elapsed();
-            Some(w)
+            Some(w.vectors)
         }
-        OutlierMode::NegLabel { .. } => None,
     };
     let n_words;
-    match &req.mode {
-        OutlierMode::Prototypes(p) => {
-            let Some(w) = labels.take() else {
-                unreachable!("outlier labels are embedded above for this mode")
-            };
+    match (&req.mode, labels) {
+        (OutlierMode::Prototypes(p), Some(e)) => {
             n_words = words.len();
-            let e = w.vectors;
-
             let t1 = Instant::now();
             let km = kmeans(
                 e.view(),
@@ -392,94 +433,57 @@ pub fn build_bank(
                 },
             )?;
             timings.clustering = t1.elapsed();
-
-            let t2 = Instant::now();
             let protos = outlier_prototypes(km.centroids.view())?;
-            let refinement = refine(protos.view(), t.view(), p.quantile)?;
-            let kept = protos.select(Axis(0), &refinement.kept);
-            let near = nearest_words(kept.view(), e.view(), req.words_per_row.max(1))?;
-            timings.refinement = t2.elapsed();
-            for (&k, list) in refinement.kept.iter().zip(&near) {
-                let ws: Vec<String> = list.iter().map(|&(i, _)| words[i].clone()).collect();
-                rows.push(OutlierRow {
-                    kind: "prototype".into(),
-                    label: ws
-                        .first()
-                        .cloned()
-                        .unwrap_or_else(|| format!("cluster {k}")),
-                    words: ws,
-                    detail: serde_json::json!({
-                        "cluster": k,
-                        "size": km.sizes[k],
-                        "max_id_cos": refinement.max_id_cos[k],
-                        "nearest_id": req.id.names.get(refinement.nearest_id[k]),
-                        "word_cos": list.iter().map(|&(_, c)| c).collect::<Vec<_>>(),
-                    }),
-                });
-            }
-
-            let t3 = Instant::now();
-            let (vectors, boundary, accepted) = match &p.hopg {
-                Some(hp) => {
-                    let h = hard_prototypes(t.view(), kept.view(), refinement.theta, hp)?;
-                    for hard in &h.accepted {
-                        let partner = rows.get(hard.partner).cloned();
-                        let id_label = req.id.names.get(hard.id_class).cloned().unwrap_or_default();
-                        let partner_label = partner
-                            .as_ref()
-                            .map(|r| r.label.clone())
-                            .unwrap_or_default();
-                        rows.push(OutlierRow {
-                            kind: "hard".into(),
-                            label: format!("{id_label} ~ {partner_label}"),
-                            words: partner.map(|r| r.words).unwrap_or_default(),
-                            detail: serde_json::json!({
-                                "id_class": hard.id_class,
-                                "id_label": id_label,
-                                "component": hard.component,
-                                "partner": hard.partner,
-                                "lambda": hard.lambda,
-                                "max_id_cos": hard.max_id_cos,
-                            }),
-                        });
-                    }
-                    let mut v = Array2::<f32>::zeros((kept.nrows() + h.vectors.nrows(), dim));
-                    v.slice_mut(s![..kept.nrows(), ..]).assign(&kept);
-                    v.slice_mut(s![kept.nrows().., ..]).assign(&h.vectors);
-                    (v, h.boundary.len(), h.accepted.len())
-                }
-                None => (kept, 0, 0),
-            };
-            timings.hopg = t3.elapsed();
-            outliers = vectors;
-            let c = OplCounts {
-                k: p.k,
-                kept: refinement.kept.len(),
-                boundary,
-                accepted,
-            };
-            counts = Some(c);
-            theta = Some(refinement.theta);
+            let refined = refine_and_harden(
+                protos,
+                &e,
+                &t,
+                p.quantile,
+                p.hopg.as_ref(),
+                req,
+                &mut timings,
+                |k, ws| {
+                    (
+                        "prototype",
+                        ws.first()
+                            .cloned()
+                            .unwrap_or_else(|| format!("cluster {k}")),
+                        serde_json::json!({"cluster": k, "size": km.sizes[k]}),
+                    )
+                },
+            )?;
+            refined.record(&mut build, p.quantile, p.hopg.as_ref());
+            (counts, theta) = (Some(refined.counts), Some(refined.theta));
+            (rows, outliers) = (refined.rows, refined.vectors);
             kmeans_info = Some((km.iterations, km.converged));
             build.insert("k".into(), p.k.into());
-            build.insert("quantile".into(), p.quantile.into());
             build.insert("seed".into(), p.seed.into());
             build.insert("max_iter".into(), p.max_iter.into());
-            build.insert(
-                "hopg".into(),
-                serde_json::to_value(&p.hopg).unwrap_or_default(),
-            );
-            build.insert("counts".into(), serde_json::to_value(c).unwrap_or_default());
             build.insert("kmeans_iterations".into(), km.iterations.into());
             build.insert("kmeans_converged".into(), km.converged.into());
             build.insert("kmeans_empty_reseeds".into(), km.empty_reseeds.into());
         }
-        OutlierMode::Raw => {
-            let Some(w) = labels.take() else {
-                unreachable!("outlier labels are embedded above for this mode")
-            };
+        (OutlierMode::Words(p), Some(e)) => {
             n_words = words.len();
-            outliers = w.vectors;
+            // The refinement of §6 applied to the label embeddings themselves: every word
+            // below θ is a row (docs/method.md §6.1).
+            let refined = refine_and_harden(
+                e.clone(),
+                &e,
+                &t,
+                p.quantile,
+                p.hopg.as_ref(),
+                req,
+                &mut timings,
+                |k, _| ("word", words[k].clone(), serde_json::json!({"word": k})),
+            )?;
+            refined.record(&mut build, p.quantile, p.hopg.as_ref());
+            (counts, theta) = (Some(refined.counts), Some(refined.theta));
+            (rows, outliers) = (refined.rows, refined.vectors);
+        }
+        (OutlierMode::Raw, Some(e)) => {
+            n_words = words.len();
+            outliers = e;
             rows = words
                 .iter()
                 .map(|w| OutlierRow {
@@ -490,36 +494,24 @@ pub fn build_bank(
                 })
                 .collect();
         }
-        OutlierMode::NegLabel {
-            params,
-            noun_templates,
-            adj_templates,
-        } => {
-            drop(main_cache.take());
-            let mut lists: Vec<(&str, &Vec<String>, &Templates)> = Vec::new();
+        (
+            OutlierMode::NegLabel {
+                params,
+                noun_templates,
+                adj_templates,
+            },
+            _,
+        ) => {
+            let mut lists: Vec<(&str, &Vec<String>, &Templates, LabelSet)> = Vec::new();
             if !words.is_empty() {
-                lists.push(("noun", words, noun_templates));
+                lists.push(("noun", words, noun_templates, LabelSet::Outliers));
             }
             if !req.adjectives.is_empty() {
-                lists.push(("adj", &req.adjectives, adj_templates));
+                lists.push(("adj", &req.adjectives, adj_templates, LabelSet::Adjectives));
             }
             let mut embedded = Vec::new();
-            for (pos, list, tpl) in &lists {
-                let mut c = open_cache(cache, &fingerprint, tpl, dim);
-                let name = if *pos == "noun" {
-                    "noun candidates"
-                } else {
-                    "adjective candidates"
-                };
-                let w = embed_labels(
-                    encoder,
-                    tokenizer,
-                    tpl,
-                    list,
-                    c.as_mut(),
-                    req.batch,
-                    &mut Phase::new(progress, name),
-                )?;
+            for (_, list, tpl, set) in &lists {
+                let w = source.embed(*set, tpl, list, progress)?;
                 tally(&w);
                 embedded.push(w.vectors);
             }
@@ -528,7 +520,7 @@ pub fn build_bank(
             let t1 = Instant::now();
             let mut picked: Vec<Array2<f32>> = Vec::new();
             let mut kept_counts = BTreeMap::new();
-            for ((pos, list, tpl), e) in lists.iter().zip(&embedded) {
+            for ((pos, list, tpl, _), e) in lists.iter().zip(&embedded) {
                 let eta = percentile_cos(e.view(), t.view(), params.percentile);
                 let mut order: Vec<usize> = (0..eta.len()).collect();
                 order.sort_by(|&a, &b| eta[a].total_cmp(&eta[b]).then(a.cmp(&b)));
@@ -569,6 +561,7 @@ pub fn build_bank(
                 }),
             );
         }
+        (_, None) => unreachable!("outlier labels are embedded above for every mode but NegLabel"),
     }
     build.insert("n_outlier_words".into(), n_words.into());
     build.insert("n_outliers".into(), outliers.nrows().into());
@@ -582,14 +575,15 @@ pub fn build_bank(
         format: BANK_FORMAT,
         version: String::new(),
         created_by: format!("oodgate {}", env!("CARGO_PKG_VERSION")),
-        model_fingerprint: fingerprint,
-        model_name: info.model.clone(),
-        model_weights: weights_name(&info.weights),
+        model_fingerprint: model.fingerprint,
+        model_name: model.name,
+        model_weights: model.weights,
         dim,
         id_labels: req.id.names.clone(),
         id_wnids: req.id.wnids.clone(),
         outliers: rows,
         theta,
+        scale: req.scale,
         build: serde_json::Value::Object(build),
         cleaning: req.cleaning.clone(),
         thresholds: BTreeMap::new(),
@@ -615,6 +609,129 @@ pub fn build_bank(
     ))
 }
 
+/// Refined (and hardened) outlier rows.
+struct Refined {
+    vectors: Array2<f32>,
+    rows: Vec<OutlierRow>,
+    counts: OplCounts,
+    theta: f64,
+}
+
+impl Refined {
+    /// Records the refinement's parameters and counts in the bank's build parameters.
+    fn record(
+        &self,
+        build: &mut serde_json::Map<String, serde_json::Value>,
+        quantile: f64,
+        hopg: Option<&HopgParams>,
+    ) {
+        build.insert("quantile".into(), quantile.into());
+        build.insert(
+            "hopg".into(),
+            serde_json::to_value(hopg).unwrap_or_default(),
+        );
+        build.insert(
+            "counts".into(),
+            serde_json::to_value(self.counts).unwrap_or_default(),
+        );
+    }
+}
+
+/// Refinement (§6) of `protos` against the ID rows `t`, their nearest outlier words for
+/// provenance, and HOPG (§7) when `hopg` is given. `describe(k, nearest words)` names prototype
+/// k: its row kind, label and detail.
+#[allow(clippy::too_many_arguments)]
+fn refine_and_harden(
+    protos: Array2<f32>,
+    word_embeddings: &Array2<f32>,
+    t: &Array2<f32>,
+    quantile: f64,
+    hopg: Option<&HopgParams>,
+    req: &BuildRequest,
+    timings: &mut Timings,
+    describe: impl Fn(usize, &[String]) -> (&'static str, String, serde_json::Value),
+) -> Result<Refined, BuildError> {
+    let words = &req.outlier_words;
+    let t2 = Instant::now();
+    let refinement = refine(protos.view(), t.view(), quantile)?;
+    let kept = protos.select(Axis(0), &refinement.kept);
+    let near = nearest_words(
+        kept.view(),
+        word_embeddings.view(),
+        req.words_per_row.max(1),
+    )?;
+    timings.refinement = t2.elapsed();
+    let mut rows = Vec::with_capacity(kept.nrows());
+    for (&k, list) in refinement.kept.iter().zip(&near) {
+        let ws: Vec<String> = list.iter().map(|&(i, _)| words[i].clone()).collect();
+        let (kind, label, mut detail) = describe(k, &ws);
+        if let serde_json::Value::Object(d) = &mut detail {
+            d.insert("max_id_cos".into(), refinement.max_id_cos[k].into());
+            d.insert(
+                "nearest_id".into(),
+                serde_json::to_value(req.id.names.get(refinement.nearest_id[k]))
+                    .unwrap_or_default(),
+            );
+            d.insert(
+                "word_cos".into(),
+                list.iter().map(|&(_, c)| c).collect::<Vec<_>>().into(),
+            );
+        }
+        rows.push(OutlierRow {
+            kind: kind.into(),
+            label,
+            words: ws,
+            detail,
+        });
+    }
+
+    let t3 = Instant::now();
+    let dim = protos.ncols();
+    let (vectors, boundary, accepted) = match hopg {
+        Some(hp) => {
+            let h = hard_prototypes(t.view(), kept.view(), refinement.theta, hp)?;
+            for hard in &h.accepted {
+                let partner = rows.get(hard.partner).cloned();
+                let id_label = req.id.names.get(hard.id_class).cloned().unwrap_or_default();
+                let partner_label = partner
+                    .as_ref()
+                    .map(|r| r.label.clone())
+                    .unwrap_or_default();
+                rows.push(OutlierRow {
+                    kind: "hard".into(),
+                    label: format!("{id_label} ~ {partner_label}"),
+                    words: partner.map(|r| r.words).unwrap_or_default(),
+                    detail: serde_json::json!({
+                        "id_class": hard.id_class,
+                        "id_label": id_label,
+                        "component": hard.component,
+                        "partner": hard.partner,
+                        "lambda": hard.lambda,
+                        "max_id_cos": hard.max_id_cos,
+                    }),
+                });
+            }
+            let mut v = Array2::<f32>::zeros((kept.nrows() + h.vectors.nrows(), dim));
+            v.slice_mut(s![..kept.nrows(), ..]).assign(&kept);
+            v.slice_mut(s![kept.nrows().., ..]).assign(&h.vectors);
+            (v, h.boundary.len(), h.accepted.len())
+        }
+        None => (kept, 0, 0),
+    };
+    timings.hopg = t3.elapsed();
+    Ok(Refined {
+        vectors,
+        rows,
+        counts: OplCounts {
+            k: protos.nrows(),
+            kept: refinement.kept.len(),
+            boundary,
+            accepted,
+        },
+        theta: refinement.theta,
+    })
+}
+
 /// "pretrained" / "random" for a [`crate::model::Weights`].
 pub fn weights_name(w: &crate::model::Weights) -> String {
     match serde_json::to_value(w) {
@@ -627,8 +744,10 @@ pub fn weights_name(w: &crate::model::Weights) -> String {
 mod tests {
     use super::*;
     use crate::bank_build::embed::NoProgress;
+    use crate::bank_build::embed::embed_labels;
+    use crate::bank_build::source::{Precomputed, SourceModel, TextTower};
     use crate::bank_build::test_support::*;
-    use crate::detect::prototypes::HopgParams;
+    use crate::model::ClipTokenizer;
 
     fn request(mode: OutlierMode, n_words: usize) -> BuildRequest {
         let id = IdLabels {
@@ -644,6 +763,7 @@ mod tests {
             no_embeddings: None,
             words_per_row: 4,
             batch: 64,
+            scale: None,
             params: serde_json::json!({"id": "test"}),
             cleaning: serde_json::json!({"exact": 0}),
         }
@@ -666,7 +786,12 @@ mod tests {
             ..OplParams::default()
         };
         let req = request(OutlierMode::Prototypes(p.clone()), 300);
-        let (bank, report) = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap();
+        let (bank, report) = build_bank(
+            &mut TextTower::new(&mut enc, &tok, None, 64),
+            &req,
+            &mut NoProgress,
+        )
+        .unwrap();
         let e = embed_labels(
             &mut enc,
             &tok,
@@ -714,8 +839,12 @@ mod tests {
             ..OplParams::default()
         };
         for mode in [OutlierMode::Prototypes(p), OutlierMode::Raw] {
-            let (bank, _) =
-                build_bank(&mut enc, &tok, &request(mode, 300), None, &mut NoProgress).unwrap();
+            let (bank, _) = build_bank(
+                &mut TextTower::new(&mut enc, &tok, None, 64),
+                &request(mode, 300),
+                &mut NoProgress,
+            )
+            .unwrap();
             // Metadata floats (θ, cosines, λ) must parse back bit-exact: serde_json's
             // `float_roundtrip` feature.
             let back = Bank::from_bytes(&bank.to_bytes().unwrap()).unwrap();
@@ -728,10 +857,8 @@ mod tests {
         let mut enc = FakeEncoder::new(32);
         let tok = ClipTokenizer::default();
         let (bank, r) = build_bank(
-            &mut enc,
-            &tok,
+            &mut TextTower::new(&mut enc, &tok, None, 64),
             &request(OutlierMode::Raw, 50),
-            None,
             &mut NoProgress,
         )
         .unwrap();
@@ -748,7 +875,12 @@ mod tests {
             100,
         );
         req.adjectives = words(40).into_iter().map(|w| format!("{w}ish")).collect();
-        let (bank, _) = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap();
+        let (bank, _) = build_bank(
+            &mut TextTower::new(&mut enc, &tok, None, 64),
+            &req,
+            &mut NoProgress,
+        )
+        .unwrap();
         assert_eq!(bank.outliers.nrows(), 15 + 6);
         let etas: Vec<f64> = bank.meta.outliers[..15]
             .iter()
@@ -759,6 +891,215 @@ mod tests {
         assert_eq!(bank.meta.build["neglabel"]["kept"]["noun"]["kept"], 15);
     }
 
+    fn precomputed(t: Array2<f32>, o: Array2<f32>, lines: &[String]) -> Precomputed {
+        let model = SourceModel {
+            fingerprint: "fp-precomputed".into(),
+            name: "elsewhere".into(),
+            weights: "pretrained".into(),
+            dim: t.ncols(),
+        };
+        Precomputed::new(model, t, "T.npy")
+            .unwrap()
+            .with_outliers(o, lines, "O.npy")
+            .unwrap()
+    }
+
+    /// `--prototypes words` by hand: ID rows e0, e1; five unit words whose largest cosine to an
+    /// ID row is d = 0, 0.6, 0.8, 0.28, 0.96. Sorted d = [0, 0.28, 0.6, 0.8, 0.96]; numpy's
+    /// linear quantile at q = 0.5 is h = 4 · 0.5 = 2 → θ = 0.6, and the strict test d < θ keeps
+    /// w0 and w3. At q = 0.25, h = 1 → θ = 0.28 keeps w0 only. Dropping w3 by cleaning takes
+    /// its row out before the quantile: d = [0, 0.6, 0.8, 0.96], q = 0.5 → h = 1.5 → θ = 0.7,
+    /// keeping w0 and w1.
+    #[test]
+    fn words_refinement_by_hand() {
+        let t = ndarray::array![[1.0f32, 0.0, 0.0], [0.0, 1.0, 0.0]];
+        let o = ndarray::array![
+            [0.0f32, 0.0, 1.0],
+            [0.6, 0.0, 0.8],
+            [0.0, 0.8, 0.6],
+            [0.28, 0.0, 0.96],
+            [0.96, 0.0, 0.28],
+        ];
+        let lines: Vec<String> = (0..5).map(|i| format!("w{i}")).collect();
+        let mut req = request(
+            OutlierMode::Words(WordParams {
+                quantile: 0.5,
+                hopg: None,
+            }),
+            0,
+        );
+        req.id = IdLabels {
+            names: vec!["a".into(), "b".into()],
+            wnids: vec![None, None],
+        };
+        req.outlier_words = lines.clone();
+        req.words_per_row = 2;
+        let build = |req: &BuildRequest| {
+            let mut src = precomputed(t.clone(), o.clone(), &lines);
+            build_bank(&mut src, req, &mut NoProgress).unwrap().0
+        };
+        let bank = build(&req);
+        assert_eq!(bank.meta.theta, Some(f64::from(0.6f32)));
+        let labels: Vec<&str> = bank
+            .meta
+            .outliers
+            .iter()
+            .map(|r| r.label.as_str())
+            .collect();
+        assert_eq!(labels, ["w0", "w3"]);
+        assert_eq!(bank.outliers.row(1).to_vec(), o.row(3).to_vec());
+        assert_eq!(bank.meta.outliers[1].kind, "word");
+        assert_eq!(bank.meta.outliers[1].detail["nearest_id"], "a");
+        assert_eq!(bank.meta.build["prototypes"], "words");
+        assert_eq!(bank.meta.build["hard_prototypes"], 0);
+        assert_eq!(bank.meta.build["label_source"], "precomputed");
+        assert_eq!(bank.meta.model_fingerprint, "fp-precomputed");
+        assert_eq!(bank.meta.model_weights, "pretrained");
+
+        req.mode = OutlierMode::Words(WordParams {
+            quantile: 0.25,
+            hopg: None,
+        });
+        let bank = build(&req);
+        assert_eq!(bank.meta.theta, Some(f64::from(0.28f32)));
+        assert_eq!(bank.meta.outliers.len(), 1);
+
+        req.mode = OutlierMode::Words(WordParams {
+            quantile: 0.5,
+            hopg: None,
+        });
+        req.outlier_words = ["w0", "w1", "w2", "w4"].map(String::from).to_vec();
+        let bank = build(&req);
+        let theta = 0.5 * (f64::from(0.6f32) + f64::from(0.8f32));
+        assert!((bank.meta.theta.unwrap() - theta).abs() < 1e-12);
+        let labels: Vec<&str> = bank
+            .meta
+            .outliers
+            .iter()
+            .map(|r| r.label.as_str())
+            .collect();
+        assert_eq!(labels, ["w0", "w1"]);
+    }
+
+    /// Fed the encoder's own label embeddings (the outlier matrix in file order, with words
+    /// that cleaning removes and a repeated line), the precomputed path builds the same bank as
+    /// encoding: the same rows bit for bit, θ, provenance and counts, for every variant.
+    #[test]
+    fn precomputed_embeddings_give_the_bank_that_encoding_gives() {
+        let mut enc = FakeEncoder::new(32);
+        let tok = ClipTokenizer::default();
+        let hopg = Some(HopgParams {
+            clusters: 2,
+            per_cluster: 10,
+            ..HopgParams::default()
+        });
+        let modes = [
+            OutlierMode::Prototypes(OplParams {
+                k: 40,
+                quantile: 0.5,
+                seed: 3,
+                hopg: hopg.clone(),
+                nearest_words: 4,
+                ..OplParams::default()
+            }),
+            OutlierMode::Words(WordParams {
+                quantile: 0.3,
+                hopg,
+            }),
+            OutlierMode::Raw,
+        ];
+        for mode in modes {
+            let req = request(mode, 300);
+            let (encoded, _) = build_bank(
+                &mut TextTower::new(&mut enc, &tok, None, 64),
+                &req,
+                &mut NoProgress,
+            )
+            .unwrap();
+            // The file: 40 extra words (cleaned away), a repeat, in reverse order.
+            let mut lines = words(340);
+            lines.push(lines[5].clone());
+            lines.reverse();
+            let embed = |enc: &mut FakeEncoder, list: &[String]| {
+                embed_labels(enc, &tok, &req.templates, list, None, 64, &mut NoProgress)
+                    .unwrap()
+                    .vectors
+            };
+            let t = embed(&mut enc, &req.id.names);
+            let o = embed(&mut enc, &lines);
+            let (bank, _) =
+                build_bank(&mut precomputed(t, o, &lines), &req, &mut NoProgress).unwrap();
+            assert_eq!(bank.id, encoded.id);
+            assert_eq!(bank.outliers, encoded.outliers, "{}", req.mode.name());
+            assert_eq!(bank.meta.outliers, encoded.meta.outliers);
+            assert_eq!(bank.meta.theta, encoded.meta.theta);
+            assert_eq!(bank.meta.build["counts"], encoded.meta.build["counts"]);
+            assert_eq!(bank.meta.build["label_source"], "precomputed");
+            assert_eq!(encoded.meta.build["label_source"], "text-encoder");
+        }
+    }
+
+    #[test]
+    fn precomputed_inputs_are_checked() {
+        let t = ndarray::array![[1.0f32, 0.0], [0.0, 2.0]];
+        let lines = vec!["x".to_string(), "y".to_string()];
+        let mut src = precomputed(
+            t.clone(),
+            ndarray::array![[1.0f32, 1.0], [0.0, 1.0]],
+            &lines,
+        );
+        // Rows are normalised; an ID row count that does not match --id is an error.
+        let tpl = tpl(&["{}"]);
+        let e = src
+            .embed(
+                LabelSet::Id,
+                &tpl,
+                &["a".into(), "b".into()],
+                &mut NoProgress,
+            )
+            .unwrap();
+        assert_eq!(e.vectors.row(1).to_vec(), vec![0.0, 1.0]);
+        let err = src
+            .embed(LabelSet::Id, &tpl, &["a".into()], &mut NoProgress)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("T.npy has 2 rows but there are 1 ID labels"),
+            "{err}"
+        );
+        let err = src
+            .embed(LabelSet::Outliers, &tpl, &["z".into()], &mut NoProgress)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("\"z\" has no row in O.npy"),
+            "{err}"
+        );
+        let err = src
+            .embed(LabelSet::Adjectives, &tpl, &["red".into()], &mut NoProgress)
+            .unwrap_err();
+        assert!(err.to_string().contains("--adjectives none"), "{err}");
+        // Row counts, widths and zero rows.
+        let model = src.model().clone();
+        let err = Precomputed::new(model.clone(), t.clone(), "T.npy")
+            .unwrap()
+            .with_outliers(ndarray::array![[1.0f32, 0.0]], &lines, "O.npy")
+            .err()
+            .unwrap();
+        assert!(
+            err.to_string()
+                .contains("O.npy has 1 rows but the outlier list has 2"),
+            "{err}"
+        );
+        let err = Precomputed::new(model.clone(), ndarray::array![[1.0f32, 0.0, 0.0]], "T.npy")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("dimension 3 but 2"), "{err}");
+        let err = Precomputed::new(model, ndarray::array![[1.0f32, 0.0], [0.0, 0.0]], "T.npy")
+            .err()
+            .unwrap();
+        assert_eq!(err.to_string(), "T.npy: row 1 is zero or not finite");
+    }
+
     #[test]
     fn early_checks() {
         let mut enc = FakeEncoder::new(8);
@@ -766,14 +1107,24 @@ mod tests {
         let mut req = request(OutlierMode::Prototypes(OplParams::default()), 100);
         req.id.names.truncate(10);
         req.id.wnids.truncate(10);
-        let err = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap_err();
+        let err = build_bank(
+            &mut TextTower::new(&mut enc, &tok, None, 64),
+            &req,
+            &mut NoProgress,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("lower --k"), "{err}");
         req.mode = OutlierMode::Prototypes(OplParams {
             k: 10,
             ..OplParams::default()
         });
-        let err = build_bank(&mut enc, &tok, &req, None, &mut NoProgress).unwrap_err();
-        assert!(err.to_string().contains("--no-hopg"), "{err}");
+        let err = build_bank(
+            &mut TextTower::new(&mut enc, &tok, None, 64),
+            &req,
+            &mut NoProgress,
+        )
+        .unwrap_err();
+        assert!(err.to_string().contains("--hard-prototypes 0"), "{err}");
         assert!(enc.calls.is_empty(), "nothing is encoded before the checks");
     }
 }

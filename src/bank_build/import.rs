@@ -28,6 +28,8 @@ pub struct ImportRequest {
     pub model_weights: String,
     /// θ, if known.
     pub theta: Option<f64>,
+    /// The logit scale to store, if any.
+    pub scale: Option<f32>,
     /// Recorded in `BankMeta.build`.
     pub params: serde_json::Value,
 }
@@ -78,6 +80,7 @@ pub fn import_bank(req: ImportRequest) -> Result<Bank, BuildError> {
         dim: d,
         id_labels: req.id_labels.names,
         id_wnids: req.id_labels.wnids,
+        scale: req.scale,
         outliers: rows,
         theta: req.theta,
         build: req.params,
@@ -106,10 +109,12 @@ mod tests {
             model_name: String::new(),
             model_weights: "unknown".into(),
             theta: None,
+            scale: Some(30.0),
             params: serde_json::Value::Null,
         };
         let b = import_bank(req.clone()).unwrap();
         assert_eq!(b.meta.outliers[0].label, "outlier 0");
+        assert_eq!(b.meta.scale, Some(30.0));
         let mut bad = req.clone();
         bad.outliers = Some((ndarray::array![[1.0f32, 1.0]], Some(vec![])));
         assert!(import_bank(bad).is_err());

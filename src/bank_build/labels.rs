@@ -120,6 +120,9 @@ pub enum LabelError {
         /// The preset names.
         known: String,
     },
+    /// A corpus that cannot serve the request, with advice.
+    #[error("{0}")]
+    Unsupported(String),
     /// A list holds no entries.
     #[error("{origin}: no {what} (only blank or comment lines)")]
     Empty {
@@ -476,6 +479,23 @@ pub fn outlier_words(
             word_list(path, &text)
         }
     }
+}
+
+/// The word lines of an outlier list (a file or the `ole-reference` preset), in file order
+/// with repeats: the rows of a matrix embedded elsewhere (`--outlier-embeddings`). Blank lines
+/// and `#` comments are not words. The WordNet corpus has no file order and is refused.
+pub fn outlier_lines(spec: &str) -> Result<Vec<String>, LabelError> {
+    let text = match spec {
+        CORPUS_WORDNET => {
+            return Err(LabelError::Unsupported(format!(
+                "precomputed outlier embeddings need their words as a file, one per line in \
+                 row order; --outliers {CORPUS_WORDNET} is generated, not a file"
+            )));
+        }
+        CORPUS_OLE_REFERENCE => OLE_NONUS.to_string(),
+        path => read_file(Path::new(path), String::new)?,
+    };
+    Ok(list_lines(&text).map(|(_, w)| w.to_string()).collect())
 }
 
 fn word_list(origin: &str, text: &str) -> Result<Vec<String>, LabelError> {

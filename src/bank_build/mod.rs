@@ -14,6 +14,7 @@ pub mod embed;
 pub mod embed_cache;
 pub mod import;
 pub mod labels;
+pub mod source;
 pub mod wordnet;
 
 #[cfg(test)]
@@ -42,5 +43,13 @@ pub enum BuildError {
     BadEmbedding {
         /// The label.
         label: String,
+    },
+    /// A precomputed embedding row with no direction.
+    #[error("{origin}: row {row} is zero or not finite")]
+    BadRow {
+        /// The file.
+        origin: String,
+        /// The row (0-based).
+        row: usize,
     },
 }

@@ -35,7 +35,7 @@ pub struct CalibrateArgs {
     #[arg(long, default_value_t = 0.95)]
     pub tpr: f64,
     /// Logit scale override (cannot be combined with --write: stored thresholds are for the
-    /// method's default scale).
+    /// bank's scale, `bank build --scale`, else the method's default).
     #[arg(long)]
     pub scale: Option<f32>,
     /// Store the thresholds in the bank file.
@@ -49,8 +49,9 @@ pub struct CalibrateArgs {
 pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
     if a.write && a.scale.is_some() {
         bail!(
-            "--write stores thresholds for each method's default scale, which `score` uses; drop \
-             --scale (or calibrate without --write and pass --threshold to score)"
+            "--write stores thresholds for the bank's scale (else each method's default), which \
+             `score` uses; drop --scale (or calibrate without --write and pass --threshold to \
+             score)"
         );
     }
     let bank = load_bank(&a.bank)?;

@@ -40,7 +40,8 @@ pub struct EvalArgs {
     /// one set.
     #[arg(long, required = true)]
     pub ood: Vec<String>,
-    /// Logit scale override, applied to every method.
+    /// Logit scale override, applied to every method (default: each bank's, else the
+    /// method's).
     #[arg(long)]
     pub scale: Option<f32>,
     /// Print JSON (fractions) instead of the table (percent).

@@ -26,7 +26,7 @@ pub struct ScoreArgs {
     /// Decision threshold: OOD iff score < X (default: the bank's calibrated threshold).
     #[arg(long)]
     pub threshold: Option<f64>,
-    /// Logit scale s = 1/T (default: the method's, e.g. 50 for ole).
+    /// Logit scale s = 1/T (default: the bank's, else the method's, e.g. 50 for ole).
     #[arg(long)]
     pub scale: Option<f32>,
     /// Nearest ID labels and outlier words reported per input (0 = none).
@@ -79,12 +79,16 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let detector = Detector::new(load_bank(&a.bank)?, &spec)
         .with_context(|| format!("bank {}", a.bank.display()))?;
     let threshold = detector.threshold().context("no threshold was resolved")?;
-    if threshold.source == "bank" && a.scale.is_some_and(|s| s != a.method.default_scale()) {
+    let bank_scale = detector
+        .bank()
+        .meta
+        .scale
+        .unwrap_or(a.method.default_scale());
+    if threshold.source == "bank" && a.scale.is_some_and(|s| s != bank_scale) {
         eprintln!(
-            "WARNING: the bank's threshold for {} was calibrated at the default scale {}, but \
+            "WARNING: the bank's threshold for {} was calibrated at the bank's scale {}, but \
              --scale changes the scores; recalibrate or pass --threshold",
-            a.method,
-            a.method.default_scale()
+            a.method, bank_scale
         );
     }
     let bank = detector.bank();

@@ -442,6 +442,11 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::Float,
         "Decision threshold (score below it is OOD); unset: the bank's calibrated threshold.",
     ),
+    opt(
+        "detector.scale",
+        Kind::Float,
+        "Logit scale s = 1/T of the score; unset: the bank's (`bank build --scale`), else the method's (50 for ole).",
+    ),
     key(
         "detector.top_k",
         Kind::Integer,

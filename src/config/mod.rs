@@ -414,6 +414,9 @@ pub struct DetectorSettings {
     pub method: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub threshold: Option<f64>,
+    /// Logit scale override; unset: the bank's (`bank build --scale`), else the method's.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
     pub top_k: usize,
     pub force_fingerprint: bool,
     pub exact_limit: usize,
@@ -428,6 +431,7 @@ impl Default for DetectorSettings {
             bank: None,
             method: "ole".into(),
             threshold: None,
+            scale: None,
             top_k: 3,
             force_fingerprint: false,
             exact_limit: ApproxParams::default().exact_limit,

@@ -433,6 +433,14 @@ impl Settings {
                 format!("must be a finite number (got {t})"),
             ));
         }
+        if let Some(s) = d.scale
+            && !(s.is_finite() && s > 0.0)
+        {
+            p.push(Problem::new(
+                "detector.scale",
+                format!("must be a finite number > 0 (got {s})"),
+            ));
+        }
         range_u(p, "detector.top_k", d.top_k as u64, 0, 100);
         range_u(
             p,

@@ -93,6 +93,10 @@ pub struct BankMeta {
     pub id_wnids: Vec<Option<String>>,
     pub outliers: Vec<OutlierRow>,
     pub theta: Option<f64>,
+    /// The logit scale the bank's scores use (`bank build --scale`); each method's default
+    /// when absent. A flag or `detector.scale` overrides it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<f32>,
     /// Every build parameter, as given.
     #[serde(default)]
     pub build: serde_json::Value,
@@ -595,7 +599,7 @@ impl BankIndex {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn toy() -> Bank {
@@ -616,6 +620,7 @@ mod tests {
                 detail: serde_json::Value::Null,
             }],
             theta: Some(0.25),
+            scale: None,
             build: serde_json::json!({"k": 500}),
             cleaning: serde_json::Value::Null,
             thresholds: BTreeMap::new(),

@@ -104,7 +104,7 @@ pub fn resolve_threshold(
 #[derive(Debug, Clone, PartialEq)]
 pub struct DetectorSpec {
     pub method: Method,
-    /// Logit scale override (default: the method's).
+    /// Logit scale override (default: the bank's, else the method's).
     pub scale: Option<f32>,
     pub threshold: ThresholdChoice,
     /// Nearest ID labels and outlier words per verdict (0 = no explanations).
@@ -123,10 +123,11 @@ impl DetectorSpec {
         }
     }
 
-    /// Score parameters of the method with the scale override applied.
-    pub fn params(&self) -> ScoreParams {
+    /// Score parameters of the method on `bank`: the scale override, else the bank's stored
+    /// scale, else the method's default.
+    pub fn params(&self, bank: &Bank) -> ScoreParams {
         let mut p = ScoreParams::for_method(self.method);
-        if let Some(s) = self.scale {
+        if let Some(s) = self.scale.or(bank.meta.scale) {
             p.scale = s;
         }
         p
@@ -199,7 +200,7 @@ impl Detector {
         index: Option<BankIndex>,
         spec: &DetectorSpec,
     ) -> Result<Detector, DetectorError> {
-        let params = spec.params();
+        let params = spec.params(&bank);
         params.validate()?;
         spec.approx.validate()?;
         let threshold = resolve_threshold(&bank, spec.method, spec.threshold)?;
@@ -317,5 +318,40 @@ impl Detector {
                 }
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The scale: a flag (`--scale`, `detector.scale`) wins over the bank's stored scale, which
+    /// wins over the method's default; the scores follow it (MCM's max softmax at s is
+    /// e^{s·0.6} / (e^{s·0.6} + e^{s·0.8}) for x = (0.6, 0.8, 0) against the ID rows e0, e1).
+    #[test]
+    fn flag_then_bank_then_method_scale() {
+        let mut bank = crate::detect::bank::tests::toy();
+        let x = ndarray::array![[0.6f32, 0.8, 0.0]];
+        let score = |bank: &Bank, scale: Option<f32>| {
+            let spec = DetectorSpec {
+                scale,
+                threshold: ThresholdChoice::None,
+                top_k: 0,
+                ..DetectorSpec::new(Method::Mcm)
+            };
+            let d = Detector::new(bank.clone(), &spec).unwrap();
+            (d.params().scale, d.scores(x.view()).unwrap()[0].score)
+        };
+        let mcm = |s: f64| 1.0 / (1.0 + (-s * 0.2).exp());
+        let (s, v) = score(&bank, None);
+        assert_eq!(s, Method::Mcm.default_scale());
+        assert!((v - mcm(f64::from(s))).abs() < 1e-5, "{v}");
+        bank.meta.scale = Some(10.0);
+        let (s, v) = score(&bank, None);
+        assert_eq!(s, 10.0);
+        assert!((v - mcm(10.0)).abs() < 1e-5, "{v}");
+        let (s, v) = score(&bank, Some(5.0));
+        assert_eq!(s, 5.0);
+        assert!((v - mcm(5.0)).abs() < 1e-5, "{v}");
     }
 }

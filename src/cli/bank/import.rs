@@ -4,13 +4,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
-use oodgate::bank_build::build::{self};
 use oodgate::bank_build::import::{self, ImportRequest};
 use oodgate::bank_build::labels::IdLabels;
-use oodgate::model::ModelManifest;
 use oodgate::npy::read_npy;
 
-use crate::cli::common::short;
+use crate::cli::common::{model_identity, short};
 
 use super::attach_index;
 
@@ -34,6 +32,9 @@ pub struct ImportArgs {
     /// θ of the refinement, if known.
     #[arg(long)]
     pub theta: Option<f64>,
+    /// Logit scale stored in the bank (default: each method's own).
+    #[arg(long)]
+    pub scale: Option<f32>,
     /// Fingerprint of the model the matrices come from.
     #[arg(long, conflicts_with = "model", required_unless_present = "model")]
     pub model_fingerprint: Option<String>,
@@ -77,21 +78,8 @@ pub(super) fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
         }
         None => None,
     };
-    let (fingerprint, name, weights) = match (&a.model, &a.model_fingerprint) {
-        (Some(dir), _) => {
-            let m = ModelManifest::load(dir)
-                .with_context(|| format!("reading model {}", dir.display()))?;
-            let fp = m.fingerprint()?;
-            let name = if m.name.is_empty() {
-                dir.display().to_string()
-            } else {
-                m.name.clone()
-            };
-            (fp, name, build::weights_name(&m.weights))
-        }
-        (None, Some(fp)) => (fp.trim().to_string(), String::new(), "unknown".to_string()),
-        (None, None) => bail!("give --model DIR or --model-fingerprint HASH"),
-    };
+    let (fingerprint, name, weights) =
+        model_identity(a.model.as_deref(), a.model_fingerprint.as_deref())?;
     let params = serde_json::json!({
         "mode": "import",
         "id_embeddings": a.id_embeddings.display().to_string(),
@@ -109,6 +97,7 @@ pub(super) fn run_import(a: ImportArgs) -> anyhow::Result<ExitCode> {
         model_name: name,
         model_weights: weights,
         theta: a.theta,
+        scale: a.scale,
         params,
     })?;
     attach_index(&mut bank)?;

@@ -37,6 +37,24 @@ pub(super) fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             })
         })
         .collect();
+    // The bank-building variant (older banks lack the keys: derived from the mode).
+    let mode = m.build["mode"].as_str().unwrap_or("");
+    let variant = serde_json::json!({
+        "prototypes": m.build.get("prototypes").cloned().unwrap_or_else(|| match mode {
+            "prototypes" => "kmeans".into(),
+            "raw" => "none".into(),
+            "" => serde_json::Value::Null,
+            other => other.into(),
+        }),
+        "hard_prototypes": m.build.get("hard_prototypes").cloned().unwrap_or_else(|| {
+            let h = &m.build["hopg"];
+            match (h["clusters"].as_u64(), h["per_cluster"].as_u64()) {
+                (Some(c), Some(p)) => (c * p).into(),
+                _ => 0.into(),
+            }
+        }),
+        "label_source": m.build.get("label_source").cloned().unwrap_or("text-encoder".into()),
+    });
     let file_bytes = std::fs::metadata(&a.bank).map(|x| x.len()).unwrap_or(0);
     if a.json {
         let out = serde_json::json!({
@@ -53,6 +71,8 @@ pub(super) fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             "n_outliers": bank.outliers.nrows(),
             "has_no_embeddings": bank.no.is_some(),
             "theta": m.theta,
+            "variant": variant,
+            "scale": m.scale,
             "outlier_kinds": kinds,
             "id_labels_sample": m.id_labels.iter().take(a.samples).collect::<Vec<_>>(),
             "outliers_sample": samples,
@@ -104,6 +124,14 @@ pub(super) fn run_inspect(a: InspectArgs) -> anyhow::Result<ExitCode> {
             .collect::<Vec<_>>()
             .join(", "),
         m.theta.map_or("-".into(), |t| format!("{t:.6}"))
+    );
+    println!(
+        "  variant: --prototypes {} --hard-prototypes {}, labels from {}, scale {}",
+        variant["prototypes"].as_str().unwrap_or("-"),
+        variant["hard_prototypes"],
+        variant["label_source"].as_str().unwrap_or("-"),
+        m.scale
+            .map_or("each method's default".into(), |s| s.to_string())
     );
     if let Some(c) = m.cleaning.get("outliers") {
         println!(

@@ -9,6 +9,7 @@ use anyhow::Context;
 use indicatif::ProgressBar;
 use oodgate::bank_build::build::{
     self, BuildReport, BuildRequest, CacheSpec, DEFAULT_WORDS_PER_ROW, NegLabelParams, OutlierMode,
+    WordParams,
 };
 use oodgate::bank_build::embed::{DEFAULT_BATCH, Progress};
 use oodgate::bank_build::embed_cache;
@@ -17,6 +18,7 @@ use oodgate::bank_build::labels::{
     self, CORPUS_WORDNET, CleanOptions, CleanReport, CorpusOptions, IdLabels, clean_outliers,
     outlier_words,
 };
+use oodgate::bank_build::source::{Precomputed, SourceModel, TextTower};
 use oodgate::bank_build::wordnet::{self, WordNet};
 use oodgate::detect::bank::Bank;
 use oodgate::detect::index::IndexParams;
@@ -25,7 +27,7 @@ use oodgate::model::{ClipTokenizer, RANDOM_WEIGHTS_WARNING};
 use oodgate::npy::read_npy;
 
 use super::common::short;
-use super::common::{ModelArgs, progress};
+use super::common::{RuntimeArgs, load_encoder, model_identity, progress};
 
 mod import;
 mod inspect;
@@ -62,13 +64,44 @@ pub fn run(c: BankCommand) -> anyhow::Result<ExitCode> {
 // build
 // ---------------------------------------------------------------------------------------------
 
+/// `--prototypes`: what the outlier rows are before HOPG.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PrototypeVariant {
+    /// OPL: k-means over the outlier-label embeddings, then the θ-quantile refinement.
+    Kmeans,
+    /// The θ-quantile refinement applied to the label embeddings themselves (no clustering).
+    Words,
+    /// Every outlier-label embedding (no clustering, no refinement).
+    None,
+}
+
 #[derive(Debug, clap::Args)]
 pub struct BuildArgs {
+    /// Model folder (with model.toml): its text tower embeds the labels; with
+    /// --id-embeddings/--outlier-embeddings only its fingerprint is recorded.
+    #[arg(
+        long,
+        env = "OODGATE_MODEL",
+        required_unless_present = "model_fingerprint"
+    )]
+    pub model: Option<PathBuf>,
     #[command(flatten)]
-    pub model: ModelArgs,
+    pub runtime: RuntimeArgs,
+    /// With precomputed embeddings instead of --model: the fingerprint of the model they come
+    /// from (`bank inspect` of a bank built with it, or `oodgate info --model DIR`).
+    #[arg(long, conflicts_with = "model", requires = "id_embeddings")]
+    pub model_fingerprint: Option<String>,
     /// ID classes: a preset (imagenet1k, cifar10, cifar100) or a label file.
     #[arg(long)]
     pub id: String,
+    /// ID label embeddings computed elsewhere ([C, D] .npy, rows in the order of --id) instead
+    /// of the model's text tower; needs --outlier-embeddings.
+    #[arg(long, requires = "outlier_embeddings")]
+    pub id_embeddings: Option<PathBuf>,
+    /// Outlier-label embeddings computed elsewhere ([N, D] .npy, one row per word line of the
+    /// --outliers file, in file order); cleaning drops rows by their words.
+    #[arg(long, requires = "id_embeddings")]
+    pub outlier_embeddings: Option<PathBuf>,
     /// Outlier-label corpus: wordnet, ole-reference or a word file (one per line).
     #[arg(long, default_value = CORPUS_WORDNET)]
     pub outliers: String,
@@ -91,9 +124,22 @@ pub struct BuildArgs {
     /// Lloyd iterations at most.
     #[arg(long, default_value_t = 100)]
     pub max_iter: usize,
-    /// Skip Hard Outlier Prototype Generation.
+    /// What the outlier rows are: kmeans (OPL + refinement, the paper's), words (the
+    /// refinement applied to the label embeddings, no clustering) or none (every label).
+    #[arg(long, value_enum, default_value = "kmeans")]
+    pub prototypes: PrototypeVariant,
+    /// Hard Outlier Prototype Generation: N boundary ID embeddings (a multiple of
+    /// --hopg-clusters) mixed with their nearest outlier rows; 0 = off. Default 150 with
+    /// kmeans, 0 otherwise.
+    #[arg(long, conflicts_with_all = ["no_hopg", "hopg_per_cluster"])]
+    pub hard_prototypes: Option<usize>,
+    /// Skip HOPG (an alias of --hard-prototypes 0).
     #[arg(long)]
     pub no_hopg: bool,
+    /// Logit scale s stored in the bank: score, serve, eval and calibrate use it unless
+    /// --scale or detector.scale overrides it (default: each method's own, 50 for ole).
+    #[arg(long)]
+    pub scale: Option<f32>,
     /// HOPG: components of the ID embeddings.
     #[arg(long, default_value_t = 5)]
     pub hopg_clusters: usize,
@@ -106,7 +152,7 @@ pub struct BuildArgs {
     /// HOPG: seed of its k-means and of the λ draws.
     #[arg(long, default_value_t = 42)]
     pub hopg_seed: u64,
-    /// Keep every outlier-label embedding as an outlier row (the "raw OLE" ablation).
+    /// Keep every outlier-label embedding as an outlier row (an alias of --prototypes none).
     #[arg(long, conflicts_with = "neglabel")]
     pub raw_outliers: bool,
     /// NegLabel negative mining instead of prototypes (for --method neglabel).
@@ -221,6 +267,61 @@ fn report_json(r: &CleanReport) -> serde_json::Value {
     })
 }
 
+/// The outlier rows of a non-NegLabel bank from --prototypes, --hard-prototypes and their
+/// aliases (--raw-outliers, --no-hopg).
+fn prototype_mode(a: &BuildArgs) -> anyhow::Result<OutlierMode> {
+    let variant = if a.raw_outliers {
+        PrototypeVariant::None
+    } else {
+        a.prototypes
+    };
+    let hard = match (a.hard_prototypes, a.no_hopg) {
+        (Some(n), _) => n,
+        (None, true) => 0,
+        (None, false) if variant == PrototypeVariant::Kmeans => {
+            a.hopg_clusters.saturating_mul(a.hopg_per_cluster)
+        }
+        (None, false) => 0,
+    };
+    let hopg = if hard == 0 {
+        None
+    } else {
+        if a.hopg_clusters == 0 || hard % a.hopg_clusters != 0 {
+            anyhow::bail!(
+                "--hard-prototypes {hard} must be a multiple of --hopg-clusters {} (each \
+                 component gives the same number of boundary ID embeddings)",
+                a.hopg_clusters
+            );
+        }
+        Some(HopgParams {
+            clusters: a.hopg_clusters,
+            per_cluster: hard / a.hopg_clusters,
+            lambda_max: a.hopg_lambda_max,
+            seed: a.hopg_seed,
+            max_iter: a.max_iter,
+        })
+    };
+    Ok(match variant {
+        PrototypeVariant::Kmeans => OutlierMode::Prototypes(OplParams {
+            k: a.k,
+            quantile: a.quantile,
+            seed: a.seed,
+            max_iter: a.max_iter,
+            hopg,
+            nearest_words: a.words_per_row,
+        }),
+        PrototypeVariant::Words => OutlierMode::Words(WordParams {
+            quantile: a.quantile,
+            hopg,
+        }),
+        PrototypeVariant::None if hopg.is_some() => anyhow::bail!(
+            "--prototypes none keeps every label and has no refinement threshold θ, which \
+             HOPG needs: use --hard-prototypes 0, or --prototypes words"
+        ),
+        PrototypeVariant::None => OutlierMode::Raw,
+    })
+}
+
 fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let id = IdLabels::load(&a.id).with_context(|| format!("loading ID labels {}", a.id))?;
@@ -289,6 +390,9 @@ fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
             (w, Some(r))
         }
     };
+    if a.neglabel && a.prototypes != PrototypeVariant::Kmeans {
+        anyhow::bail!("--prototypes does not apply to --neglabel banks (their rows are mined)");
+    }
     let mode = if a.neglabel {
         OutlierMode::NegLabel {
             params: NegLabelParams {
@@ -300,23 +404,8 @@ fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
             adj_templates: labels::templates(&a.adj_templates)
                 .with_context(|| format!("loading templates {}", a.adj_templates))?,
         }
-    } else if a.raw_outliers {
-        OutlierMode::Raw
     } else {
-        OutlierMode::Prototypes(OplParams {
-            k: a.k,
-            quantile: a.quantile,
-            seed: a.seed,
-            max_iter: a.max_iter,
-            hopg: (!a.no_hopg).then_some(HopgParams {
-                clusters: a.hopg_clusters,
-                per_cluster: a.hopg_per_cluster,
-                lambda_max: a.hopg_lambda_max,
-                seed: a.hopg_seed,
-                max_iter: a.max_iter,
-            }),
-            nearest_words: a.words_per_row,
-        })
+        prototype_mode(&a)?
     };
     let no_embeddings = match &a.no_embeddings {
         Some(p) => Some(read_npy(p)?),
@@ -336,6 +425,8 @@ fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         "adjectives": adj_spec,
         "corpus": corpus,
         "no_embeddings_file": a.no_embeddings.as_ref().map(|p| p.display().to_string()),
+        "id_embeddings_file": a.id_embeddings.as_ref().map(|p| p.display().to_string()),
+        "outlier_embeddings_file": a.outlier_embeddings.as_ref().map(|p| p.display().to_string()),
     });
     let req = BuildRequest {
         id,
@@ -346,26 +437,55 @@ fn run_build(a: BuildArgs) -> anyhow::Result<ExitCode> {
         no_embeddings,
         words_per_row: a.words_per_row,
         batch: a.batch,
+        scale: a.scale,
         params,
         cleaning,
     };
     // Fail on impossible parameters before loading the model and encoding anything.
     build::check_request(&req)?;
 
-    let mut enc = a.model.load(true)?;
-    let spec = enc.manifest().text.clone().context(
-        "this model folder has no text encoder ([text] in model.toml); it cannot build banks",
-    )?;
-    let tok = ClipTokenizer::new(spec.context_length, spec.pad_id);
-    let cache = (!a.no_cache).then(|| CacheSpec {
+    let mut bars = Bars(None);
+    let cache = (!a.no_cache && a.id_embeddings.is_none()).then(|| CacheSpec {
         root: a.cache.clone().unwrap_or_else(embed_cache::default_root),
     });
-    let mut bars = Bars(None);
-    let (mut bank, rep) = build::build_bank(&mut enc, &tok, &req, cache.as_ref(), &mut bars)?;
+    let (mut bank, rep) = match (&a.id_embeddings, &a.outlier_embeddings) {
+        (Some(id_path), Some(out_path)) => {
+            let t = read_npy(id_path)?;
+            let (fingerprint, name, weights) =
+                model_identity(a.model.as_deref(), a.model_fingerprint.as_deref())?;
+            let lines = labels::outlier_lines(&a.outliers)
+                .with_context(|| format!("reading the outlier words {}", a.outliers))?;
+            let model = SourceModel {
+                fingerprint,
+                name,
+                weights,
+                dim: t.ncols(),
+            };
+            let mut source = Precomputed::new(model, t, &id_path.display().to_string())?
+                .with_outliers(read_npy(out_path)?, &lines, &out_path.display().to_string())?;
+            build::build_bank(&mut source, &req, &mut bars)?
+        }
+        _ => {
+            let Some(dir) = &a.model else {
+                anyhow::bail!(
+                    "--model DIR is needed to embed the labels (or give --id-embeddings and \
+                     --outlier-embeddings)"
+                );
+            };
+            let mut enc = load_encoder(dir, a.runtime.options(true)?)?;
+            let spec = enc.manifest().text.clone().context(
+                "this model folder has no text encoder ([text] in model.toml); it cannot \
+                 embed labels (give --id-embeddings and --outlier-embeddings instead)",
+            )?;
+            let tok = ClipTokenizer::new(spec.context_length, spec.pad_id);
+            let mut source = TextTower::new(&mut enc, &tok, cache.as_ref(), a.batch);
+            build::build_bank(&mut source, &req, &mut bars)?
+        }
+    };
     attach_index(&mut bank)?;
     bank.save(&a.output)
         .with_context(|| format!("writing {}", a.output.display()))?;
-    let random = enc.manifest().is_random();
+    let random = bank.meta.model_weights == "random";
     if a.json {
         let out = serde_json::json!({
             "bank": a.output,
@@ -419,38 +539,52 @@ fn print_summary(
         clean.synonyms,
         clean.hyponyms
     );
-    println!(
-        "text embedding: {} labels, {} cached, {} encoded ({} prompts) in {:.2} s{}",
-        rep.cached + rep.encoded,
-        rep.cached,
-        rep.encoded,
-        rep.prompts,
-        rep.timings.text_embedding.as_secs_f64(),
-        cache
-            .map(|c| format!(" (cache {})", c.root.display()))
-            .unwrap_or_default()
-    );
+    if m.build["label_source"] == "precomputed" {
+        println!(
+            "label embeddings: precomputed ({} and {})",
+            m.build["id_embeddings_file"].as_str().unwrap_or("?"),
+            m.build["outlier_embeddings_file"].as_str().unwrap_or("?")
+        );
+    } else {
+        println!(
+            "text embedding: {} labels, {} cached, {} encoded ({} prompts) in {:.2} s{}",
+            rep.cached + rep.encoded,
+            rep.cached,
+            rep.encoded,
+            rep.prompts,
+            rep.timings.text_embedding.as_secs_f64(),
+            cache
+                .map(|c| format!(" (cache {})", c.root.display()))
+                .unwrap_or_default()
+        );
+    }
     match rep.mode.as_str() {
-        "prototypes" => {
+        "prototypes" | "words" => {
             if let (Some(c), Some(theta)) = (rep.counts, rep.theta) {
-                let (it, conv) = rep.kmeans.unwrap_or((0, false));
+                if let Some((it, conv)) = rep.kmeans {
+                    println!(
+                        "clustering: K = {}, {it} Lloyd iterations{} in {:.2} s",
+                        c.k,
+                        if conv {
+                            " (converged)"
+                        } else {
+                            " (not converged)"
+                        },
+                        rep.timings.clustering.as_secs_f64()
+                    );
+                }
+                let what = if rep.mode == "words" {
+                    "label embeddings (--prototypes words)"
+                } else {
+                    "prototypes"
+                };
                 println!(
-                    "clustering: K = {}, {it} Lloyd iterations{} in {:.2} s",
-                    c.k,
-                    if conv {
-                        " (converged)"
-                    } else {
-                        " (not converged)"
-                    },
-                    rep.timings.clustering.as_secs_f64()
-                );
-                println!(
-                    "refinement: θ = {theta:.6}, kept {} of {} prototypes in {:.2} s",
+                    "refinement: θ = {theta:.6}, kept {} of {} {what} in {:.2} s",
                     c.kept,
                     c.k,
                     rep.timings.refinement.as_secs_f64()
                 );
-                if a.no_hopg {
+                if c.boundary == 0 {
                     println!("HOPG: off");
                 } else {
                     println!(

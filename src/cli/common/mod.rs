@@ -13,7 +13,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 
 pub use detector::{ApproxArgs, load_bank, scoring_spec};
 pub use inputs::ModelCtx;
-pub use model::{ModelArgs, OptModelArgs, load_encoder};
+pub use model::{ModelArgs, OptModelArgs, RuntimeArgs, load_encoder, model_identity};
 
 /// A progress bar on a terminal, hidden otherwise.
 pub fn progress(len: usize, what: &str) -> ProgressBar {

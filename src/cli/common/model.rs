@@ -59,6 +59,33 @@ impl ModelArgs {
     }
 }
 
+/// The identity recorded in a bank built or imported from matrices: the model folder's
+/// fingerprint, name and weights (no session is loaded), or a fingerprint given as is.
+pub fn model_identity(
+    dir: Option<&Path>,
+    fingerprint: Option<&str>,
+) -> anyhow::Result<(String, String, String)> {
+    match (dir, fingerprint) {
+        (Some(dir), _) => {
+            let m = ModelManifest::load(dir)
+                .with_context(|| format!("reading model {}", dir.display()))?;
+            let fp = m.fingerprint()?;
+            let name = if m.name.is_empty() {
+                dir.display().to_string()
+            } else {
+                m.name.clone()
+            };
+            Ok((
+                fp,
+                name,
+                oodgate::bank_build::build::weights_name(&m.weights),
+            ))
+        }
+        (None, Some(fp)) => Ok((fp.trim().to_string(), String::new(), "unknown".to_string())),
+        (None, None) => anyhow::bail!("give --model DIR or --model-fingerprint HASH"),
+    }
+}
+
 /// Model flags where the model is optional (inputs may be precomputed embeddings).
 #[derive(Debug, Clone, clap::Args)]
 pub struct OptModelArgs {

@@ -21,7 +21,7 @@ pub fn detector_spec(s: &Settings, threshold: ThresholdChoice) -> anyhow::Result
         .map_err(|e| anyhow::anyhow!("detector.method: {e}"))?;
     Ok(DetectorSpec {
         method,
-        scale: None,
+        scale: s.detector.scale,
         threshold: s
             .detector
             .threshold
