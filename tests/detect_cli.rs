@@ -943,3 +943,107 @@ fn banks_from_precomputed_embeddings_and_variants() {
     let err = base(&["--outliers", "wordnet", "--prototypes", "words"]);
     assert!(err.contains("one per line in row order"), "{err}");
 }
+
+/// `eval` compares banks: a row per bank × method on inputs embedded once, and paired bootstrap
+/// intervals against the first row. MCM ignores the outlier rows, so the second bank's MCM
+/// row equals the first row exactly (difference and interval 0); the seed fixes the intervals.
+#[test]
+fn eval_compares_banks_with_paired_bootstrap_intervals() {
+    let f = Fixture::new();
+    f.build("a.oodb", &["--hard-prototypes", "0"]);
+    f.build("b.oodb", &["--prototypes", "words"]);
+    let emb = f.path("img.npy");
+    ok(&f.with_model(&["embed", s(&images()), "-o", s(&emb)]));
+    let ood = format!("same={}", s(&emb));
+    let (a, b) = (f.path("a.oodb"), f.path("b.oodb"));
+    let args = |seed: &'static str, json: bool| {
+        let mut v = vec![
+            "eval",
+            "--bank",
+            s(&a),
+            "--bank",
+            s(&b),
+            "--method",
+            "mcm,ole",
+            "--id",
+            s(&emb),
+            "--ood",
+            &ood,
+            "--bootstrap",
+            "200",
+            "--bootstrap-seed",
+            seed,
+        ];
+        if json {
+            v.push("--json");
+        }
+        ok(&v)
+    };
+    let out: Value = serde_json::from_str(&args("3", true)).unwrap();
+    let rows = out["results"].as_array().unwrap();
+    let names: Vec<String> = rows
+        .iter()
+        .map(|r| {
+            format!(
+                "{}/{}",
+                r["bank_label"].as_str().unwrap(),
+                r["method"].as_str().unwrap()
+            )
+        })
+        .collect();
+    assert_eq!(names, ["a/mcm", "a/ole", "b/mcm", "b/ole"]);
+    assert!(rows[0]["vs_first"].is_null());
+    assert_eq!(out["bootstrap"]["reference"], "a/mcm");
+    let zero = serde_json::json!({"diff": 0.0, "lo": 0.0, "hi": 0.0});
+    assert_eq!(rows[2]["vs_first"]["average"]["auroc"], zero);
+    assert_eq!(rows[2]["vs_first"]["sets"]["same"]["fpr95"], zero);
+    for r in &rows[1..] {
+        for m in ["auroc", "fpr95"] {
+            let iv = &r["vs_first"]["average"][m];
+            let (d, lo, hi) = (
+                iv["diff"].as_f64().unwrap(),
+                iv["lo"].as_f64().unwrap(),
+                iv["hi"].as_f64().unwrap(),
+            );
+            let full = r["average"][m].as_f64().unwrap() - rows[0]["average"][m].as_f64().unwrap();
+            assert!((d - full).abs() < 1e-12, "{r}");
+            assert!(lo <= hi, "{r}");
+        }
+    }
+    assert_eq!(args("3", true), args("3", true));
+    let text = args("3", false);
+    assert!(text.contains("difference to a/mcm"), "{text}");
+    assert!(text.contains("b/ole"), "{text}");
+
+    // Banks of another model cannot share the embeddings.
+    let exp = f.path("exp");
+    ok(&["bank", "export", s(&a), "-o", s(&exp)]);
+    let other = f.path("other.oodb");
+    ok(&[
+        "bank",
+        "import",
+        "--id-embeddings",
+        s(&exp.join("id.npy")),
+        "--id-labels",
+        "cifar10",
+        "--model-fingerprint",
+        "0123456789abcdef",
+        "-o",
+        s(&other),
+    ]);
+    let err = fail(&[
+        "eval",
+        "--bank",
+        s(&a),
+        "--bank",
+        s(&other),
+        "--id",
+        s(&emb),
+        "--ood",
+        &ood,
+    ]);
+    assert!(
+        err.contains("the same embeddings cannot serve both"),
+        "{err}"
+    );
+}

@@ -321,15 +321,6 @@ pub fn check_request(req: &BuildRequest) -> Result<(), BuildError> {
     Ok(())
 }
 
-/// numpy's default (linear) quantile of an ascending non-empty slice.
-fn quantile_sorted(sorted: &[f64], q: f64) -> f64 {
-    let n = sorted.len();
-    let h = (n - 1) as f64 * q;
-    let lo = h.floor().clamp(0.0, (n - 1) as f64) as usize;
-    let hi = (lo + 1).min(n - 1);
-    sorted[lo] + (h - lo as f64) * (sorted[hi] - sorted[lo])
-}
-
 /// Per candidate row: the `percentile` quantile of its cosines to the ID rows.
 fn percentile_cos(cands: ArrayView2<f32>, id: ArrayView2<f32>, percentile: f64) -> Vec<f64> {
     let mut out = Vec::with_capacity(cands.nrows());
@@ -341,7 +332,7 @@ fn percentile_cos(cands: ArrayView2<f32>, id: ArrayView2<f32>, percentile: f64) 
         for row in g.rows() {
             let mut v: Vec<f64> = row.iter().map(|&x| f64::from(x)).collect();
             v.sort_unstable_by(f64::total_cmp);
-            out.push(quantile_sorted(&v, percentile));
+            out.push(prototypes::numpy_quantile(&v, percentile));
         }
         start = end;
     }

@@ -1,8 +1,10 @@
-//! `oodgate eval --bank BANK [--model DIR] [--method M...] --id INPUT... --ood NAME=INPUT...
-//! [--json] [--plot OUT.png]`
+//! `oodgate eval --bank BANK [--bank BANK2...] [--model DIR] [--method M...] --id INPUT...
+//! --ood NAME=INPUT... [--bootstrap N] [--json] [--plot OUT.png]`
 //!
 //! AUROC, FPR95, AUPR-In and AUPR-Out (docs/method.md §10) per OOD set and averaged over the sets,
-//! for several methods side by side. The table is in percent; `--json` gives fractions.
+//! for every bank × method side by side on the same inputs (embedded once), with paired
+//! bootstrap intervals of each row's AUROC and FPR95 difference against the first row. The
+//! table is in percent; `--json` gives fractions.
 //! `--plot` draws ROC curves (one panel per OOD set, one curve per method) above score
 //! histograms (one panel per method: ID vs all OOD sets pooled). The plot has no text: the
 //! colours and the panel order are printed on the terminal.
@@ -15,17 +17,19 @@ use anyhow::{Context, bail};
 use oodgate::detect::bank::Bank;
 use oodgate::detect::detector::Detector;
 use oodgate::detect::method::Method;
+use oodgate::eval::bootstrap::{Interval, MetricDiff, RowScores, paired_bootstrap};
 use oodgate::eval::metrics::{Metrics, evaluate, roc_curve};
 use oodgate::model::RANDOM_WEIGHTS_WARNING;
 use serde::Serialize;
 
-use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec};
+use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
-    /// The bank file (.oodb).
-    #[arg(long)]
-    pub bank: PathBuf,
+    /// Bank files (.oodb); repeat to compare banks on the same inputs. The first row (first
+    /// bank, first method) is the reference of the bootstrap differences.
+    #[arg(long, required = true)]
+    pub bank: Vec<PathBuf>,
     #[command(flatten)]
     pub model: OptModelArgs,
     #[command(flatten)]
@@ -44,6 +48,13 @@ pub struct EvalArgs {
     /// method's).
     #[arg(long)]
     pub scale: Option<f32>,
+    /// Paired bootstrap replicates for the 95% intervals of each row's AUROC and FPR95
+    /// difference against the first row (0 = none).
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap: usize,
+    /// Seed of the bootstrap resampling.
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_seed: u64,
     /// Print JSON (fractions) instead of the table (percent).
     #[arg(long)]
     pub json: bool,
@@ -60,12 +71,25 @@ struct Average {
     aupr_out: f64,
 }
 
+/// One AUROC/FPR95 difference against the first row, per OOD set and averaged.
+#[derive(Debug, Serialize)]
+struct VsFirst {
+    sets: BTreeMap<String, MetricDiff>,
+    average: MetricDiff,
+}
+
 #[derive(Debug, Serialize)]
 struct MethodResult {
+    /// The bank file, its version and a short name for tables.
+    bank: PathBuf,
+    bank_version: String,
+    bank_label: String,
     method: Method,
     scale: f32,
     sets: BTreeMap<String, Metrics>,
     average: Average,
+    /// This row minus the first row, with the bootstrap interval (None for the first row).
+    vs_first: Option<VsFirst>,
     #[serde(skip)]
     id_scores: Vec<f64>,
     #[serde(skip)]
@@ -100,79 +124,163 @@ fn parse_ood(specs: &[String]) -> anyhow::Result<Vec<(String, Vec<PathBuf>)>> {
     Ok(sets)
 }
 
-pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
-    let bank = load_bank(&a.bank)?;
-    let sets = parse_ood(&a.ood)?;
-    let methods = if a.method.is_empty() {
-        default_methods(&bank)
-    } else {
-        let mut m = a.method.clone();
-        m.dedup();
-        m
+/// Short, distinct names of the banks for tables: file stems, with the parent folder added
+/// where two stems collide.
+fn bank_labels(paths: &[PathBuf]) -> Vec<String> {
+    let stem = |p: &Path| {
+        p.file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default()
     };
+    paths
+        .iter()
+        .map(|p| {
+            let s = stem(p);
+            if paths.iter().filter(|q| stem(q) == s).count() > 1 {
+                p.display().to_string()
+            } else {
+                s
+            }
+        })
+        .collect()
+}
+
+pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
+    let mut banks = Vec::with_capacity(a.bank.len());
+    for p in &a.bank {
+        banks.push(load_bank(p)?);
+    }
+    let labels = bank_labels(&a.bank);
+    let first_bank = &banks[0];
+    for (b, p) in banks.iter().zip(&a.bank).skip(1) {
+        if b.meta.dim != first_bank.meta.dim {
+            bail!(
+                "{} has dimension {} but {} has {}: banks compared on the same inputs must come \
+                 from the same model",
+                p.display(),
+                b.meta.dim,
+                a.bank[0].display(),
+                first_bank.meta.dim
+            );
+        }
+        if b.meta.model_fingerprint != first_bank.meta.model_fingerprint && !a.model.force {
+            bail!(
+                "{} was built for model {} but {} for {}: the same embeddings cannot serve both \
+                 (--force to compare anyway)",
+                p.display(),
+                short(&b.meta.model_fingerprint),
+                a.bank[0].display(),
+                short(&first_bank.meta.model_fingerprint)
+            );
+        }
+    }
+    let sets = parse_ood(&a.ood)?;
     let all_inputs: Vec<&PathBuf> =
         a.id.iter()
             .chain(sets.iter().flat_map(|(_, v)| v))
             .collect();
-    let mut ctx = ModelCtx::open(&a.model, &bank, &all_inputs)?;
-    let random = ctx.random_weights(&bank);
-    let id = ctx.embed(&a.id, bank.meta.dim, "ID inputs")?;
+    let mut ctx = ModelCtx::open(&a.model, first_bank, &all_inputs)?;
+    let random = banks.iter().any(|b| ctx.random_weights(b));
+    let id = ctx.embed(&a.id, first_bank.meta.dim, "ID inputs")?;
     if id.x.nrows() == 0 {
         bail!("none of the ID inputs could be embedded");
     }
     let mut ood = Vec::new();
     for (name, inputs) in &sets {
-        let e = ctx.embed(inputs, bank.meta.dim, name)?;
+        let e = ctx.embed(inputs, first_bank.meta.dim, name)?;
         if e.x.nrows() == 0 {
             bail!("none of the inputs of OOD set {name} could be embedded");
         }
         ood.push((name.clone(), e));
     }
 
-    let first = methods.first().copied().unwrap_or_default();
-    let base = Detector::new(bank, &scoring_spec(first, a.scale, &a.approx))
-        .with_context(|| format!("preparing method {first}"))?;
-    let bank = base.bank();
+    let fingerprint = first_bank.meta.model_fingerprint.clone();
     let mut results = Vec::new();
-    for &method in &methods {
-        let detector = base
-            .with_spec(&scoring_spec(method, a.scale, &a.approx))
-            .with_context(|| format!("preparing method {method}"))?;
-        let score = |x: &ndarray::Array2<f32>| -> anyhow::Result<Vec<f64>> {
-            Ok(detector
-                .scores(x.view())
-                .with_context(|| format!("scoring with method {method}"))?
-                .iter()
-                .map(|r| r.score)
-                .collect())
+    for ((bank, path), label) in banks.into_iter().zip(&a.bank).zip(&labels) {
+        let methods = if a.method.is_empty() {
+            default_methods(&bank)
+        } else {
+            let mut m = a.method.clone();
+            m.dedup();
+            m
         };
-        let id_scores = score(&id.x)?;
-        let mut per_set = BTreeMap::new();
-        let mut ood_scores = Vec::new();
-        for (name, e) in &ood {
-            let s = score(&e.x)?;
-            let m = evaluate(&id_scores, &s)
-                .with_context(|| format!("metrics of {method} on {name}"))?;
-            per_set.insert(name.clone(), m);
-            ood_scores.push((name.clone(), s));
+        let first = methods.first().copied().unwrap_or_default();
+        let base = Detector::new(bank, &scoring_spec(first, a.scale, &a.approx))
+            .with_context(|| format!("{}: preparing method {first}", path.display()))?;
+        for &method in &methods {
+            let detector = base
+                .with_spec(&scoring_spec(method, a.scale, &a.approx))
+                .with_context(|| format!("{}: preparing method {method}", path.display()))?;
+            let score = |x: &ndarray::Array2<f32>| -> anyhow::Result<Vec<f64>> {
+                Ok(detector
+                    .scores(x.view())
+                    .with_context(|| format!("scoring with method {method}"))?
+                    .iter()
+                    .map(|r| r.score)
+                    .collect())
+            };
+            let id_scores = score(&id.x)?;
+            let mut per_set = BTreeMap::new();
+            let mut ood_scores = Vec::new();
+            for (name, e) in &ood {
+                let s = score(&e.x)?;
+                let m = evaluate(&id_scores, &s)
+                    .with_context(|| format!("metrics of {method} on {name}"))?;
+                per_set.insert(name.clone(), m);
+                ood_scores.push((name.clone(), s));
+            }
+            let n = per_set.len() as f64;
+            let mean = |f: fn(&Metrics) -> f64| per_set.values().map(f).sum::<f64>() / n;
+            let average = Average {
+                auroc: mean(|m| m.auroc),
+                fpr95: mean(|m| m.fpr95),
+                aupr_in: mean(|m| m.aupr_in),
+                aupr_out: mean(|m| m.aupr_out),
+            };
+            results.push(MethodResult {
+                bank: path.clone(),
+                bank_version: detector.bank().version().to_string(),
+                bank_label: label.clone(),
+                method,
+                scale: detector.params().scale,
+                sets: per_set,
+                average,
+                vs_first: None,
+                id_scores,
+                ood_scores,
+            });
         }
-        let n = per_set.len() as f64;
-        let mean = |f: fn(&Metrics) -> f64| per_set.values().map(f).sum::<f64>() / n;
-        let average = Average {
-            auroc: mean(|m| m.auroc),
-            fpr95: mean(|m| m.fpr95),
-            aupr_in: mean(|m| m.aupr_in),
-            aupr_out: mean(|m| m.aupr_out),
-        };
-        results.push(MethodResult {
-            method,
-            scale: detector.params().scale,
-            sets: per_set,
-            average,
-            id_scores,
-            ood_scores,
+    }
+
+    // Paired bootstrap of every row against the first.
+    let set_scores: Vec<Vec<Vec<f64>>> = results
+        .iter()
+        .map(|r| r.ood_scores.iter().map(|(_, s)| s.clone()).collect())
+        .collect();
+    let rows: Vec<RowScores<'_>> = results
+        .iter()
+        .zip(&set_scores)
+        .map(|(r, o)| RowScores {
+            id: &r.id_scores,
+            ood: o,
+        })
+        .collect();
+    let diffs = paired_bootstrap(&rows, a.bootstrap, a.bootstrap_seed)
+        .context("bootstrap of the differences")?;
+    drop(rows);
+    for (r, d) in results.iter_mut().skip(1).zip(diffs) {
+        r.vs_first = Some(VsFirst {
+            sets: sets.iter().map(|(n, _)| n.clone()).zip(d.sets).collect(),
+            average: d.average,
         });
     }
+    let label = |r: &MethodResult| {
+        if a.bank.len() > 1 {
+            format!("{}/{}", r.bank_label, r.method)
+        } else {
+            r.method.to_string()
+        }
+    };
 
     if let Some(path) = &a.plot {
         plot(
@@ -190,75 +298,109 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
                 .map(|(n, _)| n.as_str())
                 .collect::<Vec<_>>()
                 .join(", "),
-            results
-                .iter()
-                .map(|r| r.method.as_str())
-                .collect::<Vec<_>>()
-                .join(", "),
+            results.iter().map(label).collect::<Vec<_>>().join(", "),
             results
                 .iter()
                 .enumerate()
-                .map(|(i, r)| format!("{} = {}", r.method, COLOR_NAMES[i % COLOR_NAMES.len()]))
+                .map(|(i, r)| format!("{} = {}", label(r), COLOR_NAMES[i % COLOR_NAMES.len()]))
                 .collect::<Vec<_>>()
                 .join(", ")
         );
     }
 
+    let first_bank = &results[0];
     if a.json {
         let out = serde_json::json!({
-            "bank": a.bank,
-            "bank_version": bank.version(),
-            "model_fingerprint": bank.meta.model_fingerprint,
+            "bank": first_bank.bank,
+            "bank_version": first_bank.bank_version,
+            "banks": a.bank.iter().zip(&labels).map(|(p, l)| serde_json::json!({"path": p, "label": l})).collect::<Vec<_>>(),
+            "model_fingerprint": fingerprint,
             "random_weights": random,
             "warning": random.then_some(RANDOM_WEIGHTS_WARNING),
             "score_direction": "higher = more in-distribution; metrics are fractions",
             "n_id": id.x.nrows(),
             "ood_sets": ood.iter().map(|(n, e)| serde_json::json!({"name": n, "n": e.x.nrows()})).collect::<Vec<_>>(),
+            "bootstrap": {"replicates": a.bootstrap, "seed": a.bootstrap_seed, "interval": 0.95, "reference": label(first_bank)},
             "results": results,
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
-    } else {
-        if random {
-            println!("{}", "=".repeat(100));
-            println!("{RANDOM_WEIGHTS_WARNING}");
-            println!("{}", "=".repeat(100));
+        return Ok(ExitCode::SUCCESS);
+    }
+    if random {
+        println!("{}", "=".repeat(100));
+        println!("{RANDOM_WEIGHTS_WARNING}");
+        println!("{}", "=".repeat(100));
+    }
+    println!(
+        "ID: {} inputs; OOD: {}; metrics in percent (ID positive, higher score = ID)",
+        id.x.nrows(),
+        ood.iter()
+            .map(|(n, e)| format!("{n} ({})", e.x.nrows()))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    let width = results
+        .iter()
+        .map(|r| label(r).len())
+        .max()
+        .unwrap_or(0)
+        .max(12);
+    println!(
+        "{:<width$} {:<16} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6}",
+        "method", "ood set", "AUROC", "FPR95", "AUPR-In", "AUPR-Out", "n_id", "n_ood"
+    );
+    for r in &results {
+        let name = label(r);
+        for (set, m) in &r.sets {
+            println!(
+                "{:<width$} {:<16} {:>7.2} {:>7.2} {:>8.2} {:>8.2} {:>6} {:>6}",
+                name,
+                set,
+                100.0 * m.auroc,
+                100.0 * m.fpr95,
+                100.0 * m.aupr_in,
+                100.0 * m.aupr_out,
+                m.n_id,
+                m.n_ood
+            );
         }
+        if r.sets.len() > 1 {
+            let m = &r.average;
+            println!(
+                "{:<width$} {:<16} {:>7.2} {:>7.2} {:>8.2} {:>8.2}",
+                name,
+                "average",
+                100.0 * m.auroc,
+                100.0 * m.fpr95,
+                100.0 * m.aupr_in,
+                100.0 * m.aupr_out
+            );
+        }
+    }
+    if results.len() > 1 {
         println!(
-            "ID: {} inputs; OOD: {}; metrics in percent (ID positive, higher score = ID)",
-            id.x.nrows(),
-            ood.iter()
-                .map(|(n, e)| format!("{n} ({})", e.x.nrows()))
-                .collect::<Vec<_>>()
-                .join(", ")
+            "\ndifference to {} (percentage points; 95% paired bootstrap interval, {} replicates, \
+             seed {}), averaged over the OOD sets:",
+            label(first_bank),
+            a.bootstrap,
+            a.bootstrap_seed
         );
-        println!(
-            "{:<12} {:<16} {:>7} {:>7} {:>8} {:>8} {:>6} {:>6}",
-            "method", "ood set", "AUROC", "FPR95", "AUPR-In", "AUPR-Out", "n_id", "n_ood"
-        );
-        for r in &results {
-            for (name, m) in &r.sets {
+        println!("{:<width$} {:>26} {:>26}", "", "ΔAUROC", "ΔFPR95");
+        let iv = |i: &Interval| {
+            format!(
+                "{:+7.2} [{:+7.2}, {:+7.2}]",
+                100.0 * i.diff,
+                100.0 * i.lo,
+                100.0 * i.hi
+            )
+        };
+        for r in results.iter().skip(1) {
+            if let Some(v) = &r.vs_first {
                 println!(
-                    "{:<12} {:<16} {:>7.2} {:>7.2} {:>8.2} {:>8.2} {:>6} {:>6}",
-                    r.method.as_str(),
-                    name,
-                    100.0 * m.auroc,
-                    100.0 * m.fpr95,
-                    100.0 * m.aupr_in,
-                    100.0 * m.aupr_out,
-                    m.n_id,
-                    m.n_ood
-                );
-            }
-            if r.sets.len() > 1 {
-                let m = &r.average;
-                println!(
-                    "{:<12} {:<16} {:>7.2} {:>7.2} {:>8.2} {:>8.2}",
-                    r.method.as_str(),
-                    "average",
-                    100.0 * m.auroc,
-                    100.0 * m.fpr95,
-                    100.0 * m.aupr_in,
-                    100.0 * m.aupr_out
+                    "{:<width$} {:>26} {:>26}",
+                    label(r),
+                    iv(&v.average.auroc),
+                    iv(&v.average.fpr95)
                 );
             }
         }

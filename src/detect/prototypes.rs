@@ -48,7 +48,7 @@ pub struct Refinement {
 /// numpy's default (`method="linear"`) quantile of an ascending, non-empty slice, reproducing
 /// numpy 2.x bit-for-bit: h = (n − 1)·q, lo = ⌊h⌋, γ = h − lo, and numpy's `_lerp`, which
 /// evaluates `a + (b − a)·γ` for γ < 0.5 and `b − (b − a)·(1 − γ)` for γ ≥ 0.5.
-fn numpy_quantile(sorted: &[f64], q: f64) -> f64 {
+pub fn numpy_quantile(sorted: &[f64], q: f64) -> f64 {
     let n = sorted.len();
     let h = (n - 1) as f64 * q;
     if h >= (n - 1) as f64 {
