@@ -1,5 +1,6 @@
 //! The OLE method and its baselines: pure math on embeddings, no I/O beyond the bank file.
 
+pub mod adaptive;
 pub mod approx;
 pub mod bank;
 pub mod cosine;

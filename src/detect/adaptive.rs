@@ -1,0 +1,761 @@
+//! The adaptive detector (docs/adaptive.md): a bounded memory of confident-OOD image
+//! embeddings seen in the stream, folded into the score as a capped, one-sided kNN penalty.
+//!
+//! - Admission looks at the static score only (S < `admit_below`), never at the adaptive one,
+//!   so there is no feedback loop; a rate cap bounds floods.
+//! - Scoring: q_k = the k-th largest cosine to the entries; a = clamp((q_k − b)/(1 − b), 0, 1);
+//!   S_adapt = S_static − max_penalty · a. Fewer than k entries: no penalty.
+//! - Sequential semantics: image i sees the admissions of images 1..i−1 in input order, never
+//!   its own, whatever the batch split; dot products use a fixed summation order, so the same
+//!   input order gives the same scores bit for bit.
+//! - Folding an admission is structural (bucket caps, FIFO and age eviction by sequence
+//!   number), with no floating-point decision, so replicas that fold the same records in the
+//!   same order hold identical memories.
+
+use std::collections::VecDeque;
+
+use multiversion::multiversion;
+use ndarray::ArrayView2;
+use serde::{Deserialize, Serialize};
+
+/// Knobs of the memory (`detector.adaptive.*`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveParams {
+    /// N: entries at most. Default 2,000.
+    pub capacity: usize,
+    /// k of the k-th largest cosine. Default 5.
+    pub k: usize,
+    /// b: cosines at or below it add nothing. Default 0.75.
+    pub floor: f32,
+    /// Entries per bucket (predicted ID class) at most; the bucket's oldest goes first.
+    /// Default 100 (5% of N).
+    pub bucket_cap: usize,
+    /// Admissions per 1,000 consecutive inputs at most (the excess is counted and dropped).
+    /// Default 20.
+    pub admit_per_mille: usize,
+    /// Entries older than this (producer time, ms) than the newest are dropped; 0 = never.
+    pub max_age_ms: u64,
+}
+
+impl Default for AdaptiveParams {
+    fn default() -> Self {
+        AdaptiveParams {
+            capacity: 2000,
+            k: 5,
+            floor: 0.75,
+            bucket_cap: 100,
+            admit_per_mille: 20,
+            max_age_ms: 24 * 3600 * 1000,
+        }
+    }
+}
+
+/// Thresholds from the ID calibration scores (`calibrate --write` stores them per method).
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct AdaptiveCalibration {
+    /// λ_out = Q_ID(q_out): images scoring below it are admitted.
+    pub admit_below: f64,
+    /// Δ_max = Q_ID(q0 + ε) − Q_ID(q0): the largest penalty; only ID images within Δ_max above
+    /// the threshold can flip, at most ε of ID traffic.
+    pub max_penalty: f64,
+    /// q_out the calibration used.
+    pub q_out: f64,
+    /// ε the calibration used.
+    pub epsilon: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum AdaptiveError {
+    #[error("detector.adaptive.{name} = {value}: {reason}")]
+    InvalidParam {
+        name: &'static str,
+        value: String,
+        reason: &'static str,
+    },
+    #[error("an admission of dimension {got} for a memory of dimension {want}")]
+    Dimension { got: usize, want: usize },
+}
+
+impl AdaptiveParams {
+    pub fn validate(&self) -> Result<(), AdaptiveError> {
+        let bad = |name, value: String, reason| {
+            Err(AdaptiveError::InvalidParam {
+                name,
+                value,
+                reason,
+            })
+        };
+        if self.capacity == 0 {
+            return bad("capacity", "0".into(), "must be at least 1");
+        }
+        if self.k == 0 || self.k > self.capacity {
+            return bad("k", self.k.to_string(), "must lie in 1..=capacity");
+        }
+        if !(self.floor.is_finite() && (-1.0..1.0).contains(&self.floor)) {
+            return bad("floor", self.floor.to_string(), "must lie in [-1, 1)");
+        }
+        if self.bucket_cap == 0 {
+            return bad("bucket_cap", "0".into(), "must be at least 1");
+        }
+        if self.admit_per_mille > 1000 {
+            return bad(
+                "admit_per_mille",
+                self.admit_per_mille.to_string(),
+                "must lie in 0..=1000",
+            );
+        }
+        Ok(())
+    }
+}
+
+impl AdaptiveCalibration {
+    pub fn validate(&self) -> Result<(), AdaptiveError> {
+        if !self.admit_below.is_finite() {
+            return Err(AdaptiveError::InvalidParam {
+                name: "admit_below",
+                value: self.admit_below.to_string(),
+                reason: "must be finite",
+            });
+        }
+        if !(self.max_penalty.is_finite() && self.max_penalty >= 0.0) {
+            return Err(AdaptiveError::InvalidParam {
+                name: "max_penalty",
+                value: self.max_penalty.to_string(),
+                reason: "must be finite and >= 0",
+            });
+        }
+        Ok(())
+    }
+}
+
+/// One admitted image, as folded (and, shared, as published).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Admission {
+    /// Unit image embedding.
+    pub embedding: Vec<f32>,
+    /// Predicted ID class (argmax over the ID cosines, lowest index on ties).
+    pub bucket: u32,
+    /// The static score that admitted it.
+    pub score: f64,
+    /// Producer time in ms (0 when unknown: age never expires it).
+    pub ts_ms: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Entry {
+    seq: u64,
+    bucket: u32,
+    ts_ms: u64,
+    embedding: Vec<f32>,
+}
+
+/// What the adaptive term did to one image.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Adapted {
+    /// S_adapt: the score used for the decision.
+    pub score: f64,
+    /// S_static.
+    pub static_score: f64,
+    /// max_penalty · a (0 when inactive).
+    pub penalty: f64,
+    /// Whether the memory held at least k entries when the image was scored.
+    pub active: bool,
+    /// The sequence number of the last admission folded when the image was scored.
+    pub seq: u64,
+    /// Whether this image was admitted (after it was scored).
+    pub admitted: bool,
+}
+
+/// Counters for `/metrics` and `/info`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct AdaptiveStats {
+    pub entries: usize,
+    pub admissions: u64,
+    pub evictions: u64,
+    /// Admissions dropped by the rate cap.
+    pub rate_limited: u64,
+    /// The last folded sequence number.
+    pub seq: u64,
+}
+
+/// The memory and its gate.
+#[derive(Debug, Clone)]
+pub struct AdaptiveMemory {
+    params: AdaptiveParams,
+    calib: AdaptiveCalibration,
+    dim: usize,
+    /// Ascending by `seq`.
+    entries: Vec<Entry>,
+    /// Entries per bucket.
+    per_bucket: std::collections::HashMap<u32, usize>,
+    max_ts_ms: u64,
+    stats: AdaptiveStats,
+    /// Input counter and the input numbers of recent admissions (the rate window).
+    inputs: u64,
+    recent: VecDeque<u64>,
+}
+
+impl AdaptiveMemory {
+    pub fn new(
+        params: AdaptiveParams,
+        calib: AdaptiveCalibration,
+        dim: usize,
+    ) -> Result<Self, AdaptiveError> {
+        params.validate()?;
+        calib.validate()?;
+        Ok(AdaptiveMemory {
+            params,
+            calib,
+            dim,
+            entries: Vec::new(),
+            per_bucket: Default::default(),
+            max_ts_ms: 0,
+            stats: AdaptiveStats::default(),
+            inputs: 0,
+            recent: VecDeque::new(),
+        })
+    }
+
+    pub fn params(&self) -> &AdaptiveParams {
+        &self.params
+    }
+    pub fn calibration(&self) -> &AdaptiveCalibration {
+        &self.calib
+    }
+    pub fn stats(&self) -> AdaptiveStats {
+        AdaptiveStats {
+            entries: self.entries.len(),
+            ..self.stats
+        }
+    }
+
+    /// Forgets every entry (a reset); counters and the sequence carry on.
+    pub fn clear(&mut self) {
+        self.stats.evictions += self.entries.len() as u64;
+        self.entries.clear();
+        self.per_bucket.clear();
+        self.max_ts_ms = 0;
+    }
+
+    /// The gate on the static score, with the rate cap: counts one input, and says whether it
+    /// is admitted. Deterministic in the input order.
+    pub fn gate(&mut self, static_score: f64) -> bool {
+        self.inputs += 1;
+        if static_score >= self.calib.admit_below {
+            return false;
+        }
+        while self
+            .recent
+            .front()
+            .is_some_and(|&i| i + 1000 <= self.inputs)
+        {
+            self.recent.pop_front();
+        }
+        if self.recent.len() >= self.params.admit_per_mille {
+            self.stats.rate_limited += 1;
+            return false;
+        }
+        self.recent.push_back(self.inputs);
+        true
+    }
+
+    /// Folds one admission: ages out old entries, evicts the bucket's oldest when the bucket is
+    /// full, else the oldest overall when the memory is full, and appends. Returns its `seq`.
+    pub fn fold(&mut self, a: Admission) -> Result<u64, AdaptiveError> {
+        if a.embedding.len() != self.dim {
+            return Err(AdaptiveError::Dimension {
+                got: a.embedding.len(),
+                want: self.dim,
+            });
+        }
+        self.max_ts_ms = self.max_ts_ms.max(a.ts_ms);
+        if self.params.max_age_ms > 0 {
+            let cutoff = self.max_ts_ms.saturating_sub(self.params.max_age_ms);
+            let before = self.entries.len();
+            let per_bucket = &mut self.per_bucket;
+            self.entries.retain(|e| {
+                let keep = e.ts_ms == 0 || e.ts_ms >= cutoff;
+                if !keep && let Some(n) = per_bucket.get_mut(&e.bucket) {
+                    *n -= 1;
+                }
+                keep
+            });
+            self.stats.evictions += (before - self.entries.len()) as u64;
+        }
+        let in_bucket = self.per_bucket.get(&a.bucket).copied().unwrap_or(0);
+        let victim = if in_bucket >= self.params.bucket_cap {
+            self.entries.iter().position(|e| e.bucket == a.bucket)
+        } else if self.entries.len() >= self.params.capacity {
+            Some(0)
+        } else {
+            None
+        };
+        if let Some(i) = victim {
+            let e = self.entries.remove(i);
+            if let Some(n) = self.per_bucket.get_mut(&e.bucket) {
+                *n -= 1;
+            }
+            self.stats.evictions += 1;
+        }
+        self.stats.seq += 1;
+        self.stats.admissions += 1;
+        *self.per_bucket.entry(a.bucket).or_insert(0) += 1;
+        self.entries.push(Entry {
+            seq: self.stats.seq,
+            bucket: a.bucket,
+            ts_ms: a.ts_ms,
+            embedding: a.embedding,
+        });
+        Ok(self.stats.seq)
+    }
+
+    /// The penalty of one k-th largest cosine.
+    fn penalty(&self, qk: Option<f32>) -> f64 {
+        let Some(q) = qk else { return 0.0 };
+        let b = f64::from(self.params.floor);
+        let a = ((f64::from(q) - b) / (1.0 - b)).clamp(0.0, 1.0);
+        self.calib.max_penalty * a
+    }
+
+    /// Scores a batch in input order: each row of `x` (unit embeddings) with its static score
+    /// and bucket sees the memory as it was after the previous rows' admissions, and is then
+    /// gated and, when admitted (`ts_ms` is its producer time), folded in. Local mode: the
+    /// admissions are applied here. With `gate = false` nothing is admitted (shared mode applies
+    /// admissions when they come back from the log).
+    pub fn score_batch(
+        &mut self,
+        x: ArrayView2<'_, f32>,
+        statics: &[(f64, u32)],
+        ts_ms: &[u64],
+        gate: bool,
+    ) -> Result<Vec<Adapted>, AdaptiveError> {
+        if x.ncols() != self.dim {
+            return Err(AdaptiveError::Dimension {
+                got: x.ncols(),
+                want: self.dim,
+            });
+        }
+        let n = x.nrows();
+        // Admissions depend on the static scores only, so they are known before scoring.
+        let admit: Vec<bool> = statics.iter().map(|&(s, _)| gate && self.gate(s)).collect();
+        // Cosines to the entries present before the batch, entry-major so each entry is read
+        // once per batch; the summation order is fixed (see `dot`).
+        let rows: Vec<&[f32]> = (0..n).map(|i| row(&x, i)).collect();
+        let pre: Vec<(u64, Vec<f32>)> = self
+            .entries
+            .iter()
+            .map(|e| {
+                let mut c = vec![0f32; n];
+                dots(&e.embedding, &rows, &mut c);
+                (e.seq, c)
+            })
+            .collect();
+        // pre[m].1[i]: cosine of image i to pre-batch entry m; batch admissions are added as
+        // (seq, cosines) when they are folded.
+        let mut cos = pre;
+        let mut out = Vec::with_capacity(n);
+        let k = self.params.k;
+        let mut top = Vec::with_capacity(k + 1);
+        for i in 0..n {
+            // The live entries are those still in memory; `cos` may hold evicted ones.
+            top.clear();
+            let mut live = 0usize;
+            let mut ci = 0usize;
+            for e in &self.entries {
+                while cos[ci].0 != e.seq {
+                    ci += 1;
+                }
+                live += 1;
+                push_top(&mut top, cos[ci].1[i], k);
+            }
+            let active = live >= k;
+            let qk = if active { top.last().copied() } else { None };
+            let penalty = self.penalty(qk);
+            let (static_score, bucket) = statics[i];
+            out.push(Adapted {
+                score: static_score - penalty,
+                static_score,
+                penalty,
+                active,
+                seq: self.stats.seq,
+                admitted: admit[i],
+            });
+            if admit[i] {
+                let seq = self.fold(Admission {
+                    embedding: rows[i].to_vec(),
+                    bucket,
+                    score: static_score,
+                    ts_ms: ts_ms.get(i).copied().unwrap_or(0),
+                })?;
+                let mut c = vec![0f32; n];
+                dots(rows[i], &rows, &mut c);
+                // Both `cos` and the entries ascend by seq, and the entries are a subset: the
+                // merge above skips the evicted ones.
+                cos.push((seq, c));
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// Inserts `v` into the descending list `top` of at most `k` values.
+fn push_top(top: &mut Vec<f32>, v: f32, k: usize) {
+    if top.len() == k && top.last().is_some_and(|&l| v <= l) {
+        return;
+    }
+    let at = top.partition_point(|&t| t >= v);
+    top.insert(at, v);
+    top.truncate(k);
+}
+
+fn row<'a>(x: &'a ArrayView2<'_, f32>, i: usize) -> &'a [f32] {
+    // Embedding matrices are standard layout (the encoder's output, or read from .npy).
+    x.row(i).to_slice().unwrap_or(&[])
+}
+
+/// Partial sums per dot product: two 16-lane vectors, each summing every 32nd product.
+const LANES: usize = 32;
+
+/// Images per pass over an entry in [`dots`].
+const IMAGES: usize = 4;
+
+/// The fixed reduction of the partial sums: a pairwise tree (lane j + lane j + 16, then
+/// j + 8, ...), written as whole halves so it stays in vector registers.
+#[inline(always)]
+fn reduce(a: [f32; LANES]) -> f32 {
+    let h16: [f32; 16] = std::array::from_fn(|j| a[j] + a[j + 16]);
+    let h8: [f32; 8] = std::array::from_fn(|j| h16[j] + h16[j + 8]);
+    let h4: [f32; 4] = std::array::from_fn(|j| h8[j] + h8[j + 4]);
+    let h2: [f32; 2] = std::array::from_fn(|j| h4[j] + h4[j + 2]);
+    h2[0] + h2[1]
+}
+
+/// ⟨x_i, e⟩ for every row x_i of `rows`, into `out`.
+///
+/// Each product is summed the same way whatever the number of rows: lane j accumulates the
+/// products at positions ≡ j (mod 32) in order (a multiply, then an add: never fused, so the same
+/// bits on any machine), then the lanes are added by a fixed pairwise tree. Scores
+/// therefore do not depend on how the stream was batched, which a GEMM's blocking does not
+/// promise. Hand-written for that reason; four rows share each pass over `e` so the entry is
+/// loaded once per four products (measured in `benches/adaptive.rs`).
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+pub fn dots(e: &[f32], rows: &[&[f32]], out: &mut [f32]) {
+    let n = e.len();
+    // Fixed-size chunks: the compiler sees the lane count, so no bounds checks and full vectors.
+    let (ec, et) = e.as_chunks::<LANES>();
+    let mut groups = rows.chunks_exact(IMAGES);
+    let mut o = 0;
+    for g in groups.by_ref() {
+        let (x0, t0) = g[0][..n].as_chunks::<LANES>();
+        let (x1, t1) = g[1][..n].as_chunks::<LANES>();
+        let (x2, t2) = g[2][..n].as_chunks::<LANES>();
+        let (x3, t3) = g[3][..n].as_chunks::<LANES>();
+        let (mut a0, mut a1, mut a2, mut a3) =
+            ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
+        for ((((ek, x0), x1), x2), x3) in ec.iter().zip(x0).zip(x1).zip(x2).zip(x3) {
+            for j in 0..LANES {
+                a0[j] += ek[j] * x0[j];
+                a1[j] += ek[j] * x1[j];
+                a2[j] += ek[j] * x2[j];
+                a3[j] += ek[j] * x3[j];
+            }
+        }
+        // By value: a reference to an accumulator would keep all of them in memory.
+        for (a, t) in [(a0, t0), (a1, t1), (a2, t2), (a3, t3)] {
+            out[o] = reduce(add_tail(a, et, t));
+            o += 1;
+        }
+    }
+    for x in groups.remainder() {
+        out[o] = dot(e, x);
+        o += 1;
+    }
+}
+
+/// ⟨a, b⟩ summed exactly as [`dots`] sums each product.
+#[multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+pub fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (ac, at) = a[..n].as_chunks::<LANES>();
+    let (bc, bt) = b[..n].as_chunks::<LANES>();
+    let mut acc = [0f32; LANES];
+    for (x, y) in ac.iter().zip(bc) {
+        for j in 0..LANES {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    reduce(add_tail(acc, at, bt))
+}
+
+/// The products of the last `n mod 32` positions, into lanes 0.. in order.
+#[inline(always)]
+fn add_tail(mut acc: [f32; LANES], a: &[f32], b: &[f32]) -> [f32; LANES] {
+    for (j, (x, y)) in a.iter().zip(b).enumerate() {
+        acc[j] += x * y;
+    }
+    acc
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ndarray::array;
+
+    /// docs/adaptive.md §5.7 (the worked example of the design): ID mass at s = 10 over
+    /// t1..t3 = e1..e3 and negatives e4, e5; λ_out = 0.30, Δ_max = 0.20, b = 0.70, k = 1.
+    fn id_mass(x: &[f32]) -> (f64, u32) {
+        let s = 10.0;
+        let a: f64 = x[..3].iter().map(|&c| (s * f64::from(c)).exp()).sum();
+        let b: f64 = x[3..5].iter().map(|&c| (s * f64::from(c)).exp()).sum();
+        let bucket = x[..3]
+            .iter()
+            .enumerate()
+            .fold(
+                (0, f32::NEG_INFINITY),
+                |m, (i, &c)| if c > m.1 { (i, c) } else { m },
+            )
+            .0;
+        (a / (a + b), bucket as u32)
+    }
+
+    fn toy(k: usize) -> AdaptiveMemory {
+        AdaptiveMemory::new(
+            AdaptiveParams {
+                k,
+                floor: 0.70,
+                max_age_ms: 0,
+                ..AdaptiveParams::default()
+            },
+            AdaptiveCalibration {
+                admit_below: 0.30,
+                max_penalty: 0.20,
+                q_out: 0.01,
+                epsilon: 0.03,
+            },
+            6,
+        )
+        .unwrap()
+    }
+
+    fn stream() -> ndarray::Array2<f32> {
+        array![
+            [0.0f32, 0.0, 0.0, 0.6, 0.0, 0.8],
+            [0.48, 0.0, 0.0, 0.36, 0.0, 0.8],
+            [0.0, 0.8, 0.0, 0.0, 0.0, 0.6],
+        ]
+    }
+
+    fn run(mem: &mut AdaptiveMemory, x: &ndarray::Array2<f32>, batch: usize) -> Vec<Adapted> {
+        let mut out = Vec::new();
+        let mut start = 0;
+        while start < x.nrows() {
+            let end = (start + batch).min(x.nrows());
+            let v = x.slice(ndarray::s![start..end, ..]);
+            let statics: Vec<(f64, u32)> = v
+                .rows()
+                .into_iter()
+                .map(|r| id_mass(r.as_slice().unwrap()))
+                .collect();
+            out.extend(mem.score_batch(v, &statics, &[], true).unwrap());
+            start = end;
+        }
+        out
+    }
+
+    #[test]
+    fn the_worked_example_by_hand() {
+        let x = stream();
+        let statics: Vec<f64> = x
+            .rows()
+            .into_iter()
+            .map(|r| id_mass(r.as_slice().unwrap()).0)
+            .collect();
+        for (s, want) in statics
+            .iter()
+            .zip([0.0073632498, 0.7666280862, 0.9993299738])
+        {
+            // The table is in f64; the f32 embedding (0.6f32 ≠ 0.6) moves it by ~2e-9.
+            assert!((s - want).abs() < 1e-7, "{s}");
+        }
+        for batch in [1, 2, 3] {
+            let mut mem = toy(1);
+            let out = run(&mut mem, &x, batch);
+            // x1: empty memory, no penalty, admitted (seq 1, bucket 0 by the lowest index).
+            assert_eq!(out[0].penalty, 0.0);
+            assert!(!out[0].active && out[0].admitted && out[0].seq == 0);
+            // x2: q1 = ⟨x2, x1⟩ = 0.856, a = 0.52, penalty 0.104: ID by static, OOD now.
+            assert!((out[1].penalty - 0.104).abs() < 1e-6, "{:?}", out[1]);
+            assert!((out[1].score - 0.6626280862).abs() < 1e-6);
+            assert!(out[1].static_score >= 0.70 && out[1].score < 0.70);
+            assert!(out[1].active && out[1].seq == 1 && !out[1].admitted);
+            // x3: q1 = 0.48 is below the floor: no penalty.
+            assert_eq!(out[2].penalty, 0.0);
+            assert_eq!(out[2].score, out[2].static_score);
+            assert_eq!(mem.stats().entries, 1);
+            assert_eq!(mem.entries[0].bucket, 0);
+        }
+        // k = 5: fewer than k entries, no term anywhere.
+        let out = run(&mut toy(5), &x, 3);
+        assert!(out.iter().all(|a| a.penalty == 0.0 && !a.active));
+        // A reset before x2 makes x2 ID again.
+        let mut mem = toy(1);
+        run(&mut mem, &x.slice(ndarray::s![..1, ..]).to_owned(), 1);
+        mem.clear();
+        let out = run(&mut mem, &x.slice(ndarray::s![1.., ..]).to_owned(), 2);
+        assert_eq!(out[0].penalty, 0.0);
+    }
+
+    /// A few folds by hand: bucket cap (the bucket's oldest goes), capacity (the oldest
+    /// overall goes), age (older than the newest by more than max_age), the rate cap.
+    #[test]
+    fn folds_by_hand() {
+        let mut mem = AdaptiveMemory::new(
+            AdaptiveParams {
+                capacity: 3,
+                k: 1,
+                bucket_cap: 2,
+                admit_per_mille: 2,
+                max_age_ms: 100,
+                ..AdaptiveParams::default()
+            },
+            AdaptiveCalibration {
+                admit_below: 0.5,
+                max_penalty: 0.1,
+                q_out: 0.01,
+                epsilon: 0.03,
+            },
+            2,
+        )
+        .unwrap();
+        let adm = |bucket: u32, ts_ms: u64| Admission {
+            embedding: vec![1.0, 0.0],
+            bucket,
+            score: 0.1,
+            ts_ms,
+        };
+        let buckets = |m: &AdaptiveMemory| -> Vec<(u64, u32)> {
+            m.entries.iter().map(|e| (e.seq, e.bucket)).collect()
+        };
+        mem.fold(adm(7, 10)).unwrap();
+        mem.fold(adm(7, 20)).unwrap();
+        mem.fold(adm(7, 30)).unwrap(); // bucket 7 full: seq 1 goes
+        assert_eq!(buckets(&mem), [(2, 7), (3, 7)]);
+        mem.fold(adm(8, 40)).unwrap(); // 3 entries: full
+        mem.fold(adm(9, 50)).unwrap(); // capacity: the oldest (seq 2) goes
+        assert_eq!(buckets(&mem), [(3, 7), (4, 8), (5, 9)]);
+        mem.fold(adm(9, 135)).unwrap(); // cutoff 35: seq 3 (ts 30) ages out
+        assert_eq!(buckets(&mem), [(4, 8), (5, 9), (6, 9)]);
+        let s = mem.stats();
+        assert_eq!((s.entries, s.admissions, s.evictions, s.seq), (3, 6, 3, 6));
+        assert!(
+            mem.fold(Admission {
+                embedding: vec![1.0],
+                ..adm(1, 0)
+            })
+            .is_err()
+        );
+        // Rate cap: 2 per 1,000 inputs.
+        let gates: Vec<bool> = [0.1, 0.9, 0.1, 0.1, 0.1]
+            .iter()
+            .map(|&s| mem.gate(s))
+            .collect();
+        assert_eq!(gates, [true, false, true, false, false]);
+        assert_eq!(mem.stats().rate_limited, 2);
+        for _ in 0..995 {
+            mem.gate(0.9);
+        }
+        // 1,000 inputs after the first admission, its slot frees up.
+        assert!(mem.gate(0.1));
+    }
+
+    /// The same input order gives the same scores bit for bit, whatever the batch split.
+    #[test]
+    fn batch_split_does_not_change_scores() {
+        let mut seed = crate::detect::rng::SplitMix64(9);
+        let d = 64;
+        let n = 300;
+        let mut x = ndarray::Array2::<f32>::zeros((n, d));
+        for mut r in x.rows_mut() {
+            for v in r.iter_mut() {
+                *v = (seed.next_u64() >> 40) as f32 / (1u64 << 24) as f32 - 0.5;
+            }
+            let norm = r.iter().map(|v| v * v).sum::<f32>().sqrt();
+            r.mapv_inplace(|v| v / norm);
+        }
+        let statics: Vec<(f64, u32)> = (0..n)
+            .map(|i| (((i * 37) % 100) as f64 / 100.0, (i % 7) as u32))
+            .collect();
+        let params = AdaptiveParams {
+            capacity: 40,
+            k: 3,
+            floor: 0.0,
+            bucket_cap: 10,
+            admit_per_mille: 300,
+            max_age_ms: 0,
+        };
+        let calib = AdaptiveCalibration {
+            admit_below: 0.3,
+            max_penalty: 0.2,
+            q_out: 0.01,
+            epsilon: 0.03,
+        };
+        let go = |batch: usize| {
+            let mut mem = AdaptiveMemory::new(params.clone(), calib, d).unwrap();
+            let mut out = Vec::new();
+            let mut s = 0;
+            while s < n {
+                let e = (s + batch).min(n);
+                out.extend(
+                    mem.score_batch(x.slice(ndarray::s![s..e, ..]), &statics[s..e], &[], true)
+                        .unwrap(),
+                );
+                s = e;
+            }
+            (out, mem.stats())
+        };
+        let (one, stats) = go(1);
+        assert!(stats.admissions > 40 && stats.evictions > 0, "{stats:?}");
+        assert!(one.iter().any(|a| a.penalty > 0.0));
+        for batch in [2, 7, 32, 300] {
+            let (other, s) = go(batch);
+            assert_eq!(s, stats);
+            for (a, b) in one.iter().zip(&other) {
+                assert_eq!(a.score.to_bits(), b.score.to_bits());
+                assert_eq!((a.seq, a.active, a.admitted), (b.seq, b.active, b.admitted));
+            }
+        }
+    }
+
+    #[test]
+    fn dots_equal_dot_bit_for_bit() {
+        let mut rng = crate::detect::rng::SplitMix64(3);
+        for d in [1, 31, 32, 33, 100, 512] {
+            let mut v = || -> Vec<f32> {
+                (0..d)
+                    .map(|_| (rng.next_u64() >> 40) as f32 / 1e7 - 0.8)
+                    .collect()
+            };
+            let e = v();
+            let rows: Vec<Vec<f32>> = (0..7).map(|_| v()).collect();
+            let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
+            let mut out = vec![0f32; 7];
+            dots(&e, &refs, &mut out);
+            for (o, r) in out.iter().zip(&rows) {
+                assert_eq!(o.to_bits(), dot(&e, r).to_bits(), "d = {d}");
+            }
+        }
+    }
+
+    #[test]
+    fn dot_is_the_sum() {
+        let a: Vec<f32> = (0..37).map(|i| i as f32 * 0.5).collect();
+        let b: Vec<f32> = (0..37).map(|i| 1.0 - i as f32 * 0.01).collect();
+        let want: f64 = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| f64::from(*x) * f64::from(*y))
+            .sum();
+        assert!((f64::from(dot(&a, &b)) - want).abs() < 1e-3);
+        assert_eq!(dot(&[], &[]), 0.0);
+    }
+}
