@@ -1047,3 +1047,111 @@ fn eval_compares_banks_with_paired_bootstrap_intervals() {
         "{err}"
     );
 }
+
+/// `score --adaptive` and `eval --adaptive`: the adaptive detector needs the bank's adaptive
+/// calibration (stored by `calibrate --write`), reports the static score and what the term
+/// did per input, and gives the same output for the same input order (and order seed).
+#[test]
+fn adaptive_scoring_offline_is_calibrated_and_deterministic() {
+    let f = Fixture::new();
+    f.build("b.oodb", &["--hard-prototypes", "0"]);
+    let bank = f.path("b.oodb");
+    let emb = f.path("img.npy");
+    ok(&f.with_model(&["embed", s(&images()), "-o", s(&emb)]));
+    let score = |extra: &[&str]| {
+        let mut args = vec![
+            "score",
+            "--bank",
+            s(&bank),
+            "--adaptive",
+            "--adaptive-k",
+            "1",
+        ];
+        args.extend(extra);
+        args.push(s(&emb));
+        run(&args)
+    };
+    let out = score(&["--threshold", "0.5"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("no adaptive calibration"),
+        "{err}"
+    );
+
+    let cal: Value = serde_json::from_str(&ok(&[
+        "calibrate",
+        "--bank",
+        s(&bank),
+        "--method",
+        "ole",
+        "--id",
+        s(&emb),
+        "--write",
+        "--json",
+    ]))
+    .unwrap();
+    let ad = &cal["thresholds"][0]["adaptive"];
+    assert!(ad["max_penalty"].as_f64().unwrap() >= 0.0, "{cal}");
+    assert!(
+        ad["admit_below"].as_f64().unwrap() <= cal["thresholds"][0]["threshold"].as_f64().unwrap()
+    );
+
+    let a = ok(&{
+        let mut v = vec![
+            "score",
+            "--bank",
+            s(&bank),
+            "--adaptive",
+            "--adaptive-k",
+            "1",
+        ];
+        v.push(s(&emb));
+        v
+    });
+    let lines: Vec<Value> = a
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), n_images());
+    for l in &lines {
+        let (sc, st, pen) = (
+            l["score"].as_f64().unwrap(),
+            l["static_score"].as_f64().unwrap(),
+            l["adaptive"]["penalty"].as_f64().unwrap(),
+        );
+        assert!((sc - (st - pen)).abs() < 1e-12 && pen >= 0.0, "{l}");
+    }
+    // The first input sees an empty memory.
+    assert_eq!(lines[0]["adaptive"]["seq"], 0);
+    assert_eq!(lines[0]["adaptive"]["active"], false);
+    assert_eq!(a, String::from_utf8_lossy(&score(&[]).stdout));
+
+    let ood = format!("same={}", s(&emb));
+    let eval = |seed: &str| {
+        ok(&[
+            "eval",
+            "--bank",
+            s(&bank),
+            "--method",
+            "ole",
+            "--id",
+            s(&emb),
+            "--ood",
+            &ood,
+            "--adaptive",
+            "--order-seed",
+            seed,
+            "--bootstrap",
+            "50",
+            "--json",
+        ])
+    };
+    let e: Value = serde_json::from_str(&eval("4")).unwrap();
+    let rows = e["results"].as_array().unwrap();
+    assert_eq!(rows.len(), 2);
+    assert_eq!(
+        (rows[0]["adaptive"].clone(), rows[1]["adaptive"].clone()),
+        (false.into(), true.into())
+    );
+    assert_eq!(eval("4"), eval("4"));
+}

@@ -12,7 +12,7 @@ use anyhow::{Context, bail};
 use oodgate::detect::bank::Threshold;
 use oodgate::detect::detector::Detector;
 use oodgate::detect::method::Method;
-use oodgate::eval::calibrate::threshold_for_tpr;
+use oodgate::eval::calibrate::{adaptive_calibration, threshold_for_tpr};
 
 use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short};
 
@@ -38,6 +38,13 @@ pub struct CalibrateArgs {
     /// bank's scale, `bank build --scale`, else the method's default).
     #[arg(long)]
     pub scale: Option<f32>,
+    /// Adaptive detector: the ID quantile below which images are admitted to its memory.
+    #[arg(long, default_value_t = 0.01)]
+    pub adaptive_q_out: f64,
+    /// Adaptive detector: the fraction of ID inputs its penalty may push below the threshold
+    /// at most (its largest penalty is the score gap between TPR and TPR − ε).
+    #[arg(long, default_value_t = 0.03)]
+    pub adaptive_epsilon: f64,
     /// Store the thresholds in the bank file.
     #[arg(long)]
     pub write: bool,
@@ -77,11 +84,13 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
             .collect();
         let t =
             threshold_for_tpr(&scores, a.tpr).with_context(|| format!("calibrating {method}"))?;
-        results.push((method, detector.params().scale, t));
+        let adaptive = adaptive_calibration(&scores, a.tpr, a.adaptive_q_out, a.adaptive_epsilon)
+            .with_context(|| format!("calibrating the adaptive detector of {method}"))?;
+        results.push((method, detector.params().scale, t, adaptive));
     }
     let mut bank = Arc::unwrap_or_clone(base.into_bank());
     if a.write {
-        for (method, scale, t) in &results {
+        for (method, scale, t, adaptive) in &results {
             bank.meta.thresholds.insert(
                 method.as_str().to_string(),
                 Threshold {
@@ -97,6 +106,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
                             .map(short)
                             .unwrap_or("unverified (.npy without --model)")
                     ),
+                    adaptive: Some(*adaptive),
                 },
             );
         }
@@ -110,9 +120,10 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
             "bank_version": bank.version(),
             "written": a.write,
             "random_weights": ctx.random_weights(&bank),
-            "thresholds": results.iter().map(|(m, scale, t)| serde_json::json!({
+            "thresholds": results.iter().map(|(m, scale, t, ad)| serde_json::json!({
                 "method": m, "scale": scale, "threshold": t.threshold, "tpr": t.target_tpr,
                 "achieved_tpr": t.achieved_tpr, "n_pass": t.n_pass, "n_id": t.n,
+                "adaptive": ad,
             })).collect::<Vec<_>>(),
         });
         println!("{}", serde_json::to_string_pretty(&out)?);
@@ -121,7 +132,7 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
             "{:<12} {:>14} {:>8} {:>12} {:>6}",
             "method", "threshold", "tpr", "achieved", "n_id"
         );
-        for (m, _, t) in &results {
+        for (m, _, t, _) in &results {
             println!(
                 "{:<12} {:>14.8} {:>8.4} {:>12.4} {:>6}",
                 m.as_str(),

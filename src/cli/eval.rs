@@ -14,15 +14,18 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{Context, bail};
+use oodgate::detect::adaptive::{run_stream, shuffled};
 use oodgate::detect::bank::Bank;
 use oodgate::detect::detector::Detector;
-use oodgate::detect::method::Method;
+use oodgate::detect::method::{Method, ScoreRow};
 use oodgate::eval::bootstrap::{Interval, MetricDiff, RowScores, paired_bootstrap};
 use oodgate::eval::metrics::{Metrics, evaluate, roc_curve};
 use oodgate::model::RANDOM_WEIGHTS_WARNING;
 use serde::Serialize;
 
-use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short};
+use super::common::{
+    AdaptiveArgs, ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short,
+};
 
 #[derive(Debug, clap::Args)]
 pub struct EvalArgs {
@@ -34,6 +37,13 @@ pub struct EvalArgs {
     pub model: OptModelArgs,
     #[command(flatten)]
     pub approx: ApproxArgs,
+    /// With --adaptive, each OOD set is streamed with the ID inputs in a seeded random order
+    /// (the memory starts empty for each set) and every bank × method gets an adaptive row.
+    #[command(flatten)]
+    pub adaptive: AdaptiveArgs,
+    /// Seed of the stream order of --adaptive (set s uses seed + s).
+    #[arg(long, default_value_t = 0)]
+    pub order_seed: u64,
     /// Methods to compare (repeat or comma-separate; default: every method the bank supports).
     #[arg(long, value_delimiter = ',')]
     pub method: Vec<Method>,
@@ -85,6 +95,8 @@ struct MethodResult {
     bank_version: String,
     bank_label: String,
     method: Method,
+    /// Scored by the adaptive detector.
+    adaptive: bool,
     scale: f32,
     sets: BTreeMap<String, Metrics>,
     average: Average,
@@ -92,6 +104,9 @@ struct MethodResult {
     vs_first: Option<VsFirst>,
     #[serde(skip)]
     id_scores: Vec<f64>,
+    /// The ID scores paired with each OOD set, where they differ by set (adaptive rows).
+    #[serde(skip)]
+    id_per_set: Option<Vec<Vec<f64>>>,
     #[serde(skip)]
     ood_scores: Vec<(String, Vec<f64>)>,
 }
@@ -122,6 +137,17 @@ fn parse_ood(specs: &[String]) -> anyhow::Result<Vec<(String, Vec<PathBuf>)>> {
         }
     }
     Ok(sets)
+}
+
+fn average_of(per_set: &BTreeMap<String, Metrics>) -> Average {
+    let n = per_set.len() as f64;
+    let mean = |f: fn(&Metrics) -> f64| per_set.values().map(f).sum::<f64>() / n;
+    Average {
+        auroc: mean(|m| m.auroc),
+        fpr95: mean(|m| m.fpr95),
+        aupr_in: mean(|m| m.aupr_in),
+        aupr_out: mean(|m| m.aupr_out),
+    }
 }
 
 /// Short, distinct names of the banks for tables: file stems, with the parent folder added
@@ -211,42 +237,77 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
             let detector = base
                 .with_spec(&scoring_spec(method, a.scale, &a.approx))
                 .with_context(|| format!("{}: preparing method {method}", path.display()))?;
-            let score = |x: &ndarray::Array2<f32>| -> anyhow::Result<Vec<f64>> {
-                Ok(detector
+            let score = |x: &ndarray::Array2<f32>| -> anyhow::Result<Vec<ScoreRow>> {
+                detector
                     .scores(x.view())
-                    .with_context(|| format!("scoring with method {method}"))?
-                    .iter()
-                    .map(|r| r.score)
-                    .collect())
+                    .with_context(|| format!("scoring with method {method}"))
             };
-            let id_scores = score(&id.x)?;
+            let id_rows = score(&id.x)?;
+            let id_scores: Vec<f64> = id_rows.iter().map(|r| r.score).collect();
             let mut per_set = BTreeMap::new();
             let mut ood_scores = Vec::new();
+            let mut ood_rows = Vec::new();
             for (name, e) in &ood {
-                let s = score(&e.x)?;
+                let rows = score(&e.x)?;
+                let s: Vec<f64> = rows.iter().map(|r| r.score).collect();
                 let m = evaluate(&id_scores, &s)
                     .with_context(|| format!("metrics of {method} on {name}"))?;
                 per_set.insert(name.clone(), m);
                 ood_scores.push((name.clone(), s));
+                ood_rows.push(rows);
             }
-            let n = per_set.len() as f64;
-            let mean = |f: fn(&Metrics) -> f64| per_set.values().map(f).sum::<f64>() / n;
-            let average = Average {
-                auroc: mean(|m| m.auroc),
-                fpr95: mean(|m| m.fpr95),
-                aupr_in: mean(|m| m.aupr_in),
-                aupr_out: mean(|m| m.aupr_out),
-            };
             results.push(MethodResult {
                 bank: path.clone(),
                 bank_version: detector.bank().version().to_string(),
                 bank_label: label.clone(),
                 method,
+                adaptive: false,
                 scale: detector.params().scale,
+                average: average_of(&per_set),
                 sets: per_set,
-                average,
                 vs_first: None,
-                id_scores,
+                id_scores: id_scores.clone(),
+                id_per_set: None,
+                ood_scores,
+            });
+            if !a.adaptive.adaptive {
+                continue;
+            }
+            // The adaptive row: each OOD set streamed with the ID inputs, memory empty at start.
+            let mut per_set = BTreeMap::new();
+            let mut id_per_set = Vec::new();
+            let mut ood_scores = Vec::new();
+            for (s, ((name, e), rows)) in ood.iter().zip(&ood_rows).enumerate() {
+                let x = ndarray::concatenate(ndarray::Axis(0), &[id.x.view(), e.x.view()])?;
+                let statics: Vec<(f64, u32)> = id_rows
+                    .iter()
+                    .chain(rows)
+                    .map(|r| (r.score, r.top_id as u32))
+                    .collect();
+                let order = shuffled(x.nrows(), a.order_seed.wrapping_add(s as u64));
+                let mut mem = a.adaptive.memory(detector.bank(), method)?;
+                let adapted = run_stream(&mut mem, x.view(), &statics, &order, a.model.batch)?;
+                let (ids, oods) = adapted.split_at(id.x.nrows());
+                let ids: Vec<f64> = ids.iter().map(|r| r.score).collect();
+                let oods: Vec<f64> = oods.iter().map(|r| r.score).collect();
+                let m = evaluate(&ids, &oods)
+                    .with_context(|| format!("metrics of adaptive {method} on {name}"))?;
+                per_set.insert(name.clone(), m);
+                id_per_set.push(ids);
+                ood_scores.push((name.clone(), oods));
+            }
+            results.push(MethodResult {
+                bank: path.clone(),
+                bank_version: detector.bank().version().to_string(),
+                bank_label: label.clone(),
+                method,
+                adaptive: true,
+                scale: detector.params().scale,
+                average: average_of(&per_set),
+                sets: per_set,
+                vs_first: None,
+                id_scores: id_per_set.first().cloned().unwrap_or_default(),
+                id_per_set: Some(id_per_set),
                 ood_scores,
             });
         }
@@ -261,7 +322,10 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .zip(&set_scores)
         .map(|(r, o)| RowScores {
-            id: &r.id_scores,
+            id: match &r.id_per_set {
+                Some(v) => v.iter().map(Vec::as_slice).collect(),
+                None => vec![r.id_scores.as_slice(); o.len()],
+            },
             ood: o,
         })
         .collect();
@@ -275,10 +339,15 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
         });
     }
     let label = |r: &MethodResult| {
-        if a.bank.len() > 1 {
-            format!("{}/{}", r.bank_label, r.method)
+        let m = if r.adaptive {
+            format!("{}+adaptive", r.method)
         } else {
             r.method.to_string()
+        };
+        if a.bank.len() > 1 {
+            format!("{}/{m}", r.bank_label)
+        } else {
+            m
         }
     };
 
@@ -463,7 +532,12 @@ fn plot(path: &Path, results: &[MethodResult], sets: &[String]) -> anyhow::Resul
                 let Some((_, ood)) = r.ood_scores.iter().find(|(n, _)| n == set) else {
                     continue;
                 };
-                let roc = roc_curve(&r.id_scores, ood)?;
+                let id_scores = r
+                    .id_per_set
+                    .as_ref()
+                    .and_then(|v| v.get(si))
+                    .unwrap_or(&r.id_scores);
+                let roc = roc_curve(id_scores, ood)?;
                 let (cr, cg, cb) = COLORS[mi % COLORS.len()];
                 chart
                     .draw_series(LineSeries::new(

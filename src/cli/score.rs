@@ -10,7 +10,9 @@ use anyhow::Context;
 use oodgate::detect::detector::{Decision, Detector, DetectorSpec, ThresholdChoice};
 use oodgate::detect::method::Method;
 
-use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank};
+use oodgate::detect::adaptive::run_stream;
+
+use super::common::{AdaptiveArgs, ApproxArgs, ModelCtx, OptModelArgs, load_bank};
 
 #[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
@@ -34,6 +36,10 @@ pub struct ScoreArgs {
     pub top_k: usize,
     #[command(flatten)]
     pub approx: ApproxArgs,
+    /// With --adaptive the inputs are one stream in the order given: each is scored against
+    /// the confident-OOD inputs admitted before it, and `score` is the adaptive score.
+    #[command(flatten)]
+    pub adaptive: AdaptiveArgs,
     /// Image files, folders (recursive) or .npy files of image embeddings ([N, D] float16/32).
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
@@ -57,9 +63,25 @@ struct Line<'a> {
     method: Method,
     threshold: f64,
     scale: f32,
+    /// With --adaptive: the static score and what the adaptive term did.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    static_score: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    adaptive: Option<AdaptiveLine>,
     top_labels: Vec<Near<'a>>,
     nearest_outliers: Vec<Near<'a>>,
     bank_version: &'a str,
+}
+
+#[derive(serde::Serialize)]
+struct AdaptiveLine {
+    /// The memory held at least k entries when the input was scored.
+    active: bool,
+    penalty: f64,
+    /// The last admission folded in before this input.
+    seq: u64,
+    /// This input was admitted to the memory (after it was scored).
+    admitted: bool,
 }
 
 fn pairs(v: &[(String, f32)]) -> Vec<Near<'_>> {
@@ -95,9 +117,39 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let inputs: Vec<&PathBuf> = a.inputs.iter().collect();
     let mut ctx = ModelCtx::open(&a.model, bank, &inputs)?;
     let emb = ctx.embed(&a.inputs, bank.meta.dim, "scoring")?;
-    let verdicts = detector
+    let mut verdicts = detector
         .verdicts(emb.x.view())
         .with_context(|| format!("scoring with method {}", a.method))?;
+    // The adaptive detector: the inputs in the order given are the stream.
+    let adapted = if a.adaptive.adaptive {
+        let statics: Vec<(f64, u32)> = detector
+            .scores(emb.x.view())?
+            .iter()
+            .map(|r| (r.score, r.top_id as u32))
+            .collect();
+        let mut mem = a.adaptive.memory(bank, a.method)?;
+        let order: Vec<usize> = (0..statics.len()).collect();
+        let out = run_stream(&mut mem, emb.x.view(), &statics, &order, a.model.batch)?;
+        for (v, ad) in verdicts.iter_mut().zip(&out) {
+            v.score = ad.score;
+            v.decision = if ad.score >= threshold.value {
+                Decision::Id
+            } else {
+                Decision::Ood
+            };
+        }
+        let st = mem.stats();
+        eprintln!(
+            "adaptive: {} admitted, {} evicted, {} in memory, {} penalised",
+            st.admissions,
+            st.evictions,
+            st.entries,
+            out.iter().filter(|r| r.penalty > 0.0).count()
+        );
+        Some(out)
+    } else {
+        None
+    };
 
     let sink: Box<dyn Write> = match &a.output {
         Some(p) => {
@@ -107,7 +159,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     };
     let mut w = BufWriter::new(sink);
     let (mut n_id, mut n_ood) = (0usize, 0usize);
-    for (name, v) in emb.names.iter().zip(&verdicts) {
+    for (i, (name, v)) in emb.names.iter().zip(&verdicts).enumerate() {
+        let ad = adapted.as_ref().and_then(|o| o.get(i));
         match v.decision {
             Decision::Id => n_id += 1,
             Decision::Ood => n_ood += 1,
@@ -119,6 +172,13 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
             method: a.method,
             threshold: threshold.value,
             scale: detector.params().scale,
+            static_score: ad.map(|r| r.static_score),
+            adaptive: ad.map(|r| AdaptiveLine {
+                active: r.active,
+                penalty: r.penalty,
+                seq: r.seq,
+                admitted: r.admitted,
+            }),
             top_labels: v
                 .explanation
                 .as_ref()

@@ -398,6 +398,60 @@ impl AdaptiveMemory {
     }
 }
 
+/// Scores the rows of `x` through `mem` in the stream order `order` (indices into `x`), in
+/// batches of `batch`, admitting as it goes (local mode); returns the results by row of `x`.
+/// The offline form of the daemon's stream (`score --adaptive`, `eval --adaptive`).
+pub fn run_stream(
+    mem: &mut AdaptiveMemory,
+    x: ArrayView2<'_, f32>,
+    statics: &[(f64, u32)],
+    order: &[usize],
+    batch: usize,
+) -> Result<Vec<Adapted>, AdaptiveError> {
+    let d = x.ncols();
+    let mut out: Vec<Option<Adapted>> = vec![None; x.nrows()];
+    for chunk in order.chunks(batch.max(1)) {
+        let mut xb = ndarray::Array2::<f32>::zeros((chunk.len(), d));
+        for (mut dst, &i) in xb.rows_mut().into_iter().zip(chunk) {
+            dst.assign(&x.row(i));
+        }
+        let sb: Vec<(f64, u32)> = chunk.iter().map(|&i| statics[i]).collect();
+        for (a, &i) in mem
+            .score_batch(xb.view(), &sb, &[], true)?
+            .into_iter()
+            .zip(chunk)
+        {
+            out[i] = Some(a);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .zip(statics)
+        .map(|(a, &(s, _))| {
+            a.unwrap_or(Adapted {
+                score: s,
+                static_score: s,
+                penalty: 0.0,
+                active: false,
+                seq: 0,
+                admitted: false,
+            })
+        })
+        .collect())
+}
+
+/// `0..n` in a seeded random order (Fisher–Yates with SplitMix64): ID and OOD inputs
+/// interleaved as a stream would mix them.
+pub fn shuffled(n: usize, seed: u64) -> Vec<usize> {
+    let mut v: Vec<usize> = (0..n).collect();
+    let mut rng = crate::detect::rng::SplitMix64(seed);
+    for i in (1..n).rev() {
+        let j = rng.below(i + 1);
+        v.swap(i, j);
+    }
+    v
+}
+
 /// Inserts `v` into the descending list `top` of at most `k` values.
 fn push_top(top: &mut Vec<f32>, v: f32, k: usize) {
     if top.len() == k && top.last().is_some_and(|&l| v <= l) {

@@ -74,6 +74,9 @@ pub struct Threshold {
     pub n_id: usize,
     #[serde(default)]
     pub source: String,
+    /// The adaptive detector's thresholds from the same calibration scores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptive: Option<crate::detect::adaptive::AdaptiveCalibration>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -749,6 +752,7 @@ pub(crate) mod tests {
                 achieved_tpr: 0.95,
                 n_id: 10,
                 source: String::new(),
+                adaptive: None,
             },
         );
         b.refresh_version();

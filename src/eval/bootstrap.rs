@@ -10,10 +10,12 @@ use crate::detect::prototypes::numpy_quantile;
 use crate::detect::rng::SplitMix64;
 
 /// One detector's scores: on the ID inputs and on each OOD set (the same inputs, in the same
-/// order, for every row compared).
-#[derive(Debug, Clone, Copy)]
+/// order, for every row compared). `id[s]` are the ID scores paired with OOD set s: the same
+/// slice for a static detector, one per set for the adaptive one (its memory depends on the
+/// stream it saw).
+#[derive(Debug, Clone)]
 pub struct RowScores<'a> {
-    pub id: &'a [f64],
+    pub id: Vec<&'a [f64]>,
     pub ood: &'a [Vec<f64>],
 }
 
@@ -60,11 +62,11 @@ fn metrics(
     };
     rows.iter()
         .map(|r| {
-            let id = take(r.id, id_pick);
             r.ood
                 .iter()
                 .enumerate()
                 .map(|(s, o)| {
+                    let id = take(r.id.get(s).copied().unwrap_or(&[]), id_pick);
                     let m = evaluate(&id, &take(o, ood_pick.map(|p| p[s].as_slice())))?;
                     Ok((m.auroc, m.fpr95))
                 })
@@ -84,7 +86,7 @@ pub fn paired_bootstrap(
     let Some(first) = rows.first() else {
         return Ok(Vec::new());
     };
-    let n_id = first.id.len();
+    let n_id = first.id.first().map_or(0, |v| v.len());
     let n_ood: Vec<usize> = first.ood.iter().map(Vec::len).collect();
     let n_sets = n_ood.len();
     // diffs[row][set or n_sets = average] = (ΔAUROC, ΔFPR95) of one evaluation.
@@ -185,9 +187,12 @@ mod tests {
             .map(|o| o.iter().map(|x| 3.0 * x - 1.0).collect())
             .collect();
         let rows = [
-            RowScores { id: &id, ood: &ood },
             RowScores {
-                id: &id2,
+                id: vec![&id, &id],
+                ood: &ood,
+            },
+            RowScores {
+                id: vec![&id2, &id2],
                 ood: &ood2,
             },
         ];
@@ -213,9 +218,12 @@ mod tests {
         let ood = vec![scores(300, 0.0, 12)];
         let id_perfect: Vec<f64> = id.iter().map(|x| x + 2.0).collect();
         let rows = [
-            RowScores { id: &id, ood: &ood },
             RowScores {
-                id: &id_perfect,
+                id: vec![&id],
+                ood: &ood,
+            },
+            RowScores {
+                id: vec![&id_perfect],
                 ood: &ood,
             },
         ];

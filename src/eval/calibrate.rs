@@ -2,6 +2,7 @@
 //!
 //! Decision rule: an image is **OOD iff S < λ**, so an ID image passes iff S ≥ λ.
 
+use crate::detect::adaptive::AdaptiveCalibration;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{MetricError, check_scores};
@@ -61,9 +62,40 @@ pub fn threshold_for_tpr(id_scores: &[f64], tpr: f64) -> Result<TprThreshold, Me
     })
 }
 
+/// The adaptive detector's thresholds from the same ID scores (docs/adaptive.md §2):
+/// `admit_below` = the score keeping 1 − q_out of them (Q_ID(q_out)), `max_penalty` = the
+/// threshold at TPR `tpr − epsilon` minus the one at `tpr` (Q_ID(q0 + ε) − Q_ID(q0)).
+pub fn adaptive_calibration(
+    id_scores: &[f64],
+    tpr: f64,
+    q_out: f64,
+    epsilon: f64,
+) -> Result<AdaptiveCalibration, MetricError> {
+    let lambda = threshold_for_tpr(id_scores, tpr)?.threshold;
+    let admit_below = threshold_for_tpr(id_scores, 1.0 - q_out)?.threshold;
+    let upper = threshold_for_tpr(id_scores, tpr - epsilon)?.threshold;
+    Ok(AdaptiveCalibration {
+        admit_below,
+        max_penalty: (upper - lambda).max(0.0),
+        q_out,
+        epsilon,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// 100 scores 0.00, 0.01, …, 0.99: TPR 0.95 keeps the 95 largest (λ = 0.05), 0.99 keeps 99
+    /// (admit below 0.01), 0.92 keeps 92 (0.08), so the largest penalty is 0.08 − 0.05.
+    #[test]
+    fn adaptive_thresholds_by_hand() {
+        let s: Vec<f64> = (0..100).map(|i| f64::from(i) / 100.0).collect();
+        let c = adaptive_calibration(&s, 0.95, 0.01, 0.03).unwrap();
+        assert_eq!(c.admit_below, 0.01);
+        assert!((c.max_penalty - 0.03).abs() < 1e-12, "{c:?}");
+        assert!(adaptive_calibration(&s, 0.95, 1.5, 0.03).is_err());
+    }
 
     /// The next distinct score above λ, if any.
     fn next_above(scores: &[f64], lambda: f64) -> Option<f64> {

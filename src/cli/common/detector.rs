@@ -3,6 +3,7 @@
 use std::path::Path;
 
 use anyhow::Context;
+use oodgate::detect::adaptive::{AdaptiveMemory, AdaptiveParams};
 use oodgate::detect::approx::ApproxParams;
 use oodgate::detect::bank::Bank;
 use oodgate::detect::detector::{DetectorSpec, ThresholdChoice};
@@ -39,6 +40,63 @@ impl ApproxArgs {
             tail_sample: self.approx_tail_sample,
             seed: 0,
         }
+    }
+}
+
+/// The adaptive detector's memory (docs/adaptive.md), for the offline commands; its
+/// thresholds come from the bank's calibration of the method (`calibrate --write`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct AdaptiveArgs {
+    /// Also score with the adaptive detector: the inputs are processed as one stream, each
+    /// seeing the confident-OOD images admitted before it.
+    #[arg(long)]
+    pub adaptive: bool,
+    /// Adaptive: memory entries at most.
+    #[arg(long, default_value_t = AdaptiveParams::default().capacity)]
+    pub adaptive_capacity: usize,
+    /// Adaptive: k of the k-th largest cosine to the memory.
+    #[arg(long, default_value_t = AdaptiveParams::default().k)]
+    pub adaptive_k: usize,
+    /// Adaptive: cosines at or below this floor add no penalty.
+    #[arg(long, default_value_t = AdaptiveParams::default().floor)]
+    pub adaptive_floor: f32,
+    /// Adaptive: entries per predicted ID class at most.
+    #[arg(long, default_value_t = AdaptiveParams::default().bucket_cap)]
+    pub adaptive_bucket_cap: usize,
+    /// Adaptive: admissions per 1,000 consecutive inputs at most.
+    #[arg(long, default_value_t = AdaptiveParams::default().admit_per_mille)]
+    pub adaptive_admit_per_mille: usize,
+}
+
+impl AdaptiveArgs {
+    pub fn params(&self) -> AdaptiveParams {
+        AdaptiveParams {
+            capacity: self.adaptive_capacity,
+            k: self.adaptive_k,
+            floor: self.adaptive_floor,
+            bucket_cap: self.adaptive_bucket_cap,
+            admit_per_mille: self.adaptive_admit_per_mille,
+            // Offline inputs carry no producer time.
+            max_age_ms: 0,
+        }
+    }
+
+    /// A fresh memory for `method` on `bank`, with the bank's calibration of the method.
+    pub fn memory(&self, bank: &Bank, method: Method) -> anyhow::Result<AdaptiveMemory> {
+        let calib = bank
+            .meta
+            .thresholds
+            .get(method.as_str())
+            .and_then(|t| t.adaptive)
+            .with_context(|| {
+                format!(
+                    "the bank has no adaptive calibration for method {method}: run\n  oodgate \
+                     calibrate --bank BANK --method {method} --id ID_INPUTS... --write\non \
+                     held-out ID inputs (it stores the admission threshold and the largest \
+                     penalty beside the threshold)"
+                )
+            })?;
+        Ok(AdaptiveMemory::new(self.params(), calib, bank.meta.dim)?)
     }
 }
 

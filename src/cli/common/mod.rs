@@ -11,7 +11,7 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use detector::{ApproxArgs, load_bank, scoring_spec};
+pub use detector::{AdaptiveArgs, ApproxArgs, load_bank, scoring_spec};
 pub use inputs::ModelCtx;
 pub use model::{ModelArgs, OptModelArgs, RuntimeArgs, load_encoder, model_identity};
 
