@@ -131,14 +131,7 @@ fn default_toml_and_key_table_list_the_same_keys() {
 
     // The parsed file agrees with the line scan (no key hides in an inline table).
     let table: toml::Table = DEFAULT_TOML.parse().expect("default.toml parses");
-    let parsed: BTreeSet<String> = table
-        .iter()
-        .flat_map(|(s, v)| {
-            v.as_table()
-                .into_iter()
-                .flat_map(move |t| t.keys().map(move |k| format!("{s}.{k}")))
-        })
-        .collect();
+    let parsed = leaves(&table);
     assert_eq!(parsed, with_default);
 
     // The struct fields are the table's keys: the fully uncommented file deserializes with
@@ -160,15 +153,13 @@ fn default_toml_and_key_table_list_the_same_keys() {
     let full: Settings = toml::from_str(&uncommented).expect("every documented key is a field");
     assert!(full.detector.bank.is_some() && full.nats.password.is_some());
     let ser = toml::Table::try_from(Settings::default()).expect("serialize defaults");
-    let ser_keys: BTreeSet<String> = ser
-        .iter()
-        .flat_map(|(s, v)| {
-            v.as_table()
-                .into_iter()
-                .flat_map(move |t| t.keys().map(move |k| format!("{s}.{k}")))
-        })
-        .collect();
+    let ser_keys = leaves(&ser);
     assert_eq!(ser_keys, with_default, "Settings fields vs KEYS");
+}
+
+/// The dotted paths of a table's values, subsections (`[detector.adaptive]`) included.
+fn leaves(t: &toml::Table) -> BTreeSet<String> {
+    oodgate::config::leaf_values(t).into_keys().collect()
 }
 
 #[test]

@@ -2153,3 +2153,57 @@ fn inputs_that_hit_max_deliver_are_dead_lettered_not_lost() {
         "the killed worker's in-flight inputs are dead-lettered"
     );
 }
+
+/// `detector.adaptive.enabled` in the daemon: every routed output says what the adaptive term
+/// did; the memory starts empty (the first output is `warming`, sequence 0); once an image
+/// is admitted, the same image sent again is penalised (cosine 1 > the floor) and
+/// `Oodgate-Score` = `Oodgate-Score-Static` − `Oodgate-Adaptive-Penalty`; the memory's size
+/// and admissions are in /metrics. One batch at a time keeps the stream order the input order.
+#[test]
+fn the_adaptive_detector_in_the_daemon_reports_and_applies_its_penalty() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let w = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[
+            ("OODGATE__DETECTOR__ADAPTIVE__ENABLED", "true"),
+            // Admit everything (up to the rate cap), penalise any similarity.
+            ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_BELOW", "1e9"),
+            ("OODGATE__DETECTOR__ADAPTIVE__MAX_PENALTY", "0.25"),
+            ("OODGATE__DETECTOR__ADAPTIVE__K", "1"),
+            ("OODGATE__DETECTOR__ADAPTIVE__FLOOR", "0.0"),
+            ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_PER_MILLE", "1000"),
+            ("OODGATE__BATCH__MAX_SIZE", "1"),
+        ],
+    );
+    let good = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    publish(&nats.url(), &[("first".into(), good.clone())]);
+    let first = outputs(&nats.url(), 1, Duration::from_secs(60));
+    publish(&nats.url(), &[("second".into(), good)]);
+    let outs = outputs(&nats.url(), 2, Duration::from_secs(60));
+    assert_eq!((first.len(), outs.len()), (1, 2));
+    let h0 = &first[0].headers;
+    assert_eq!(h0["Oodgate-Adaptive"], "warming");
+    assert_eq!(h0["Oodgate-Adaptive-Seq"], "0");
+    assert_eq!(h0["Oodgate-Score"], h0["Oodgate-Score-Static"]);
+    let h1 = &outs[1].headers;
+    assert_eq!(h1["Oodgate-Adaptive"], "active");
+    assert_eq!(h1["Oodgate-Adaptive-Seq"], "1");
+    let f = |k: &str| h1[k].parse::<f64>().unwrap();
+    // The same image: q1 = 1, a = 1, the full penalty.
+    assert!(
+        (f("Oodgate-Adaptive-Penalty") - 0.25).abs() < 1e-6,
+        "{h1:?}"
+    );
+    assert!(
+        (f("Oodgate-Score") - (f("Oodgate-Score-Static") - 0.25)).abs() < 1e-5,
+        "{h1:?}"
+    );
+    assert_eq!(h1["Oodgate-Score-Static"], h0["Oodgate-Score-Static"]);
+    assert_eq!(w.metric("oodgate_adaptive_admissions_total"), 2.0);
+    assert_eq!(w.metric("oodgate_adaptive_entries"), 2.0);
+    assert_eq!(w.metric("oodgate_adaptive_penalised_total"), 1.0);
+}

@@ -13,7 +13,7 @@ use oodgate::stream::setup;
 use oodgate::stream::{Stats, metrics};
 use tokio_util::sync::CancellationToken;
 
-use super::common::worker::load_worker;
+use super::common::worker::{adaptive_memory, load_worker};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -86,6 +86,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let s2 = s.clone();
     let (encoder, detector, pre) =
         tokio::task::spawn_blocking(move || load_worker(&s2, ThresholdChoice::FromBank)).await??;
+    let adaptive = adaptive_memory(&s, &detector)?;
     let batch_max = s.batch.max_size;
     let subjects = s.output_subjects();
     {
@@ -102,6 +103,10 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
                 "method": detector.method().to_string(), "threshold": detector.threshold().map(|t| t.value), "score_direction": "higher = more in-distribution",
                 "subjects": { "input": s.input.filter_subject, "id": subjects.id, "ood": subjects.ood, "dlq": subjects.dlq },
                 "batch": { "max_size": batch_max, "max_wait": format!("{:?}", s.batch.max_wait) },
+                "adaptive": adaptive.as_ref().map(|m| serde_json::json!({
+                    "params": m.params(), "calibration": m.calibration(),
+                    "sync": "local",
+                })),
             });
         }
     }
@@ -112,7 +117,8 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let topology = s.topology();
     let js = async_nats::jetstream::new(client.clone());
     let consumer = declare_with_retry(&js, &topology).await?;
-    let cfg = s.pipeline_config(topology);
+    let mut cfg = s.pipeline_config(topology);
+    cfg.adaptive = adaptive;
     let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
     let stats = Arc::new(Stats::default());

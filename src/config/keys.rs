@@ -477,6 +477,52 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::Integer,
         "Approximate scoring: size of the uniform sample estimating the rest of the denominator (1–1000000).",
     ),
+    // [detector.adaptive]
+    key(
+        "detector.adaptive.enabled",
+        Kind::Bool,
+        "Score with the adaptive detector: a memory of confident-OOD images lowers the score of look-alikes (docs/adaptive.md).",
+    ),
+    key(
+        "detector.adaptive.capacity",
+        Kind::Integer,
+        "Adaptive: memory entries at most.",
+    ),
+    key(
+        "detector.adaptive.k",
+        Kind::Integer,
+        "Adaptive: k of the k-th largest cosine to the memory (1–capacity).",
+    ),
+    key(
+        "detector.adaptive.floor",
+        Kind::Float,
+        "Adaptive: cosines at or below this add no penalty ([-1, 1)).",
+    ),
+    key(
+        "detector.adaptive.bucket_cap",
+        Kind::Integer,
+        "Adaptive: entries per predicted ID class at most (its oldest is evicted first).",
+    ),
+    key(
+        "detector.adaptive.admit_per_mille",
+        Kind::Integer,
+        "Adaptive: admissions per 1,000 consecutive inputs at most (0–1000).",
+    ),
+    key(
+        "detector.adaptive.max_age",
+        Kind::Duration,
+        "Adaptive: entries older than this (producer time) than the newest are dropped; 0s = never.",
+    ),
+    opt(
+        "detector.adaptive.admit_below",
+        Kind::Float,
+        "Adaptive: admission threshold; unset: the bank's calibration (`calibrate --write`).",
+    ),
+    opt(
+        "detector.adaptive.max_penalty",
+        Kind::Float,
+        "Adaptive: the largest penalty; unset: the bank's calibration.",
+    ),
     // [batch]
     key(
         "batch.max_size",
@@ -573,15 +619,31 @@ impl Settings {
 
 /// `section.key` → the default as written in [`DEFAULT_TOML`] (TOML syntax).
 pub fn default_values() -> BTreeMap<String, String> {
-    let mut out = BTreeMap::new();
-    if let Ok(table) = DEFAULT_TOML.parse::<toml::Table>() {
-        for (section, v) in &table {
-            if let Some(t) = v.as_table() {
-                for (k, v) in t {
-                    out.insert(format!("{section}.{k}"), v.to_string());
+    DEFAULT_TOML
+        .parse::<toml::Table>()
+        .map(|t| leaf_values(&t))
+        .unwrap_or_default()
+}
+
+/// Every value of a TOML table by its dotted path, subsections (`[detector.adaptive]`)
+/// included, in TOML syntax.
+pub fn leaf_values(table: &toml::Table) -> BTreeMap<String, String> {
+    fn walk(prefix: &str, t: &toml::Table, out: &mut BTreeMap<String, String>) {
+        for (k, v) in t {
+            let key = if prefix.is_empty() {
+                k.clone()
+            } else {
+                format!("{prefix}.{k}")
+            };
+            match v.as_table() {
+                Some(sub) => walk(&key, sub, out),
+                None => {
+                    out.insert(key, v.to_string());
                 }
             }
         }
     }
+    let mut out = BTreeMap::new();
+    walk("", table, &mut out);
     out
 }

@@ -192,17 +192,30 @@ fn check_unknown_keys(text: &str, origin: &str) -> Result<(), ConfigError> {
                 origin: origin.to_string(),
             });
         }
-        for (name, value) in inner {
-            let full = format!("{section}.{name}");
-            let Some(info) = key_info(&full) else {
-                return Err(ConfigError::UnknownKey {
-                    suggestion: suggest(&full).map(str::to_string),
-                    key: full,
-                    origin: origin.to_string(),
-                });
-            };
-            check_toml_type(info, value, origin)?;
+        check_table(section, inner, origin)?;
+    }
+    Ok(())
+}
+
+/// The keys of one section, and of its subsections (`[detector.adaptive]`).
+fn check_table(prefix: &str, table: &toml::Table, origin: &str) -> Result<(), ConfigError> {
+    for (name, value) in table {
+        let full = format!("{prefix}.{name}");
+        if let (Some(sub), true) = (
+            value.as_table(),
+            KEYS.iter().any(|k| k.key.starts_with(&format!("{full}."))),
+        ) {
+            check_table(&full, sub, origin)?;
+            continue;
         }
+        let Some(info) = key_info(&full) else {
+            return Err(ConfigError::UnknownKey {
+                suggestion: suggest(&full).map(str::to_string),
+                key: full,
+                origin: origin.to_string(),
+            });
+        };
+        check_toml_type(info, value, origin)?;
     }
     Ok(())
 }

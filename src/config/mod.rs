@@ -36,7 +36,7 @@ use serde::{Deserialize, Serialize};
 use crate::detect::approx::ApproxParams;
 
 pub use crate::stream::route::OutputSubjects;
-pub use keys::{KEYS, KeyInfo, Kind, default_values, env_var_for, key_info};
+pub use keys::{KEYS, KeyInfo, Kind, default_values, env_var_for, key_info, leaf_values};
 pub use resolve::{NatsAuth, auto_decode_workers};
 use validate::list_problems;
 pub use validate::{Problem, subject_covers};
@@ -423,6 +423,44 @@ pub struct DetectorSettings {
     pub approx_candidates: usize,
     pub approx_ef_search: usize,
     pub approx_tail_sample: usize,
+    pub adaptive: AdaptiveSettings,
+}
+
+/// `[detector.adaptive]`: the adaptive detector (docs/adaptive.md); off by default.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdaptiveSettings {
+    pub enabled: bool,
+    pub capacity: usize,
+    pub k: usize,
+    pub floor: f32,
+    pub bucket_cap: usize,
+    pub admit_per_mille: usize,
+    #[serde(with = "humantime_serde")]
+    pub max_age: Duration,
+    /// Override of the bank's calibrated admission threshold.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admit_below: Option<f64>,
+    /// Override of the bank's calibrated largest penalty.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_penalty: Option<f64>,
+}
+
+impl Default for AdaptiveSettings {
+    fn default() -> Self {
+        let p = crate::detect::adaptive::AdaptiveParams::default();
+        AdaptiveSettings {
+            enabled: false,
+            capacity: p.capacity,
+            k: p.k,
+            floor: p.floor,
+            bucket_cap: p.bucket_cap,
+            admit_per_mille: p.admit_per_mille,
+            max_age: Duration::from_millis(p.max_age_ms),
+            admit_below: None,
+            max_penalty: None,
+        }
+    }
 }
 
 impl Default for DetectorSettings {
@@ -438,6 +476,7 @@ impl Default for DetectorSettings {
             approx_candidates: ApproxParams::default().candidates,
             approx_ef_search: ApproxParams::default().ef_search,
             approx_tail_sample: ApproxParams::default().tail_sample,
+            adaptive: AdaptiveSettings::default(),
         }
     }
 }

@@ -80,6 +80,19 @@ impl DetectorSettings {
         }
     }
 
+    /// The adaptive detector's memory knobs.
+    pub fn adaptive_params(&self) -> crate::detect::adaptive::AdaptiveParams {
+        let a = &self.adaptive;
+        crate::detect::adaptive::AdaptiveParams {
+            capacity: a.capacity,
+            k: a.k,
+            floor: a.floor,
+            bucket_cap: a.bucket_cap,
+            admit_per_mille: a.admit_per_mille,
+            max_age_ms: a.max_age.as_millis().try_into().unwrap_or(u64::MAX),
+        }
+    }
+
     /// The configured score method.
     pub fn method(&self) -> Result<Method, ConfigError> {
         self.method.parse().map_err(|_| {
@@ -244,6 +257,7 @@ impl Settings {
             delete_objects: self.input.object_after_routing == "delete",
             allowed_buckets: self.allowed_buckets(),
             max_bytes_in_flight: self.input.max_bytes_in_flight as usize,
+            adaptive: None,
         }
     }
 }

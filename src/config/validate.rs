@@ -442,6 +442,24 @@ impl Settings {
             ));
         }
         range_u(p, "detector.top_k", d.top_k as u64, 0, 100);
+        if d.adaptive.enabled
+            && let Err(crate::detect::adaptive::AdaptiveError::InvalidParam {
+                name,
+                value,
+                reason,
+            }) = d.adaptive_params().validate()
+        {
+            p.push(Problem::new(
+                match name {
+                    "capacity" => "detector.adaptive.capacity",
+                    "k" => "detector.adaptive.k",
+                    "floor" => "detector.adaptive.floor",
+                    "bucket_cap" => "detector.adaptive.bucket_cap",
+                    _ => "detector.adaptive.admit_per_mille",
+                },
+                format!("{value}: {reason}"),
+            ));
+        }
         range_u(
             p,
             "detector.approx_candidates",

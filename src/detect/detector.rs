@@ -157,7 +157,11 @@ pub struct Verdict {
     pub decision: Decision,
     /// The nearest ID label: from the explanation when there is one, else the argmax class.
     pub top_label: String,
+    /// The ID class with the highest cosine (the adaptive memory's bucket).
+    pub top_id: usize,
     pub explanation: Option<Explanation>,
+    /// What the adaptive detector did (`score` is then its score).
+    pub adaptive: Option<super::adaptive::Adapted>,
 }
 
 /// A bank ready to score and decide.
@@ -179,6 +183,19 @@ impl std::fmt::Debug for Detector {
             .field("threshold", &self.threshold)
             .field("top_k", &self.top_k)
             .finish_non_exhaustive()
+    }
+}
+
+impl Verdict {
+    /// Applies the adaptive detector's result: its score decides at `threshold`.
+    pub fn adapt(&mut self, a: super::adaptive::Adapted, threshold: f64) {
+        self.score = a.score;
+        self.decision = if a.score >= threshold {
+            Decision::Id
+        } else {
+            Decision::Ood
+        };
+        self.adaptive = Some(a);
     }
 }
 
@@ -314,7 +331,9 @@ impl Detector {
                         Decision::Ood
                     },
                     top_label,
+                    top_id: r.top_id,
                     explanation,
+                    adaptive: None,
                 }
             })
             .collect())

@@ -5,6 +5,13 @@ use serde::Deserialize;
 
 pub const H_DECISION: &str = "Oodgate-Decision";
 pub const H_SCORE: &str = "Oodgate-Score";
+/// With the adaptive detector: the static score, whether its term was active (`active`, or
+/// `warming` while the memory holds fewer than k entries), the penalty subtracted and the last
+/// admission folded in before this input.
+pub const H_SCORE_STATIC: &str = "Oodgate-Score-Static";
+pub const H_ADAPTIVE: &str = "Oodgate-Adaptive";
+pub const H_ADAPTIVE_PENALTY: &str = "Oodgate-Adaptive-Penalty";
+pub const H_ADAPTIVE_SEQ: &str = "Oodgate-Adaptive-Seq";
 pub const H_METHOD: &str = "Oodgate-Method";
 pub const H_THRESHOLD: &str = "Oodgate-Threshold";
 pub const H_TOP_LABEL: &str = "Oodgate-Top-Label";

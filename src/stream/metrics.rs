@@ -22,6 +22,11 @@ pub const OUTPUT_BLOCKED: &str = "oodgate_output_blocked";
 pub const OBJECTS_DELETED: &str = "oodgate_objects_deleted_total";
 pub const BYTES_IN_FLIGHT: &str = "oodgate_bytes_in_flight";
 pub const BYTES_IN_FLIGHT_PEAK: &str = "oodgate_bytes_in_flight_peak";
+pub const ADAPTIVE_ENTRIES: &str = "oodgate_adaptive_entries";
+pub const ADAPTIVE_ADMISSIONS: &str = "oodgate_adaptive_admissions_total";
+pub const ADAPTIVE_EVICTIONS: &str = "oodgate_adaptive_evictions_total";
+pub const ADAPTIVE_RATE_LIMITED: &str = "oodgate_adaptive_rate_limited_total";
+pub const ADAPTIVE_PENALISED: &str = "oodgate_adaptive_penalised_total";
 
 /// Counters a caller (tests, `bench`) can read after the run.
 #[derive(Debug, Default)]
@@ -64,6 +69,26 @@ pub fn install() -> Result<PrometheusHandle, String> {
     describe_counter!(
         OBJECTS_DELETED,
         "Claim-checked objects deleted after their input was routed (input.object_after_routing)"
+    );
+    describe_gauge!(
+        ADAPTIVE_ENTRIES,
+        "Entries in the adaptive detector's memory"
+    );
+    describe_counter!(
+        ADAPTIVE_ADMISSIONS,
+        "Images admitted to the adaptive detector's memory"
+    );
+    describe_counter!(
+        ADAPTIVE_EVICTIONS,
+        "Entries evicted from the adaptive detector's memory (bucket cap, capacity, age)"
+    );
+    describe_counter!(
+        ADAPTIVE_RATE_LIMITED,
+        "Admissions dropped by detector.adaptive.admit_per_mille"
+    );
+    describe_counter!(
+        ADAPTIVE_PENALISED,
+        "Images whose score the adaptive detector lowered"
     );
     describe_histogram!(BATCH_SIZE, "Images per encoder batch");
     describe_histogram!(

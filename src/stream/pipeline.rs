@@ -29,6 +29,7 @@ use super::pull::{self, PullConfig};
 use super::route::{DeadKind, Output, Redelivery, Retry, Router};
 use super::setup::Topology;
 use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
+use crate::detect::adaptive::AdaptiveMemory;
 use crate::detect::detector::Detector;
 use crate::model::{Encoder, Preprocessor};
 
@@ -67,6 +68,8 @@ pub struct PipelineConfig {
     pub allowed_buckets: Vec<String>,
     /// `input.max_bytes_in_flight`.
     pub max_bytes_in_flight: usize,
+    /// The adaptive detector's memory (`detector.adaptive.enabled`), local to this worker.
+    pub adaptive: Option<AdaptiveMemory>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -173,6 +176,10 @@ pub async fn run(
         Core {
             encoder,
             detector: Arc::new(detector),
+            adaptive: cfg
+                .adaptive
+                .clone()
+                .map(|m| Arc::new(std::sync::Mutex::new(m))),
             router: router.clone(),
             to_sink,
             pool,
@@ -297,12 +304,58 @@ pub async fn run(
     Ok(())
 }
 
+/// Applies the adaptive detector to a scored batch (in input order) and updates its metrics.
+/// A failure leaves the static verdicts in place, with a warning: the memory is an
+/// improvement, never a reason to stop routing.
+fn adapt(
+    mem: &std::sync::Mutex<AdaptiveMemory>,
+    detector: &Detector,
+    emb: &Array2<f32>,
+    verdicts: &mut [crate::detect::detector::Verdict],
+) {
+    let Some(threshold) = detector.threshold() else {
+        return;
+    };
+    let statics: Vec<(f64, u32)> = verdicts
+        .iter()
+        .map(|v| (v.score, u32::try_from(v.top_id).unwrap_or(u32::MAX)))
+        .collect();
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let ts = vec![now_ms; statics.len()];
+    let Ok(mut memory) = mem.lock() else {
+        tracing::warn!("adaptive memory unavailable (a scorer panicked); static scores used");
+        return;
+    };
+    let before = memory.stats();
+    match memory.score_batch(emb.view(), &statics, &ts, true) {
+        Ok(out) => {
+            for (v, a) in verdicts.iter_mut().zip(out) {
+                if a.penalty > 0.0 {
+                    counter!(m::ADAPTIVE_PENALISED).increment(1);
+                }
+                v.adapt(a, threshold.value);
+            }
+        }
+        Err(e) => tracing::warn!(error = %e, "adaptive detector failed; static scores used"),
+    }
+    let after = memory.stats();
+    gauge!(m::ADAPTIVE_ENTRIES).set(after.entries as f64);
+    counter!(m::ADAPTIVE_ADMISSIONS).increment(after.admissions - before.admissions);
+    counter!(m::ADAPTIVE_EVICTIONS).increment(after.evictions - before.evictions);
+    counter!(m::ADAPTIVE_RATE_LIMITED).increment(after.rate_limited - before.rate_limited);
+}
+
 /// The core stage: batches decoded images, runs them through the encoder thread, asks the
 /// detector, routes the verdicts to the sink. Up to [`BATCHES_IN_FLIGHT`] batches overlap, so
 /// scoring one batch runs while the encoder works on the next.
 struct Core {
     encoder: EncoderHandle,
     detector: Arc<Detector>,
+    /// Batches pass through it one at a time, in the order they reach scoring: that order is
+    /// the stream the memory sees.
+    adaptive: Option<Arc<std::sync::Mutex<AdaptiveMemory>>>,
     router: Arc<Router>,
     to_sink: mpsc::Sender<Routed<InFlight>>,
     pool: Arc<BufPool>,
@@ -485,10 +538,16 @@ impl Core {
         let t1 = Instant::now();
         // Scoring and explanations are CPU work: off the async workers.
         let detector = self.detector.clone();
+        let adaptive = self.adaptive.clone();
         let n = batch.len();
         let scored = tokio::task::spawn_blocking(move || {
             match detector.verdicts(emb.view()) {
-                Ok(v) => v.into_iter().map(Ok).collect::<Vec<_>>(),
+                Ok(mut v) => {
+                    if let Some(mem) = &adaptive {
+                        adapt(mem, &detector, &emb, &mut v);
+                    }
+                    v.into_iter().map(Ok).collect::<Vec<_>>()
+                }
                 // Poison isolation: score each image alone.
                 Err(_) if n > 1 => (0..n)
                     .map(|i| {

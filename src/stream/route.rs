@@ -193,6 +193,18 @@ impl Router {
         let mut h = self.base(source, inbound);
         h.insert(msg::H_DECISION, v.decision.as_str());
         h.insert(msg::H_SCORE, format!("{:.6e}", v.score).as_str());
+        if let Some(a) = &v.adaptive {
+            h.insert(
+                msg::H_SCORE_STATIC,
+                format!("{:.6e}", a.static_score).as_str(),
+            );
+            h.insert(msg::H_ADAPTIVE, if a.active { "active" } else { "warming" });
+            h.insert(
+                msg::H_ADAPTIVE_PENALTY,
+                format!("{:.6e}", a.penalty).as_str(),
+            );
+            h.insert(msg::H_ADAPTIVE_SEQ, a.seq.to_string().as_str());
+        }
         h.insert(msg::H_METHOD, self.method.as_str());
         h.insert(msg::H_THRESHOLD, self.threshold.as_str());
         h.insert(msg::H_TOP_LABEL, msg::header_value(&v.top_label).as_str());
@@ -383,6 +395,8 @@ mod tests {
             score: -1.0,
             decision: Decision::Ood,
             top_label: "dog".into(),
+            top_id: 0,
+            adaptive: None,
             explanation: None,
         };
         let r = router();
@@ -416,6 +430,8 @@ mod tests {
             score: 0.123456789,
             decision: Decision::Ood,
             top_label: "dog\r\n".into(),
+            top_id: 0,
+            adaptive: None,
             explanation: Some(Explanation {
                 top_labels: vec![("dog".into(), 0.3)],
                 nearest_outliers: vec![("cat".into(), 0.2), ("car".into(), 0.1)],
@@ -473,6 +489,8 @@ mod tests {
             score: 0.5,
             decision: Decision::Id,
             top_label: "dog".into(),
+            top_id: 0,
+            adaptive: None,
             explanation: None,
         };
         let out = router().verdict(&source(), None, &v);

@@ -3,6 +3,7 @@
 
 use anyhow::{Context, bail};
 use oodgate::config::Settings;
+use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveMemory};
 use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
 use oodgate::detect::method::Method;
 use oodgate::model::encoder::EncoderOptions;
@@ -30,6 +31,59 @@ pub fn detector_spec(s: &Settings, threshold: ThresholdChoice) -> anyhow::Result
         top_k: s.detector.top_k.max(1),
         approx: s.detector.approx_params(),
     })
+}
+
+/// The adaptive detector's memory when `detector.adaptive.enabled`: its thresholds from the
+/// bank's calibration of the method, or from `detector.adaptive.admit_below` /
+/// `max_penalty`.
+pub fn adaptive_memory(
+    s: &Settings,
+    detector: &Detector,
+) -> anyhow::Result<Option<AdaptiveMemory>> {
+    let a = &s.detector.adaptive;
+    if !a.enabled {
+        return Ok(None);
+    }
+    let method = detector.method();
+    let stored = detector
+        .bank()
+        .meta
+        .thresholds
+        .get(method.as_str())
+        .and_then(|t| t.adaptive);
+    let calib = match (stored, a.admit_below, a.max_penalty) {
+        (_, Some(admit_below), Some(max_penalty)) => AdaptiveCalibration {
+            admit_below,
+            max_penalty,
+            q_out: f64::NAN,
+            epsilon: f64::NAN,
+        },
+        (Some(c), admit, penalty) => AdaptiveCalibration {
+            admit_below: admit.unwrap_or(c.admit_below),
+            max_penalty: penalty.unwrap_or(c.max_penalty),
+            ..c
+        },
+        (None, _, _) => bail!(
+            "detector.adaptive.enabled: the bank has no adaptive calibration for method {method}; \
+             run `oodgate calibrate --method {method} --write` on held-out ID images, or set \
+             detector.adaptive.admit_below and detector.adaptive.max_penalty"
+        ),
+    };
+    let mem = AdaptiveMemory::new(
+        s.detector.adaptive_params(),
+        calib,
+        detector.bank().meta.dim,
+    )
+    .context("detector.adaptive")?;
+    tracing::info!(
+        capacity = a.capacity,
+        k = a.k,
+        floor = a.floor,
+        admit_below = calib.admit_below,
+        max_penalty = calib.max_penalty,
+        "adaptive detector on"
+    );
+    Ok(Some(mem))
 }
 
 /// Loads the encoder (warmed up when `model.warm_up`), the bank (checked against the
