@@ -10,7 +10,9 @@ use std::hint::black_box;
 
 use common::Rng;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveMemory, AdaptiveParams, Admission};
+use oodgate::detect::adaptive::{
+    AdaptiveCalibration, AdaptiveMemory, AdaptiveParams, Admission, Admit,
+};
 
 const D: usize = 512;
 const BATCH: usize = 32;
@@ -55,7 +57,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("score", n), |b| {
             b.iter(|| {
                 black_box(
-                    mem.score_batch(black_box(queries.view()), &statics, &[], false)
+                    mem.score_batch(black_box(queries.view()), &statics, &[], Admit::Off)
                         .unwrap(),
                 )
             })
@@ -67,7 +69,7 @@ fn bench(c: &mut Criterion) {
         g.bench_function(BenchmarkId::new("score+admit", n), |b| {
             b.iter(|| {
                 black_box(
-                    mem.score_batch(black_box(queries.view()), &statics, &[], true)
+                    mem.score_batch(black_box(queries.view()), &statics, &[], Admit::Fold)
                         .unwrap(),
                 )
             })

@@ -2207,3 +2207,89 @@ fn the_adaptive_detector_in_the_daemon_reports_and_applies_its_penalty() {
     assert_eq!(w.metric("oodgate_adaptive_entries"), 2.0);
     assert_eq!(w.metric("oodgate_adaptive_penalised_total"), 1.0);
 }
+
+/// `detector.adaptive.sync = "shared"` with two workers on one server: an admission made by
+/// either worker reaches both memories through the stream OODGATE_ADAPT, so the same image
+/// sent again is penalised whichever worker takes it; a restarted worker replays the stream
+/// and has the same memory again; `oodgate adaptive reset` empties every memory.
+#[test]
+fn two_workers_share_the_adaptive_memory_through_jetstream() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    let env = [
+        ("OODGATE__DETECTOR__ADAPTIVE__ENABLED", "true"),
+        ("OODGATE__DETECTOR__ADAPTIVE__SYNC", "shared"),
+        ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_BELOW", "1e9"),
+        ("OODGATE__DETECTOR__ADAPTIVE__MAX_PENALTY", "0.25"),
+        ("OODGATE__DETECTOR__ADAPTIVE__K", "1"),
+        ("OODGATE__DETECTOR__ADAPTIVE__FLOOR", "0.0"),
+        ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_PER_MILLE", "1000"),
+        ("OODGATE__BATCH__MAX_SIZE", "1"),
+    ];
+    let w1 = Worker::start(&nats, &bank, threshold, &env);
+    let w2 = Worker::start(&nats, &bank, threshold, &env);
+    let wait_entries = |w: &Worker, n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.metric("oodgate_adaptive_entries") != n {
+            assert!(
+                Instant::now() < deadline,
+                "memory holds {} entries, expected {n}",
+                w.metric("oodgate_adaptive_entries")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let good = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
+    publish(&nats.url(), &[("first".into(), good.clone())]);
+    wait_entries(&w1, 1.0);
+    wait_entries(&w2, 1.0);
+    // Whichever worker takes them, the same image is now penalised in full.
+    publish(
+        &nats.url(),
+        &[
+            ("second".into(), good.clone()),
+            ("third".into(), good.clone()),
+        ],
+    );
+    let outs = outputs(&nats.url(), 3, Duration::from_secs(60));
+    assert_eq!(outs.len(), 3);
+    let first = outs
+        .iter()
+        .find(|o| o.headers["Oodgate-Adaptive"] == "warming")
+        .expect("the first output saw an empty memory");
+    assert_eq!(first.headers["Oodgate-Adaptive-Seq"], "0");
+    for o in outs
+        .iter()
+        .filter(|o| o.headers["Oodgate-Adaptive"] == "active")
+    {
+        let p: f64 = o.headers["Oodgate-Adaptive-Penalty"].parse().unwrap();
+        assert!((p - 0.25).abs() < 1e-6, "{:?}", o.headers);
+    }
+    assert!(
+        outs.iter()
+            .filter(|o| o.headers["Oodgate-Adaptive"] == "active")
+            .count()
+            >= 2
+    );
+    wait_entries(&w1, 3.0);
+    wait_entries(&w2, 3.0);
+    // A restarted worker replays what the stream holds.
+    drop(w1);
+    let w1 = Worker::start(&nats, &bank, threshold, &env);
+    wait_entries(&w1, 3.0);
+    // Reset: every memory empties.
+    let out = common::oodgate()
+        .args(["adaptive", "reset", "--bank"])
+        .arg(&bank)
+        .args(["--nats", &nats.url()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_entries(&w1, 0.0);
+    wait_entries(&w2, 0.0);
+}

@@ -1,5 +1,6 @@
 //! Subcommands. Only this module knows about terminals, progress bars and exit codes.
 
+pub mod adaptive;
 pub mod bank;
 pub mod bench;
 pub mod calibrate;
@@ -58,6 +59,9 @@ pub enum Command {
     /// Configuration reference and effective settings.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// The adaptive detector's shared memory (reset).
+    #[command(subcommand)]
+    Adaptive(adaptive::AdaptiveCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -74,5 +78,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Bench(a) => bench::run(a),
         Command::Summary(a) => summary::run(a),
         Command::Config(c) => config::run(c),
+        Command::Adaptive(c) => adaptive::run(c),
     }
 }

@@ -513,6 +513,11 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::Duration,
         "Adaptive: entries older than this (producer time) than the newest are dropped; 0s = never.",
     ),
+    key(
+        "detector.adaptive.sync",
+        Kind::String,
+        "Adaptive: `local` (each worker its own memory) or `shared` (admissions published to the stream OODGATE_ADAPT and folded by every worker in stream order).",
+    ),
     opt(
         "detector.adaptive.admit_below",
         Kind::Float,

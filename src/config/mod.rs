@@ -438,6 +438,9 @@ pub struct AdaptiveSettings {
     pub admit_per_mille: usize,
     #[serde(with = "humantime_serde")]
     pub max_age: Duration,
+    /// `local` (this worker's memory) or `shared` (every worker's admissions, through
+    /// JetStream).
+    pub sync: String,
     /// Override of the bank's calibrated admission threshold.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admit_below: Option<f64>,
@@ -457,6 +460,7 @@ impl Default for AdaptiveSettings {
             bucket_cap: p.bucket_cap,
             admit_per_mille: p.admit_per_mille,
             max_age: Duration::from_millis(p.max_age_ms),
+            sync: "local".into(),
             admit_below: None,
             max_penalty: None,
         }

@@ -258,6 +258,8 @@ impl Settings {
             allowed_buckets: self.allowed_buckets(),
             max_bytes_in_flight: self.input.max_bytes_in_flight as usize,
             adaptive: None,
+            adaptive_shared_prefix: (self.detector.adaptive.sync == "shared")
+                .then(|| self.output.prefix.clone()),
         }
     }
 }

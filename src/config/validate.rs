@@ -442,6 +442,12 @@ impl Settings {
             ));
         }
         range_u(p, "detector.top_k", d.top_k as u64, 0, 100);
+        if !matches!(d.adaptive.sync.as_str(), "local" | "shared") {
+            p.push(Problem::new(
+                "detector.adaptive.sync",
+                format!("{:?}: expected \"local\" or \"shared\"", d.adaptive.sync),
+            ));
+        }
         if d.adaptive.enabled
             && let Err(crate::detect::adaptive::AdaptiveError::InvalidParam {
                 name,

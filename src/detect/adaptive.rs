@@ -149,6 +149,18 @@ struct Entry {
     embedding: Vec<f32>,
 }
 
+/// What happens to the images a batch admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admit {
+    /// Folded into this memory at once (one worker, or offline).
+    Fold,
+    /// Reported in [`Adapted::admitted`] only: the caller publishes them and the shared log
+    /// folds them in, in its order.
+    Report,
+    /// Not gated at all.
+    Off,
+}
+
 /// What the adaptive term did to one image.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Adapted {
@@ -319,15 +331,13 @@ impl AdaptiveMemory {
 
     /// Scores a batch in input order: each row of `x` (unit embeddings) with its static score
     /// and bucket sees the memory as it was after the previous rows' admissions, and is then
-    /// gated and, when admitted (`ts_ms` is its producer time), folded in. Local mode: the
-    /// admissions are applied here. With `gate = false` nothing is admitted (shared mode applies
-    /// admissions when they come back from the log).
+    /// gated and, when admitted (`ts_ms` is its producer time), folded in as `admit` says.
     pub fn score_batch(
         &mut self,
         x: ArrayView2<'_, f32>,
         statics: &[(f64, u32)],
         ts_ms: &[u64],
-        gate: bool,
+        admit_mode: Admit,
     ) -> Result<Vec<Adapted>, AdaptiveError> {
         if x.ncols() != self.dim {
             return Err(AdaptiveError::Dimension {
@@ -337,7 +347,10 @@ impl AdaptiveMemory {
         }
         let n = x.nrows();
         // Admissions depend on the static scores only, so they are known before scoring.
-        let admit: Vec<bool> = statics.iter().map(|&(s, _)| gate && self.gate(s)).collect();
+        let admit: Vec<bool> = statics
+            .iter()
+            .map(|&(s, _)| admit_mode != Admit::Off && self.gate(s))
+            .collect();
         // Cosines to the entries present before the batch, entry-major so each entry is read
         // once per batch; the summation order is fixed (see `dot`).
         let rows: Vec<&[f32]> = (0..n).map(|i| row(&x, i)).collect();
@@ -380,7 +393,7 @@ impl AdaptiveMemory {
                 seq: self.stats.seq,
                 admitted: admit[i],
             });
-            if admit[i] {
+            if admit[i] && admit_mode == Admit::Fold {
                 let seq = self.fold(Admission {
                     embedding: rows[i].to_vec(),
                     bucket,
@@ -417,7 +430,7 @@ pub fn run_stream(
         }
         let sb: Vec<(f64, u32)> = chunk.iter().map(|&i| statics[i]).collect();
         for (a, &i) in mem
-            .score_batch(xb.view(), &sb, &[], true)?
+            .score_batch(xb.view(), &sb, &[], Admit::Fold)?
             .into_iter()
             .zip(chunk)
         {
@@ -610,7 +623,7 @@ mod tests {
                 .into_iter()
                 .map(|r| id_mass(r.as_slice().unwrap()))
                 .collect();
-            out.extend(mem.score_batch(v, &statics, &[], true).unwrap());
+            out.extend(mem.score_batch(v, &statics, &[], Admit::Fold).unwrap());
             start = end;
         }
         out
@@ -760,8 +773,13 @@ mod tests {
             while s < n {
                 let e = (s + batch).min(n);
                 out.extend(
-                    mem.score_batch(x.slice(ndarray::s![s..e, ..]), &statics[s..e], &[], true)
-                        .unwrap(),
+                    mem.score_batch(
+                        x.slice(ndarray::s![s..e, ..]),
+                        &statics[s..e],
+                        &[],
+                        Admit::Fold,
+                    )
+                    .unwrap(),
                 );
                 s = e;
             }

@@ -11,6 +11,7 @@
 //! drop); outputs carry a `Nats-Msg-Id` derived from the input's stream sequence, so a
 //! redelivered input is deduplicated by the output stream. See docs/delivery.md.
 
+pub mod adaptive_sync;
 pub mod batcher;
 pub mod breaker;
 pub mod claim_check;

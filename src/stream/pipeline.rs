@@ -18,6 +18,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::adaptive_sync::{self, Shared};
 use super::batcher::{self, BatchPolicy};
 use super::breaker::Breaker;
 use super::decode::{BufPool, Decoded, Intake};
@@ -29,7 +30,7 @@ use super::pull::{self, PullConfig};
 use super::route::{DeadKind, Output, Redelivery, Retry, Router};
 use super::setup::Topology;
 use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
-use crate::detect::adaptive::AdaptiveMemory;
+use crate::detect::adaptive::{AdaptiveMemory, Admission, Admit};
 use crate::detect::detector::Detector;
 use crate::model::{Encoder, Preprocessor};
 
@@ -68,12 +69,16 @@ pub struct PipelineConfig {
     pub allowed_buckets: Vec<String>,
     /// `input.max_bytes_in_flight`.
     pub max_bytes_in_flight: usize,
-    /// The adaptive detector's memory (`detector.adaptive.enabled`), local to this worker.
+    /// The adaptive detector's memory (`detector.adaptive.enabled`).
     pub adaptive: Option<AdaptiveMemory>,
+    /// `detector.adaptive.sync = "shared"`: the output prefix its stream's subjects start with.
+    pub adaptive_shared_prefix: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
+    #[error(transparent)]
+    AdaptiveSync(#[from] adaptive_sync::SyncError),
     #[error("cannot start the encoder thread: {0}")]
     Spawn(#[from] std::io::Error),
     #[error("the detector has no threshold: the daemon cannot route without one")]
@@ -158,6 +163,23 @@ pub async fn run(
         base_delay: Duration::from_millis(100),
         max_delay: cfg.retry_max_delay,
     };
+    let adaptive_mem = cfg
+        .adaptive
+        .clone()
+        .map(|m| Arc::new(std::sync::Mutex::new(m)));
+    let shared = match (&adaptive_mem, &cfg.adaptive_shared_prefix) {
+        (Some(mem), Some(prefix)) => Some(
+            adaptive_sync::start(
+                js.clone(),
+                prefix,
+                detector.bank().version(),
+                mem.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
+        _ => None,
+    };
     sink_tasks.spawn(sink::run(
         sink_rx,
         publisher.clone(),
@@ -176,10 +198,8 @@ pub async fn run(
         Core {
             encoder,
             detector: Arc::new(detector),
-            adaptive: cfg
-                .adaptive
-                .clone()
-                .map(|m| Arc::new(std::sync::Mutex::new(m))),
+            adaptive: adaptive_mem,
+            shared,
             router: router.clone(),
             to_sink,
             pool,
@@ -307,14 +327,18 @@ pub async fn run(
 /// Applies the adaptive detector to a scored batch (in input order) and updates its metrics.
 /// A failure leaves the static verdicts in place, with a warning: the memory is an
 /// improvement, never a reason to stop routing.
+/// With `Admit::Report` (a shared memory) the admitted images are returned, by batch index,
+/// for publishing.
 fn adapt(
     mem: &std::sync::Mutex<AdaptiveMemory>,
+    mode: Admit,
     detector: &Detector,
     emb: &Array2<f32>,
     verdicts: &mut [crate::detect::detector::Verdict],
-) {
+) -> Vec<(usize, Admission)> {
+    let mut admitted = Vec::new();
     let Some(threshold) = detector.threshold() else {
-        return;
+        return admitted;
     };
     let statics: Vec<(f64, u32)> = verdicts
         .iter()
@@ -326,14 +350,25 @@ fn adapt(
     let ts = vec![now_ms; statics.len()];
     let Ok(mut memory) = mem.lock() else {
         tracing::warn!("adaptive memory unavailable (a scorer panicked); static scores used");
-        return;
+        return admitted;
     };
     let before = memory.stats();
-    match memory.score_batch(emb.view(), &statics, &ts, true) {
+    match memory.score_batch(emb.view(), &statics, &ts, mode) {
         Ok(out) => {
-            for (v, a) in verdicts.iter_mut().zip(out) {
+            for (i, (v, a)) in verdicts.iter_mut().zip(out).enumerate() {
                 if a.penalty > 0.0 {
                     counter!(m::ADAPTIVE_PENALISED).increment(1);
+                }
+                if a.admitted && mode == Admit::Report {
+                    admitted.push((
+                        i,
+                        Admission {
+                            embedding: emb.row(i).to_vec(),
+                            bucket: statics[i].1,
+                            score: statics[i].0,
+                            ts_ms: now_ms,
+                        },
+                    ));
                 }
                 v.adapt(a, threshold.value);
             }
@@ -345,6 +380,7 @@ fn adapt(
     counter!(m::ADAPTIVE_ADMISSIONS).increment(after.admissions - before.admissions);
     counter!(m::ADAPTIVE_EVICTIONS).increment(after.evictions - before.evictions);
     counter!(m::ADAPTIVE_RATE_LIMITED).increment(after.rate_limited - before.rate_limited);
+    admitted
 }
 
 /// The core stage: batches decoded images, runs them through the encoder thread, asks the
@@ -356,6 +392,8 @@ struct Core {
     /// Batches pass through it one at a time, in the order they reach scoring: that order is
     /// the stream the memory sees.
     adaptive: Option<Arc<std::sync::Mutex<AdaptiveMemory>>>,
+    /// Set when the memory is shared: admissions are published, not folded here.
+    shared: Option<Arc<Shared>>,
     router: Arc<Router>,
     to_sink: mpsc::Sender<Routed<InFlight>>,
     pool: Arc<BufPool>,
@@ -539,12 +577,18 @@ impl Core {
         // Scoring and explanations are CPU work: off the async workers.
         let detector = self.detector.clone();
         let adaptive = self.adaptive.clone();
+        let mode = if self.shared.is_some() {
+            Admit::Report
+        } else {
+            Admit::Fold
+        };
         let n = batch.len();
         let scored = tokio::task::spawn_blocking(move || {
-            match detector.verdicts(emb.view()) {
+            let mut admitted = Vec::new();
+            let r = match detector.verdicts(emb.view()) {
                 Ok(mut v) => {
                     if let Some(mem) = &adaptive {
-                        adapt(mem, &detector, &emb, &mut v);
+                        admitted = adapt(mem, mode, &detector, &emb, &mut v);
                     }
                     v.into_iter().map(Ok).collect::<Vec<_>>()
                 }
@@ -558,10 +602,11 @@ impl Core {
                     })
                     .collect(),
                 Err(e) => vec![Err(e.to_string())],
-            }
+            };
+            (r, admitted)
         })
         .await;
-        let results = match scored {
+        let (results, admitted) = match scored {
             Ok(r) => r,
             Err(e) => {
                 tracing::error!(error = %e, "scoring task failed; NAKing the batch");
@@ -576,6 +621,23 @@ impl Core {
             }
             Blame::Members(r) => r,
         };
+        // A shared memory learns of admissions through its log; publishing is off the
+        // routing path (a lost admission costs a little learning, never an output).
+        if let Some(shared) = &self.shared {
+            for (i, a) in admitted {
+                let Some(item) = batch.get(i) else { continue };
+                let key = format!(
+                    "{}:{}",
+                    item.input.source.stream, item.input.source.sequence
+                );
+                let shared = shared.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = shared.publish(&a, &key).await {
+                        tracing::warn!(error = %e, "adaptive admission not published");
+                    }
+                });
+            }
+        }
         for (item, v) in batch.into_iter().zip(results) {
             let v = match v {
                 Ok(v) => v,
