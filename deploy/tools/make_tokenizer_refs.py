@@ -91,7 +91,9 @@ def texts() -> list[str]:
         # whitespace
         "  many   spaces\tand\nnewlines  ",
         # mojibake that ftfy fixes
-        "cafÃ©",
+        "cafÃ©", "naÃ¯ve cafÃ©", "donâ€™t", "Â£5 only", "Ã©tÃ© 2024",
+        # a zero-width space is kept (a token of its own); a BOM is removed
+        "zero\u200bwidth", "a \u200b b", "x\ufeffy",
         # ligature, CJK, emoji
         "ﬁsh", "猫", "🐈 cat",
         # longer than 77 tokens: truncation keeps EOT last

@@ -113,7 +113,9 @@ fn fix_text(text: &str) -> String {
             '\r' | '\u{2028}' | '\u{2029}' | '\u{0085}' => out.push('\n'),
             '\t' | '\n' => out.push(c),
             c if c.is_control() => {}
-            '\u{200B}' | '\u{FEFF}' => {}
+            // The byte-order mark is removed (ftfy remove_bom); a zero-width space is not
+            // (ftfy keeps it, and CLIP then gives it a token of its own).
+            '\u{FEFF}' => {}
             c => out.push(c),
         }
     }
