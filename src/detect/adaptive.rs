@@ -14,7 +14,6 @@
 
 use std::collections::VecDeque;
 
-use multiversion::multiversion;
 use ndarray::ArrayView2;
 use serde::{Deserialize, Serialize};
 
@@ -146,7 +145,53 @@ struct Entry {
     seq: u64,
     bucket: u32,
     ts_ms: u64,
-    embedding: Vec<f32>,
+    /// Its column in [`Packed`].
+    slot: usize,
+}
+
+/// Entries per packed block: one vector lane each.
+const BLOCK: usize = 16;
+/// Images scored together against a block.
+const GROUP: usize = 8;
+
+/// The entries' embeddings, transposed in blocks of [`BLOCK`]: block b holds, for every
+/// dimension k, the k-th component of slots 16b..16b+16 side by side. One pass over a block
+/// gives 16 cosines per image with plain vector multiply-adds and no horizontal sums. Slots
+/// of evicted entries are reused; a slot's position never changes a cosine.
+#[derive(Debug, Clone, Default)]
+struct Packed {
+    data: Vec<f32>,
+    free: Vec<usize>,
+    next: usize,
+}
+
+impl Packed {
+    fn insert(&mut self, e: &[f32]) -> usize {
+        let dim = e.len();
+        let slot = self.free.pop().unwrap_or_else(|| {
+            self.next += 1;
+            self.next - 1
+        });
+        let (b, l) = (slot / BLOCK, slot % BLOCK);
+        if self.data.len() < (b + 1) * dim * BLOCK {
+            self.data.resize((b + 1) * dim * BLOCK, 0.0);
+        }
+        let base = b * dim * BLOCK + l;
+        for (k, v) in e.iter().enumerate() {
+            self.data[base + k * BLOCK] = *v;
+        }
+        slot
+    }
+    fn release(&mut self, slot: usize) {
+        self.free.push(slot);
+    }
+    fn clear(&mut self) {
+        self.free.clear();
+        self.next = 0;
+    }
+    fn blocks(&self) -> usize {
+        self.next.div_ceil(BLOCK)
+    }
 }
 
 /// What happens to the images a batch admits.
@@ -198,6 +243,7 @@ pub struct AdaptiveMemory {
     dim: usize,
     /// Ascending by `seq`.
     entries: Vec<Entry>,
+    packed: Packed,
     /// Entries per bucket.
     per_bucket: std::collections::HashMap<u32, usize>,
     max_ts_ms: u64,
@@ -220,6 +266,7 @@ impl AdaptiveMemory {
             calib,
             dim,
             entries: Vec::new(),
+            packed: Packed::default(),
             per_bucket: Default::default(),
             max_ts_ms: 0,
             stats: AdaptiveStats::default(),
@@ -245,6 +292,7 @@ impl AdaptiveMemory {
     pub fn clear(&mut self) {
         self.stats.evictions += self.entries.len() as u64;
         self.entries.clear();
+        self.packed.clear();
         self.per_bucket.clear();
         self.max_ts_ms = 0;
     }
@@ -284,11 +332,14 @@ impl AdaptiveMemory {
         if self.params.max_age_ms > 0 {
             let cutoff = self.max_ts_ms.saturating_sub(self.params.max_age_ms);
             let before = self.entries.len();
-            let per_bucket = &mut self.per_bucket;
+            let (per_bucket, packed) = (&mut self.per_bucket, &mut self.packed);
             self.entries.retain(|e| {
                 let keep = e.ts_ms == 0 || e.ts_ms >= cutoff;
-                if !keep && let Some(n) = per_bucket.get_mut(&e.bucket) {
-                    *n -= 1;
+                if !keep {
+                    if let Some(n) = per_bucket.get_mut(&e.bucket) {
+                        *n -= 1;
+                    }
+                    packed.release(e.slot);
                 }
                 keep
             });
@@ -307,16 +358,18 @@ impl AdaptiveMemory {
             if let Some(n) = self.per_bucket.get_mut(&e.bucket) {
                 *n -= 1;
             }
+            self.packed.release(e.slot);
             self.stats.evictions += 1;
         }
         self.stats.seq += 1;
         self.stats.admissions += 1;
         *self.per_bucket.entry(a.bucket).or_insert(0) += 1;
+        let slot = self.packed.insert(&a.embedding);
         self.entries.push(Entry {
             seq: self.stats.seq,
             bucket: a.bucket,
             ts_ms: a.ts_ms,
-            embedding: a.embedding,
+            slot,
         });
         Ok(self.stats.seq)
     }
@@ -351,37 +404,51 @@ impl AdaptiveMemory {
             .iter()
             .map(|&(s, _)| admit_mode != Admit::Off && self.gate(s))
             .collect();
-        // Cosines to the entries present before the batch, entry-major so each entry is read
-        // once per batch; the summation order is fixed (see `dot`).
+        // Cosines to the entries present before the batch: block by block over the packed
+        // embeddings (each read once per batch), eight images at a time.
         let rows: Vec<&[f32]> = (0..n).map(|i| row(&x, i)).collect();
-        let pre: Vec<(u64, Vec<f32>)> = self
-            .entries
-            .iter()
-            .map(|e| {
-                let mut c = vec![0f32; n];
-                dots(&e.embedding, &rows, &mut c);
-                (e.seq, c)
-            })
-            .collect();
-        // pre[m].1[i]: cosine of image i to pre-batch entry m; batch admissions are added as
-        // (seq, cosines) when they are folded.
-        let mut cos = pre;
+        let d = self.dim;
+        let blocks = self.packed.blocks();
+        let mut pre = vec![0f32; blocks * n * BLOCK];
+        let mut xt = vec![0f32; d * GROUP];
+        for (g, imgs) in rows.chunks(GROUP).enumerate() {
+            // The group's images transposed (zero rows pad the last group; their cosines are
+            // discarded and touch no other image's arithmetic).
+            xt.iter_mut().for_each(|v| *v = 0.0);
+            for (j, r) in imgs.iter().enumerate() {
+                for (k, v) in r.iter().enumerate().take(d) {
+                    xt[k * GROUP + j] = *v;
+                }
+            }
+            for b in 0..blocks {
+                let block = &self.packed.data[b * d * BLOCK..(b + 1) * d * BLOCK];
+                let acc = block_dots(block, &xt);
+                for (j, a) in acc.iter().enumerate().take(imgs.len()) {
+                    let i = g * GROUP + j;
+                    pre[(b * n + i) * BLOCK..(b * n + i + 1) * BLOCK].copy_from_slice(a);
+                }
+            }
+        }
+        let pre_seq = self.stats.seq;
+        // Cosines of the batch's own admissions: (seq, cosine per image).
+        let mut fresh: Vec<(u64, Vec<f32>)> = Vec::new();
         let mut out = Vec::with_capacity(n);
         let k = self.params.k;
         let mut top = Vec::with_capacity(k + 1);
         for i in 0..n {
-            // The live entries are those still in memory; `cos` may hold evicted ones.
             top.clear();
-            let mut live = 0usize;
-            let mut ci = 0usize;
             for e in &self.entries {
-                while cos[ci].0 != e.seq {
-                    ci += 1;
-                }
-                live += 1;
-                push_top(&mut top, cos[ci].1[i], k);
+                let c = if e.seq <= pre_seq {
+                    pre[((e.slot / BLOCK) * n + i) * BLOCK + e.slot % BLOCK]
+                } else {
+                    fresh
+                        .iter()
+                        .find(|(s, _)| *s == e.seq)
+                        .map_or(f32::NEG_INFINITY, |(_, c)| c[i])
+                };
+                push_top(&mut top, c, k);
             }
-            let active = live >= k;
+            let active = self.entries.len() >= k;
             let qk = if active { top.last().copied() } else { None };
             let penalty = self.penalty(qk);
             let (static_score, bucket) = statics[i];
@@ -400,11 +467,7 @@ impl AdaptiveMemory {
                     score: static_score,
                     ts_ms: ts_ms.get(i).copied().unwrap_or(0),
                 })?;
-                let mut c = vec![0f32; n];
-                dots(rows[i], &rows, &mut c);
-                // Both `cos` and the entries ascend by seq, and the entries are a subset: the
-                // merge above skips the evicted ones.
-                cos.push((seq, c));
+                fresh.push((seq, rows.iter().map(|r| dot(rows[i], r)).collect()));
             }
         }
         Ok(out)
@@ -480,85 +543,102 @@ fn row<'a>(x: &'a ArrayView2<'_, f32>, i: usize) -> &'a [f32] {
     x.row(i).to_slice().unwrap_or(&[])
 }
 
-/// Partial sums per dot product: two 16-lane vectors, each summing every 32nd product.
-const LANES: usize = 32;
-
-/// Images per pass over an entry in [`dots`].
-const IMAGES: usize = 4;
-
-/// The fixed reduction of the partial sums: a pairwise tree (lane j + lane j + 16, then
-/// j + 8, ...), written as whole halves so it stays in vector registers.
-#[inline(always)]
-fn reduce(a: [f32; LANES]) -> f32 {
-    let h16: [f32; 16] = std::array::from_fn(|j| a[j] + a[j + 16]);
-    let h8: [f32; 8] = std::array::from_fn(|j| h16[j] + h16[j + 8]);
-    let h4: [f32; 4] = std::array::from_fn(|j| h8[j] + h8[j + 4]);
-    let h2: [f32; 2] = std::array::from_fn(|j| h4[j] + h4[j + 2]);
-    h2[0] + h2[1]
+/// The cosines of one packed block with a transposed group of images: `xt[k·8 + j]` is
+/// component k of image j; returns, per image, the 16 lanes' cosines.
+///
+/// Each cosine is summed the same way everywhere: one accumulator, k = 0, 1, … in order, a
+/// multiply then an add (never fused, so the same bits on any machine); [`dot`] does exactly
+/// that. Scores therefore do not depend on how the stream was batched or which slot an entry
+/// sits in, which a GEMM's blocking does not promise: the reason for hand-writing it
+/// (measured in `benches/adaptive.rs`).
+fn block_dots(block: &[f32], xt: &[f32]) -> [[f32; BLOCK]; GROUP] {
+    let (ec, _) = block.as_chunks::<BLOCK>();
+    let (xc, _) = xt.as_chunks::<GROUP>();
+    #[cfg(target_arch = "x86_64")]
+    {
+        if std::arch::is_x86_feature_detected!("avx512f") {
+            // SAFETY: the CPU has AVX-512F (checked just above).
+            return unsafe { block_dots_avx512(ec, xc) };
+        }
+        if std::arch::is_x86_feature_detected!("avx") {
+            // SAFETY: the CPU has AVX (checked just above).
+            return unsafe { block_dots_avx(ec, xc) };
+        }
+    }
+    block_dots_portable(ec, xc)
 }
 
-/// ⟨x_i, e⟩ for every row x_i of `rows`, into `out`.
-///
-/// Each product is summed the same way whatever the number of rows: lane j accumulates the
-/// products at positions ≡ j (mod 32) in order (a multiply, then an add: never fused, so the same
-/// bits on any machine), then the lanes are added by a fixed pairwise tree. Scores
-/// therefore do not depend on how the stream was batched, which a GEMM's blocking does not
-/// promise. Hand-written for that reason; four rows share each pass over `e` so the entry is
-/// loaded once per four products (measured in `benches/adaptive.rs`).
-#[multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
-pub fn dots(e: &[f32], rows: &[&[f32]], out: &mut [f32]) {
-    let n = e.len();
-    // Fixed-size chunks: the compiler sees the lane count, so no bounds checks and full vectors.
-    let (ec, et) = e.as_chunks::<LANES>();
-    let mut groups = rows.chunks_exact(IMAGES);
-    let mut o = 0;
-    for g in groups.by_ref() {
-        let (x0, t0) = g[0][..n].as_chunks::<LANES>();
-        let (x1, t1) = g[1][..n].as_chunks::<LANES>();
-        let (x2, t2) = g[2][..n].as_chunks::<LANES>();
-        let (x3, t3) = g[3][..n].as_chunks::<LANES>();
-        let (mut a0, mut a1, mut a2, mut a3) =
-            ([0f32; LANES], [0f32; LANES], [0f32; LANES], [0f32; LANES]);
-        for ((((ek, x0), x1), x2), x3) in ec.iter().zip(x0).zip(x1).zip(x2).zip(x3) {
-            for j in 0..LANES {
-                a0[j] += ek[j] * x0[j];
-                a1[j] += ek[j] * x1[j];
-                a2[j] += ek[j] * x2[j];
-                a3[j] += ek[j] * x3[j];
+fn block_dots_portable(ec: &[[f32; BLOCK]], xc: &[[f32; GROUP]]) -> [[f32; BLOCK]; GROUP] {
+    let mut acc = [[0f32; BLOCK]; GROUP];
+    for (e, x) in ec.iter().zip(xc) {
+        for (a, &xj) in acc.iter_mut().zip(x) {
+            for (al, el) in a.iter_mut().zip(e) {
+                *al += el * xj;
             }
         }
-        // By value: a reference to an accumulator would keep all of them in memory.
-        for (a, t) in [(a0, t0), (a1, t1), (a2, t2), (a3, t3)] {
-            out[o] = reduce(add_tail(a, et, t));
-            o += 1;
-        }
     }
-    for x in groups.remainder() {
-        out[o] = dot(e, x);
-        o += 1;
-    }
+    acc
 }
 
-/// ⟨a, b⟩ summed exactly as [`dots`] sums each product.
-#[multiversion(targets("x86_64+avx512f", "x86_64+avx2"))]
+// The compiler's vectoriser turns the portable loop above into gathers along k, ten times
+// slower than this (measured: benches/adaptive.rs), hence the intrinsics. Both keep the
+// portable loop's arithmetic exactly: per lane, a multiply then an add, k in order.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+fn block_dots_avx512(ec: &[[f32; BLOCK]], xc: &[[f32; GROUP]]) -> [[f32; BLOCK]; GROUP] {
+    use std::arch::x86_64::*;
+    let mut acc = [_mm512_setzero_ps(); GROUP];
+    for (e, x) in ec.iter().zip(xc) {
+        // SAFETY: `e` is 16 contiguous f32, exactly one unaligned 512-bit load.
+        let ev = unsafe { _mm512_loadu_ps(e.as_ptr()) };
+        for (a, &xj) in acc.iter_mut().zip(x) {
+            *a = _mm512_add_ps(*a, _mm512_mul_ps(ev, _mm512_set1_ps(xj)));
+        }
+    }
+    let mut out = [[0f32; BLOCK]; GROUP];
+    for (o, a) in out.iter_mut().zip(acc) {
+        // SAFETY: `o` is 16 contiguous f32, exactly one unaligned 512-bit store.
+        unsafe { _mm512_storeu_ps(o.as_mut_ptr(), a) };
+    }
+    out
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx")]
+fn block_dots_avx(ec: &[[f32; BLOCK]], xc: &[[f32; GROUP]]) -> [[f32; BLOCK]; GROUP] {
+    use std::arch::x86_64::*;
+    let mut lo = [_mm256_setzero_ps(); GROUP];
+    let mut hi = [_mm256_setzero_ps(); GROUP];
+    for (e, x) in ec.iter().zip(xc) {
+        // SAFETY: `e` is 16 contiguous f32: two unaligned 256-bit loads at 0 and 8.
+        let (el, eh) = unsafe {
+            (
+                _mm256_loadu_ps(e.as_ptr()),
+                _mm256_loadu_ps(e.as_ptr().add(8)),
+            )
+        };
+        for ((l, h), &xj) in lo.iter_mut().zip(hi.iter_mut()).zip(x) {
+            let xv = _mm256_set1_ps(xj);
+            *l = _mm256_add_ps(*l, _mm256_mul_ps(el, xv));
+            *h = _mm256_add_ps(*h, _mm256_mul_ps(eh, xv));
+        }
+    }
+    let mut out = [[0f32; BLOCK]; GROUP];
+    for ((o, l), h) in out.iter_mut().zip(lo).zip(hi) {
+        // SAFETY: `o` is 16 contiguous f32: two unaligned 256-bit stores at 0 and 8.
+        unsafe {
+            _mm256_storeu_ps(o.as_mut_ptr(), l);
+            _mm256_storeu_ps(o.as_mut_ptr().add(8), h);
+        }
+    }
+    out
+}
+
+/// ⟨a, b⟩ summed exactly as [`block_dots`] sums each cosine.
 pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let n = a.len().min(b.len());
-    let (ac, at) = a[..n].as_chunks::<LANES>();
-    let (bc, bt) = b[..n].as_chunks::<LANES>();
-    let mut acc = [0f32; LANES];
-    for (x, y) in ac.iter().zip(bc) {
-        for j in 0..LANES {
-            acc[j] += x[j] * y[j];
-        }
-    }
-    reduce(add_tail(acc, at, bt))
-}
-
-/// The products of the last `n mod 32` positions, into lanes 0.. in order.
-#[inline(always)]
-fn add_tail(mut acc: [f32; LANES], a: &[f32], b: &[f32]) -> [f32; LANES] {
-    for (j, (x, y)) in a.iter().zip(b).enumerate() {
-        acc[j] += x * y;
+    let mut acc = 0f32;
+    for (x, y) in a.iter().zip(b) {
+        acc += y * x;
     }
     acc
 }
@@ -798,22 +878,46 @@ mod tests {
         }
     }
 
+    /// A packed block gives every lane the cosine `dot` gives, bit for bit, wherever the
+    /// entry sits and whatever the other images are.
     #[test]
-    fn dots_equal_dot_bit_for_bit() {
+    fn packed_cosines_equal_dot_bit_for_bit() {
         let mut rng = crate::detect::rng::SplitMix64(3);
-        for d in [1, 31, 32, 33, 100, 512] {
+        for d in [1, 31, 64, 100] {
             let mut v = || -> Vec<f32> {
                 (0..d)
                     .map(|_| (rng.next_u64() >> 40) as f32 / 1e7 - 0.8)
                     .collect()
             };
-            let e = v();
-            let rows: Vec<Vec<f32>> = (0..7).map(|_| v()).collect();
-            let refs: Vec<&[f32]> = rows.iter().map(Vec::as_slice).collect();
-            let mut out = vec![0f32; 7];
-            dots(&e, &refs, &mut out);
-            for (o, r) in out.iter().zip(&rows) {
-                assert_eq!(o.to_bits(), dot(&e, r).to_bits(), "d = {d}");
+            let entries: Vec<Vec<f32>> = (0..20).map(|_| v()).collect();
+            let mut p = Packed::default();
+            let slots: Vec<usize> = entries.iter().map(|e| p.insert(e)).collect();
+            let imgs: Vec<Vec<f32>> = (0..GROUP).map(|_| v()).collect();
+            let mut xt = vec![0f32; d * GROUP];
+            for (j, r) in imgs.iter().enumerate() {
+                for k in 0..d {
+                    xt[k * GROUP + j] = r[k];
+                }
+            }
+            for (e, &slot) in entries.iter().zip(&slots) {
+                let b = slot / BLOCK;
+                let block = &p.data[b * d * BLOCK..(b + 1) * d * BLOCK];
+                let acc = block_dots(block, &xt);
+                // Every code path gives the same bits.
+                let (ec, xc) = (block.as_chunks::<BLOCK>().0, xt.as_chunks::<GROUP>().0);
+                assert_eq!(acc, block_dots_portable(ec, xc));
+                #[cfg(target_arch = "x86_64")]
+                if std::arch::is_x86_feature_detected!("avx") {
+                    // SAFETY: AVX is present (checked).
+                    assert_eq!(acc, unsafe { block_dots_avx(ec, xc) });
+                }
+                for (j, r) in imgs.iter().enumerate() {
+                    assert_eq!(
+                        acc[j][slot % BLOCK].to_bits(),
+                        dot(e, r).to_bits(),
+                        "d = {d}"
+                    );
+                }
             }
         }
     }
