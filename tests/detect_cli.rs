@@ -770,6 +770,23 @@ fn large_outlier_bank_scores_approximately_and_carries_its_index() {
     ]);
 }
 
+/// `bank build` of CIFAR-10 from the ID matrix `t` and the outlier matrix `o` whose rows are
+/// the word lines of `outliers`.
+fn precomputed_args<'a>(t: &'a Path, o: &'a Path, outliers: &'a str) -> Vec<&'a str> {
+    vec![
+        "bank",
+        "build",
+        "--id",
+        "cifar10",
+        "--id-embeddings",
+        s(t),
+        "--outliers",
+        outliers,
+        "--outlier-embeddings",
+        s(o),
+    ]
+}
+
 /// `bank build --id-embeddings/--outlier-embeddings`: fed the text tower's own label embeddings
 /// (a `--prototypes none` bank's export: T and every cleaned word's row), each variant builds
 /// the bank that encoding builds (the same rows, byte for byte in the export); the variant and
@@ -806,24 +823,8 @@ fn banks_from_precomputed_embeddings_and_variants() {
         let encoded = format!("enc-{variant}.oodb");
         f.build(&encoded, &extra);
         let pre = format!("pre-{variant}.oodb");
-        let mut args: Vec<&str> = vec![
-            "bank",
-            "build",
-            "--id",
-            "cifar10",
-            "--id-embeddings",
-            s(&t),
-            "--outliers",
-            s(&lines),
-            "--outlier-embeddings",
-            s(&o),
-            "--model",
-            f.model(),
-            "--k",
-            "8",
-            "--quantile",
-            "0.5",
-        ];
+        let mut args = precomputed_args(&t, &o, s(&lines));
+        args.extend(["--model", f.model(), "--k", "8", "--quantile", "0.5"]);
         args.extend(&extra);
         let out = f.path(&pre);
         args.extend(["-o", s(&out)]);
@@ -841,19 +842,14 @@ fn banks_from_precomputed_embeddings_and_variants() {
 
     // --scale is stored and used: score's JSON and eval's report carry it; a flag overrides.
     let scaled = f.path("scaled.oodb");
-    ok(&[
-        "bank",
-        "build",
-        "--id",
-        "cifar10",
-        "--id-embeddings",
-        s(&t),
-        "--outliers",
-        s(&lines),
-        "--outlier-embeddings",
-        s(&o),
+    let fingerprint = inspect("all.oodb")["model_fingerprint"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut args = precomputed_args(&t, &o, s(&lines));
+    args.extend([
         "--model-fingerprint",
-        inspect("all.oodb")["model_fingerprint"].as_str().unwrap(),
+        &fingerprint,
         "--prototypes",
         "words",
         "--quantile",
@@ -863,6 +859,7 @@ fn banks_from_precomputed_embeddings_and_variants() {
         "-o",
         s(&scaled),
     ]);
+    ok(&args);
     let i = inspect("scaled.oodb");
     assert_eq!(i["scale"], 12.5);
     assert_eq!(i["model_weights"], "unknown");
@@ -906,41 +903,27 @@ fn banks_from_precomputed_embeddings_and_variants() {
 
     // Refused: HOPG without a refinement, a count that is not a multiple of the components,
     // outlier embeddings whose rows do not match the list, the generated WordNet corpus.
-    let base = |extra: &[&str]| {
-        let mut v = vec![
-            "bank",
-            "build",
-            "--id",
-            "cifar10",
-            "--id-embeddings",
-            s(&t),
-            "--outlier-embeddings",
-            s(&o),
-            "--model-fingerprint",
-            "x",
-        ];
+    let base = |outliers: &str, extra: &[&str]| {
+        let mut v = precomputed_args(&t, &o, outliers);
+        v.extend(["--model-fingerprint", "x"]);
         v.extend(extra);
         v.extend(["-o", s(&scaled)]);
         fail(&v)
     };
-    let err = base(&[
-        "--outliers",
+    let err = base(
         s(&lines),
-        "--prototypes",
-        "none",
-        "--hard-prototypes",
-        "150",
-    ]);
+        &["--prototypes", "none", "--hard-prototypes", "150"],
+    );
     assert!(
         err.contains("θ") && err.contains("--hard-prototypes 0"),
         "{err}"
     );
-    let err = base(&["--outliers", s(&lines), "--hard-prototypes", "7"]);
+    let err = base(s(&lines), &["--hard-prototypes", "7"]);
     assert!(err.contains("multiple of --hopg-clusters 5"), "{err}");
     let words = f.path("words.txt");
-    let err = base(&["--outliers", s(&words), "--prototypes", "words"]);
+    let err = base(s(&words), &["--prototypes", "words"]);
     assert!(err.contains("rows but the outlier list has"), "{err}");
-    let err = base(&["--outliers", "wordnet", "--prototypes", "words"]);
+    let err = base("wordnet", &["--prototypes", "words"]);
     assert!(err.contains("one per line in row order"), "{err}");
 }
 

@@ -2154,6 +2154,21 @@ fn inputs_that_hit_max_deliver_are_dead_lettered_not_lost() {
     );
 }
 
+/// The adaptive detector on, with `sync`: every image admitted (up to the rate cap), any
+/// similarity penalised (k = 1, floor 0, largest penalty 0.25), one image per batch.
+fn adaptive_env(sync: &'static str) -> [(&'static str, &'static str); 8] {
+    [
+        ("OODGATE__DETECTOR__ADAPTIVE__ENABLED", "true"),
+        ("OODGATE__DETECTOR__ADAPTIVE__SYNC", sync),
+        ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_BELOW", "1e9"),
+        ("OODGATE__DETECTOR__ADAPTIVE__MAX_PENALTY", "0.25"),
+        ("OODGATE__DETECTOR__ADAPTIVE__K", "1"),
+        ("OODGATE__DETECTOR__ADAPTIVE__FLOOR", "0.0"),
+        ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_PER_MILLE", "1000"),
+        ("OODGATE__BATCH__MAX_SIZE", "1"),
+    ]
+}
+
 /// `detector.adaptive.enabled` in the daemon: every routed output says what the adaptive term
 /// did; the memory starts empty (the first output is `warming`, sequence 0); once an image
 /// is admitted, the same image sent again is penalised (cosine 1 > the floor) and
@@ -2164,21 +2179,7 @@ fn the_adaptive_detector_in_the_daemon_reports_and_applies_its_penalty() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let w = Worker::start(
-        &nats,
-        &bank,
-        threshold,
-        &[
-            ("OODGATE__DETECTOR__ADAPTIVE__ENABLED", "true"),
-            // Admit everything (up to the rate cap), penalise any similarity.
-            ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_BELOW", "1e9"),
-            ("OODGATE__DETECTOR__ADAPTIVE__MAX_PENALTY", "0.25"),
-            ("OODGATE__DETECTOR__ADAPTIVE__K", "1"),
-            ("OODGATE__DETECTOR__ADAPTIVE__FLOOR", "0.0"),
-            ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_PER_MILLE", "1000"),
-            ("OODGATE__BATCH__MAX_SIZE", "1"),
-        ],
-    );
+    let w = Worker::start(&nats, &bank, threshold, &adaptive_env("local"));
     let good = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
     publish(&nats.url(), &[("first".into(), good.clone())]);
     let first = outputs(&nats.url(), 1, Duration::from_secs(60));
@@ -2217,16 +2218,7 @@ fn two_workers_share_the_adaptive_memory_through_jetstream() {
     let nats = NatsServer::start();
     let tmp = tempfile::tempdir().unwrap();
     let (bank, threshold) = make_bank(tmp.path());
-    let env = [
-        ("OODGATE__DETECTOR__ADAPTIVE__ENABLED", "true"),
-        ("OODGATE__DETECTOR__ADAPTIVE__SYNC", "shared"),
-        ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_BELOW", "1e9"),
-        ("OODGATE__DETECTOR__ADAPTIVE__MAX_PENALTY", "0.25"),
-        ("OODGATE__DETECTOR__ADAPTIVE__K", "1"),
-        ("OODGATE__DETECTOR__ADAPTIVE__FLOOR", "0.0"),
-        ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_PER_MILLE", "1000"),
-        ("OODGATE__BATCH__MAX_SIZE", "1"),
-    ];
+    let env = adaptive_env("shared");
     let w1 = Worker::start(&nats, &bank, threshold, &env);
     let w2 = Worker::start(&nats, &bank, threshold, &env);
     let wait_entries = |w: &Worker, n: f64| {

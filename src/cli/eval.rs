@@ -256,20 +256,26 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
                 ood_scores.push((name.clone(), s));
                 ood_rows.push(rows);
             }
-            results.push(MethodResult {
+            // One row of the table; `id_per_set` only where the ID scores differ by set.
+            let row = |adaptive: bool,
+                       per_set: BTreeMap<String, Metrics>,
+                       id_scores: Vec<f64>,
+                       id_per_set: Option<Vec<Vec<f64>>>,
+                       ood_scores: Vec<(String, Vec<f64>)>| MethodResult {
                 bank: path.clone(),
                 bank_version: detector.bank().version().to_string(),
                 bank_label: label.clone(),
                 method,
-                adaptive: false,
+                adaptive,
                 scale: detector.params().scale,
                 average: average_of(&per_set),
                 sets: per_set,
                 vs_first: None,
-                id_scores: id_scores.clone(),
-                id_per_set: None,
+                id_scores,
+                id_per_set,
                 ood_scores,
-            });
+            };
+            results.push(row(false, per_set, id_scores, None, ood_scores));
             if !a.adaptive.adaptive {
                 continue;
             }
@@ -296,37 +302,20 @@ pub fn run(a: EvalArgs) -> anyhow::Result<ExitCode> {
                 id_per_set.push(ids);
                 ood_scores.push((name.clone(), oods));
             }
-            results.push(MethodResult {
-                bank: path.clone(),
-                bank_version: detector.bank().version().to_string(),
-                bank_label: label.clone(),
-                method,
-                adaptive: true,
-                scale: detector.params().scale,
-                average: average_of(&per_set),
-                sets: per_set,
-                vs_first: None,
-                id_scores: id_per_set.first().cloned().unwrap_or_default(),
-                id_per_set: Some(id_per_set),
-                ood_scores,
-            });
+            let first_ids = id_per_set.first().cloned().unwrap_or_default();
+            results.push(row(true, per_set, first_ids, Some(id_per_set), ood_scores));
         }
     }
 
     // Paired bootstrap of every row against the first.
-    let set_scores: Vec<Vec<Vec<f64>>> = results
-        .iter()
-        .map(|r| r.ood_scores.iter().map(|(_, s)| s.clone()).collect())
-        .collect();
     let rows: Vec<RowScores<'_>> = results
         .iter()
-        .zip(&set_scores)
-        .map(|(r, o)| RowScores {
+        .map(|r| RowScores {
             id: match &r.id_per_set {
                 Some(v) => v.iter().map(Vec::as_slice).collect(),
-                None => vec![r.id_scores.as_slice(); o.len()],
+                None => vec![r.id_scores.as_slice(); r.ood_scores.len()],
             },
-            ood: o,
+            ood: r.ood_scores.iter().map(|(_, s)| s.as_slice()).collect(),
         })
         .collect();
     let diffs = paired_bootstrap(&rows, a.bootstrap, a.bootstrap_seed)

@@ -120,36 +120,26 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let mut verdicts = detector
         .verdicts(emb.x.view())
         .with_context(|| format!("scoring with method {}", a.method))?;
-    // The adaptive detector: the inputs in the order given are the stream.
-    let adapted = if a.adaptive.adaptive {
-        let statics: Vec<(f64, u32)> = detector
-            .scores(emb.x.view())?
+    // The adaptive detector: the inputs in the order given are the stream. The verdicts
+    // already hold each static score and bucket.
+    if a.adaptive.adaptive {
+        let statics: Vec<(f64, u32)> = verdicts
             .iter()
-            .map(|r| (r.score, r.top_id as u32))
+            .map(|v| (v.score, u32::try_from(v.top_id).unwrap_or(u32::MAX)))
             .collect();
         let mut mem = a.adaptive.memory(bank, a.method)?;
         let order: Vec<usize> = (0..statics.len()).collect();
         let out = run_stream(&mut mem, emb.x.view(), &statics, &order, a.model.batch)?;
-        for (v, ad) in verdicts.iter_mut().zip(&out) {
-            v.score = ad.score;
-            v.decision = if ad.score >= threshold.value {
-                Decision::Id
-            } else {
-                Decision::Ood
-            };
+        let penalised = out.iter().filter(|r| r.penalty > 0.0).count();
+        for (v, ad) in verdicts.iter_mut().zip(out) {
+            v.adapt(ad, threshold.value);
         }
         let st = mem.stats();
         eprintln!(
-            "adaptive: {} admitted, {} evicted, {} in memory, {} penalised",
-            st.admissions,
-            st.evictions,
-            st.entries,
-            out.iter().filter(|r| r.penalty > 0.0).count()
+            "adaptive: {} admitted, {} evicted, {} in memory, {penalised} penalised",
+            st.admissions, st.evictions, st.entries
         );
-        Some(out)
-    } else {
-        None
-    };
+    }
 
     let sink: Box<dyn Write> = match &a.output {
         Some(p) => {
@@ -159,8 +149,8 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     };
     let mut w = BufWriter::new(sink);
     let (mut n_id, mut n_ood) = (0usize, 0usize);
-    for (i, (name, v)) in emb.names.iter().zip(&verdicts).enumerate() {
-        let ad = adapted.as_ref().and_then(|o| o.get(i));
+    for (name, v) in emb.names.iter().zip(&verdicts) {
+        let ad = v.adaptive.as_ref();
         match v.decision {
             Decision::Id => n_id += 1,
             Decision::Ood => n_ood += 1,

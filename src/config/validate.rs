@@ -456,13 +456,7 @@ impl Settings {
             }) = d.adaptive_params().validate()
         {
             p.push(Problem::new(
-                match name {
-                    "capacity" => "detector.adaptive.capacity",
-                    "k" => "detector.adaptive.k",
-                    "floor" => "detector.adaptive.floor",
-                    "bucket_cap" => "detector.adaptive.bucket_cap",
-                    _ => "detector.adaptive.admit_per_mille",
-                },
+                &format!("detector.adaptive.{name}"),
                 format!("{value}: {reason}"),
             ));
         }

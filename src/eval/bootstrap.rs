@@ -16,7 +16,7 @@ use crate::detect::rng::SplitMix64;
 #[derive(Debug, Clone)]
 pub struct RowScores<'a> {
     pub id: Vec<&'a [f64]>,
-    pub ood: &'a [Vec<f64>],
+    pub ood: Vec<&'a [f64]>,
 }
 
 /// A difference (row − first row) on the full data and its percentile interval.
@@ -87,7 +87,7 @@ pub fn paired_bootstrap(
         return Ok(Vec::new());
     };
     let n_id = first.id.first().map_or(0, |v| v.len());
-    let n_ood: Vec<usize> = first.ood.iter().map(Vec::len).collect();
+    let n_ood: Vec<usize> = first.ood.iter().map(|o| o.len()).collect();
     let n_sets = n_ood.len();
     // diffs[row][set or n_sets = average] = (ΔAUROC, ΔFPR95) of one evaluation.
     let diffs = |m: &[Vec<(f64, f64)>]| -> Vec<Vec<(f64, f64)>> {
@@ -180,7 +180,7 @@ mod tests {
     #[test]
     fn a_monotone_transform_of_the_first_row_differs_by_exactly_zero() {
         let id = scores(200, 0.3, 1);
-        let ood = vec![scores(150, 0.0, 2), scores(80, 0.1, 3)];
+        let ood = [scores(150, 0.0, 2), scores(80, 0.1, 3)];
         let id2: Vec<f64> = id.iter().map(|x| 3.0 * x - 1.0).collect();
         let ood2: Vec<Vec<f64>> = ood
             .iter()
@@ -189,11 +189,11 @@ mod tests {
         let rows = [
             RowScores {
                 id: vec![&id, &id],
-                ood: &ood,
+                ood: ood.iter().map(Vec::as_slice).collect(),
             },
             RowScores {
                 id: vec![&id2, &id2],
-                ood: &ood2,
+                ood: ood2.iter().map(Vec::as_slice).collect(),
             },
         ];
         let d = paired_bootstrap(&rows, 200, 7).unwrap();
@@ -215,16 +215,16 @@ mod tests {
     #[test]
     fn a_better_row_has_an_interval_above_zero_and_the_seed_fixes_it() {
         let id = scores(300, 0.0, 11);
-        let ood = vec![scores(300, 0.0, 12)];
+        let ood = [scores(300, 0.0, 12)];
         let id_perfect: Vec<f64> = id.iter().map(|x| x + 2.0).collect();
         let rows = [
             RowScores {
                 id: vec![&id],
-                ood: &ood,
+                ood: ood.iter().map(Vec::as_slice).collect(),
             },
             RowScores {
                 id: vec![&id_perfect],
-                ood: &ood,
+                ood: ood.iter().map(Vec::as_slice).collect(),
             },
         ];
         let base = evaluate(&id, &ood[0]).unwrap();
