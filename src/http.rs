@@ -1,7 +1,7 @@
 //! The daemon's HTTP endpoints: `/metrics` (Prometheus), `/healthz` (the encoder thread runs
 //! and work in flight moves), `/readyz`
 //! (model and bank loaded, NATS connected) and `/info` (versions, model, bank, method,
-//! threshold, provider) as JSON.
+//! threshold, provider, the adaptive memory's live counters) as JSON.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -17,7 +17,13 @@ pub struct HttpState {
     pub metrics: PrometheusHandle,
     pub info: Arc<RwLock<serde_json::Value>>,
     pub health: crate::stream::housekeeping::Health,
+    /// The adaptive detector's memory once the pipeline holds one: `/info` reads its live
+    /// counters (`adaptive.live`) on every request.
+    pub adaptive: Arc<OnceLock<SharedMemory>>,
 }
+
+/// The adaptive memory as the pipeline and `/info` share it.
+pub type SharedMemory = Arc<std::sync::Mutex<crate::detect::adaptive::AdaptiveMemory>>;
 
 pub fn router(state: HttpState) -> Router {
     Router::new()
@@ -71,6 +77,14 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
 }
 
 async fn info(State(s): State<HttpState>) -> impl IntoResponse {
-    let v = s.info.read().map(|v| v.clone()).unwrap_or_default();
+    let mut v = s.info.read().map(|v| v.clone()).unwrap_or_default();
+    if let Some(live) = s
+        .adaptive
+        .get()
+        .and_then(|m| m.lock().ok().map(|m| m.stats()))
+        && let Some(a) = v.get_mut("adaptive").filter(|a| a.is_object())
+    {
+        a["live"] = serde_json::json!(live);
+    }
     Json(v)
 }

@@ -2173,7 +2173,7 @@ fn adaptive_env(sync: &'static str) -> [(&'static str, &'static str); 8] {
 /// did; the memory starts empty (the first output is `warming`, sequence 0); once an image
 /// is admitted, the same image sent again is penalised (cosine 1 > the floor) and
 /// `Oodgate-Score` = `Oodgate-Score-Static` − `Oodgate-Adaptive-Penalty`; the memory's size
-/// and admissions are in /metrics. One batch at a time keeps the stream order the input order.
+/// and admissions are in /metrics and, live, in /info. One batch at a time keeps the stream order the input order.
 #[test]
 fn the_adaptive_detector_in_the_daemon_reports_and_applies_its_penalty() {
     let nats = NatsServer::start();
@@ -2207,6 +2207,16 @@ fn the_adaptive_detector_in_the_daemon_reports_and_applies_its_penalty() {
     assert_eq!(w.metric("oodgate_adaptive_admissions_total"), 2.0);
     assert_eq!(w.metric("oodgate_adaptive_entries"), 2.0);
     assert_eq!(w.metric("oodgate_adaptive_penalised_total"), 1.0);
+    // /info shows the live memory, not only the parameters it started with.
+    let (code, body) = w.get("/info").unwrap();
+    assert_eq!(code, 200);
+    let info: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let a = &info["adaptive"];
+    assert_eq!(a["sync"], "local");
+    assert_eq!(a["params"]["k"], 1);
+    assert_eq!(a["live"]["entries"], 2, "{a}");
+    assert_eq!(a["live"]["admissions"], 2, "{a}");
+    assert_eq!(a["live"]["seq"], 2, "{a}");
 }
 
 /// `detector.adaptive.sync = "shared"` with two workers on one server: an admission made by

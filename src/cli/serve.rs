@@ -58,6 +58,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let health = oodgate::stream::housekeeping::Health::default();
     let client_cell: Arc<OnceLock<async_nats::Client>> = Arc::new(OnceLock::new());
+    let adaptive_cell: Arc<OnceLock<oodgate::http::SharedMemory>> = Arc::new(OnceLock::new());
     let info = Arc::new(RwLock::new(
         serde_json::json!({ "oodgate": env!("CARGO_PKG_VERSION"), "state": "starting" }),
     ));
@@ -75,6 +76,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
                 metrics: handle,
                 info: info.clone(),
                 health: health.clone(),
+                adaptive: adaptive_cell.clone(),
             },
         )
         .await
@@ -105,7 +107,7 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
                 "batch": { "max_size": batch_max, "max_wait": format!("{:?}", s.batch.max_wait) },
                 "adaptive": adaptive.as_ref().map(|m| serde_json::json!({
                     "params": m.params(), "calibration": m.calibration(),
-                    "sync": "local",
+                    "sync": s.detector.adaptive.sync,
                 })),
             });
         }
@@ -118,7 +120,11 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let js = async_nats::jetstream::new(client.clone());
     let consumer = declare_with_retry(&js, &topology).await?;
     let mut cfg = s.pipeline_config(topology);
-    cfg.adaptive = adaptive;
+    cfg.adaptive = adaptive.map(|m| {
+        let m = Arc::new(std::sync::Mutex::new(m));
+        let _ = adaptive_cell.set(m.clone());
+        m
+    });
     let (decode_workers, batch_max) = (cfg.decode_workers, cfg.batch_max);
     tracing::info!(decode_workers, batch_max, "starting pipeline");
     let stats = Arc::new(Stats::default());

@@ -70,7 +70,8 @@ pub struct PipelineConfig {
     /// `input.max_bytes_in_flight`.
     pub max_bytes_in_flight: usize,
     /// The adaptive detector's memory (`detector.adaptive.enabled`).
-    pub adaptive: Option<AdaptiveMemory>,
+    /// Shared with `/info`, which reads its live counters.
+    pub adaptive: Option<crate::http::SharedMemory>,
     /// `detector.adaptive.sync = "shared"`: the output prefix its stream's subjects start with.
     pub adaptive_shared_prefix: Option<String>,
 }
@@ -163,10 +164,7 @@ pub async fn run(
         base_delay: Duration::from_millis(100),
         max_delay: cfg.retry_max_delay,
     };
-    let adaptive_mem = cfg
-        .adaptive
-        .clone()
-        .map(|m| Arc::new(std::sync::Mutex::new(m)));
+    let adaptive_mem = cfg.adaptive.clone();
     let shared = match (&adaptive_mem, &cfg.adaptive_shared_prefix) {
         (Some(mem), Some(prefix)) => Some(
             adaptive_sync::start(
