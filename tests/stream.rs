@@ -1559,7 +1559,8 @@ fn nats_auth_for_test(auth: &[(&str, &str)]) -> TestAuth {
 
 /// The real `oodgate serve` and `oodgate publish` under the shipped server configuration's
 /// least-privilege users, over the TLS it requires: the worker declares its streams and
-/// consumer, the producer stores claim checks and publishes, everything is routed; publishing the same files again needs no
+/// consumer, the producer stores claim checks and publishes, everything is routed, the shared
+/// adaptive memory fills and resets; publishing the same files again needs no
 /// purge right; a producer without its own reply prefix is refused and its password is never
 /// printed.
 #[test]
@@ -1581,6 +1582,12 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
             ("OODGATE__NATS__INBOX_PREFIX", "_INBOX_worker"),
             ("OODGATE__NATS__TLS_CA", &ca),
             ("OODGATE__NATS__TLS_REQUIRED", "true"),
+            // The shared adaptive memory, every image admitted: its stream and consumer too.
+            ("OODGATE__DETECTOR__ADAPTIVE__ENABLED", "true"),
+            ("OODGATE__DETECTOR__ADAPTIVE__SYNC", "shared"),
+            ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_BELOW", "1e9"),
+            ("OODGATE__DETECTOR__ADAPTIVE__MAX_PENALTY", "0.25"),
+            ("OODGATE__DETECTOR__ADAPTIVE__ADMIT_PER_MILLE", "1000"),
         ],
     );
     let url = format!("tls://publisher:p-pass-42@127.0.0.1:{}", nats.port);
@@ -1626,6 +1633,36 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
     );
     wait_outputs(5.0);
     assert_eq!(w.metric("oodgate_dlq_total"), 0.0);
+    // Every admission went through OODGATE_ADAPT and came back; a reset as the worker user
+    // empties the memory.
+    let wait_entries = |n: f64| {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while w.metric("oodgate_adaptive_entries") != n {
+            assert!(
+                Instant::now() < deadline,
+                "adaptive memory holds {}, expected {n}",
+                w.metric("oodgate_adaptive_entries")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    wait_entries(5.0);
+    let out = common::oodgate()
+        .args(["adaptive", "reset", "--bank"])
+        .arg(&bank)
+        .args([
+            "--nats",
+            &format!("tls://worker:w-pass-41@127.0.0.1:{}", nats.port),
+        ])
+        .args(["--inbox-prefix", "_INBOX_worker", "--tls-ca", &ca])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    wait_entries(0.0);
     // Without its own reply prefix the producer gets no answers: refused, password unprinted.
     let out = publish("900000", &["rocket.jpg"], None);
     let text = format!(
