@@ -29,6 +29,7 @@ pub mod route;
 pub mod setup;
 pub mod sink;
 pub mod stream_spec;
+pub mod turns;
 
 pub use metrics::Stats;
 pub use pipeline::{PipelineConfig, PipelineError, run};

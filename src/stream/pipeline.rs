@@ -30,6 +30,7 @@ use super::pull::{self, PullConfig};
 use super::route::{DeadKind, Output, Redelivery, Retry, Router};
 use super::setup::Topology;
 use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
+use super::turns::{Turn, Turns};
 use crate::detect::adaptive::{AdaptiveMemory, Admission, Admit};
 use crate::detect::detector::Detector;
 use crate::model::{Encoder, Preprocessor};
@@ -387,8 +388,8 @@ fn adapt(
 struct Core {
     encoder: EncoderHandle,
     detector: Arc<Detector>,
-    /// Batches pass through it one at a time, in the order they reach scoring: that order is
-    /// the stream the memory sees.
+    /// Batches pass through it one at a time, in the order they were formed ([`Turn`]): that
+    /// order is the stream the memory sees.
     adaptive: Option<Arc<std::sync::Mutex<AdaptiveMemory>>>,
     /// Set when the memory is shared: admissions are published, not folded here.
     shared: Option<Arc<Shared>>,
@@ -410,6 +411,7 @@ impl Core {
     ) {
         let this = Arc::new(self);
         let slots = Arc::new(Semaphore::new(BATCHES_IN_FLIGHT));
+        let mut turns = Turns::new();
         while let Some(mut batch) = batcher::next_batch(&mut rx, policy, &intake_done).await {
             this.queued.fetch_sub(batch.len(), Ordering::Relaxed);
             gauge!(m::QUEUE_DEPTH).set(this.queued.load(Ordering::Relaxed) as f64);
@@ -440,8 +442,10 @@ impl Core {
                 break;
             };
             let core = this.clone();
+            // The adaptive memory sees batches in the order they were formed.
+            let turn = this.adaptive.is_some().then(|| turns.take());
             this.tasks.spawn(async move {
-                core.infer_and_route(batch, tensor).await;
+                core.infer_and_route(batch, tensor, turn).await;
                 drop(slot);
             });
         }
@@ -485,16 +489,21 @@ impl Core {
         }
     }
 
-    async fn infer_and_route(&self, batch: Vec<Decoded>, tensor: ndarray::Array4<f32>) {
+    async fn infer_and_route(
+        &self,
+        batch: Vec<Decoded>,
+        tensor: ndarray::Array4<f32>,
+        turn: Option<Turn>,
+    ) {
         let n = batch.len();
         let t0 = Instant::now();
         let emb = self.encoder.embed(tensor).await;
         histogram!(m::STAGE_SECONDS, "stage" => "infer").record(t0.elapsed().as_secs_f64());
         match emb {
-            Ok(e) => self.score_and_route(batch, e).await,
+            Ok(e) => self.score_and_route(batch, e, turn).await,
             Err(InferError::Encoder { error, images }) if n > 1 => {
                 tracing::warn!(error = %error, batch = n, "encoder failed on a batch; retrying its images one by one");
-                self.isolate_encoder_failure(batch, images).await
+                self.isolate_encoder_failure(batch, images, turn).await
             }
             Err(e) => {
                 tracing::error!(error = %e, batch = n, "encoder failed; NAKing the batch");
@@ -512,7 +521,12 @@ impl Core {
     /// that work are routed on this delivery; one that fails alone, while others work, is
     /// dead-lettered (`encoder`). If every image fails alone nothing points at an input, and
     /// all are retried.
-    async fn isolate_encoder_failure(&self, batch: Vec<Decoded>, images: Array4<f32>) {
+    async fn isolate_encoder_failure(
+        &self,
+        batch: Vec<Decoded>,
+        images: Array4<f32>,
+        mut turn: Option<Turn>,
+    ) {
         let mut alone = Vec::with_capacity(batch.len());
         for i in 0..batch.len() {
             let one = images.slice(s![i..i + 1, .., .., ..]).to_owned();
@@ -524,9 +538,13 @@ impl Core {
                 self.retry_all(batch, "encoder", &why).await
             }
             Blame::Members(results) => {
+                // The batch's turn covers its images, scored one after another.
+                if let Some(t) = &mut turn {
+                    t.wait().await;
+                }
                 for (item, r) in batch.into_iter().zip(results) {
                     match r {
-                        Ok(e) => self.score_and_route(vec![item], e).await,
+                        Ok(e) => self.score_and_route(vec![item], e, None).await,
                         Err(why) => {
                             self.dead_letter(
                                 item,
@@ -569,8 +587,9 @@ impl Core {
     }
 
     /// Scores and routes a batch; a scorer failure is isolated the same way as an encoder
-    /// failure (kind `score`).
-    async fn score_and_route(&self, batch: Vec<Decoded>, emb: Array2<f32>) {
+    /// failure (kind `score`). The adaptive step waits for `turn` (the batches formed before
+    /// this one) and ends it.
+    async fn score_and_route(&self, batch: Vec<Decoded>, emb: Array2<f32>, mut turn: Option<Turn>) {
         let t1 = Instant::now();
         // Scoring and explanations are CPU work: off the async workers.
         let detector = self.detector.clone();
@@ -586,8 +605,13 @@ impl Core {
             let r = match detector.verdicts(emb.view()) {
                 Ok(mut v) => {
                     if let Some(mem) = &adaptive {
+                        if let Some(t) = &mut turn {
+                            t.wait_blocking();
+                        }
                         admitted = adapt(mem, mode, &detector, &emb, &mut v);
                     }
+                    // The next batch may adapt now.
+                    drop(turn);
                     v.into_iter().map(Ok).collect::<Vec<_>>()
                 }
                 // Poison isolation: score each image alone.
