@@ -29,6 +29,7 @@ fn memory(n: usize, rng: &mut Rng) -> AdaptiveMemory {
             max_penalty: 0.2,
             q_out: 0.01,
             epsilon: 0.03,
+            floor: None,
         },
         D,
     )

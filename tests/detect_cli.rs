@@ -1078,19 +1078,63 @@ fn adaptive_scoring_offline_is_calibrated_and_deterministic() {
     assert!(
         ad["admit_below"].as_f64().unwrap() <= cal["thresholds"][0]["threshold"].as_f64().unwrap()
     );
+    // The floor: the 95th percentile (the ⌈0.95 n⌉-th smallest) of each input's 5th-largest
+    // cosine to the others, recomputed here from the embeddings with plain loops.
+    let x = oodgate::npy::read_npy(&emb).unwrap();
+    let n = x.nrows();
+    assert!(n > 5, "the fixture needs more than k = 5 images");
+    let unit: Vec<Vec<f64>> = x
+        .rows()
+        .into_iter()
+        .map(|r| {
+            let norm = r.iter().map(|&v| f64::from(v).powi(2)).sum::<f64>().sqrt();
+            r.iter().map(|&v| f64::from(v) / norm).collect()
+        })
+        .collect();
+    let mut fifth: Vec<f64> = (0..n)
+        .map(|i| {
+            let mut c: Vec<f64> = (0..n)
+                .filter(|&j| j != i)
+                .map(|j| unit[i].iter().zip(&unit[j]).map(|(a, b)| a * b).sum())
+                .collect();
+            c.sort_by(|a, b| b.total_cmp(a));
+            c[4]
+        })
+        .collect();
+    fifth.sort_by(f64::total_cmp);
+    let want = fifth[(0.95 * n as f64).ceil() as usize - 1];
+    let floor = &ad["floor"];
+    assert_eq!(
+        (floor["k"].as_u64(), floor["n"].as_u64()),
+        (Some(5), Some(n as u64)),
+        "{ad}"
+    );
+    assert!(
+        (floor["value"].as_f64().unwrap() - want).abs() < 1e-5,
+        "{ad} vs {want}"
+    );
 
-    let a = ok(&{
-        let mut v = vec![
-            "score",
-            "--bank",
-            s(&bank),
-            "--adaptive",
-            "--adaptive-k",
-            "1",
-        ];
-        v.push(s(&emb));
-        v
-    });
+    let scored = run(&[
+        "score",
+        "--bank",
+        s(&bank),
+        "--adaptive",
+        "--adaptive-k",
+        "1",
+        s(&emb),
+    ]);
+    assert!(scored.status.success());
+    let a = String::from_utf8_lossy(&scored.stdout).to_string();
+    // Without --adaptive-floor, the calibrated floor.
+    let note = String::from_utf8_lossy(&scored.stderr);
+    let used: f64 = note
+        .lines()
+        .find_map(|l| l.strip_prefix("adaptive: "))
+        .and_then(|l| l.rsplit_once("(floor "))
+        .and_then(|(_, r)| r.trim_end().strip_suffix(')'))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{note}"));
+    assert!((used - want).abs() < 1e-5, "{note} vs {want}");
     let lines: Vec<Value> = a
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())

@@ -9,10 +9,13 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use anyhow::{Context, bail};
+use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveParams};
 use oodgate::detect::bank::Threshold;
 use oodgate::detect::detector::Detector;
 use oodgate::detect::method::Method;
-use oodgate::eval::calibrate::{adaptive_calibration, threshold_for_tpr};
+use oodgate::eval::calibrate::{
+    FloorError, adaptive_calibration, adaptive_floor, threshold_for_tpr,
+};
 
 use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank, scoring_spec, short};
 
@@ -45,6 +48,17 @@ pub struct CalibrateArgs {
     /// at most (its largest penalty is the score gap between TPR and TPR − ε).
     #[arg(long, default_value_t = 0.03)]
     pub adaptive_epsilon: f64,
+    /// Adaptive detector: its floor is this quantile of the ID inputs' k-th nearest-neighbour
+    /// cosines among themselves (were the memory full of ID images, about 1 − this fraction of
+    /// ID inputs would be penalised at all).
+    #[arg(long, default_value_t = 0.95)]
+    pub adaptive_floor_quantile: f64,
+    /// Adaptive detector: the k of that neighbour (the memory's k; keep them equal).
+    #[arg(long, default_value_t = AdaptiveParams::default().k)]
+    pub adaptive_k: usize,
+    /// Adaptive detector: ID inputs the floor is computed over at most (the memory's size).
+    #[arg(long, default_value_t = AdaptiveParams::default().capacity)]
+    pub adaptive_capacity: usize,
     /// Store the thresholds in the bank file.
     #[arg(long)]
     pub write: bool,
@@ -68,6 +82,20 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
     if emb.x.nrows() == 0 {
         bail!("none of the ID inputs could be embedded");
     }
+    // One floor for every method: it depends on the embeddings only.
+    let floor = match adaptive_floor(
+        emb.x.view(),
+        a.adaptive_k,
+        a.adaptive_floor_quantile,
+        a.adaptive_capacity,
+    ) {
+        Ok(f) => Some(f),
+        Err(e @ FloorError::TooFew { .. }) => {
+            eprintln!("note: no adaptive floor calibrated ({e}); the detector will use 0.75");
+            None
+        }
+        Err(e) => return Err(e).context("calibrating the adaptive floor"),
+    };
     let first = a.method.first().copied().unwrap_or_default();
     let base = Detector::new(bank, &scoring_spec(first, a.scale, &a.approx))
         .with_context(|| format!("preparing method {first}"))?;
@@ -84,8 +112,11 @@ pub fn run(a: CalibrateArgs) -> anyhow::Result<ExitCode> {
             .collect();
         let t =
             threshold_for_tpr(&scores, a.tpr).with_context(|| format!("calibrating {method}"))?;
-        let adaptive = adaptive_calibration(&scores, a.tpr, a.adaptive_q_out, a.adaptive_epsilon)
-            .with_context(|| format!("calibrating the adaptive detector of {method}"))?;
+        let adaptive = AdaptiveCalibration {
+            floor,
+            ..adaptive_calibration(&scores, a.tpr, a.adaptive_q_out, a.adaptive_epsilon)
+                .with_context(|| format!("calibrating the adaptive detector of {method}"))?
+        };
         results.push((method, detector.params().scale, t, adaptive));
     }
     let mut bank = Arc::unwrap_or_clone(base.into_bank());

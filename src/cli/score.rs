@@ -136,8 +136,11 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
         }
         let st = mem.stats();
         eprintln!(
-            "adaptive: {} admitted, {} evicted, {} in memory, {penalised} penalised",
-            st.admissions, st.evictions, st.entries
+            "adaptive: {} admitted, {} evicted, {} in memory, {penalised} penalised (floor {})",
+            st.admissions,
+            st.evictions,
+            st.entries,
+            mem.params().floor
         );
     }
 

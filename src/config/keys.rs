@@ -493,10 +493,10 @@ pub const KEYS: &[KeyInfo] = &[
         Kind::Integer,
         "Adaptive: k of the k-th largest cosine to the memory (1–capacity).",
     ),
-    key(
+    opt(
         "detector.adaptive.floor",
         Kind::Float,
-        "Adaptive: cosines at or below this add no penalty ([-1, 1)).",
+        "Adaptive: cosines at or below this add no penalty ([-1, 1)); unset: the floor the bank's calibration chose from ID images, else 0.75.",
     ),
     key(
         "detector.adaptive.bucket_cap",

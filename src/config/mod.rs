@@ -433,7 +433,9 @@ pub struct AdaptiveSettings {
     pub enabled: bool,
     pub capacity: usize,
     pub k: usize,
-    pub floor: f32,
+    /// Unset: the bank's calibrated floor, else [`crate::detect::adaptive::FALLBACK_FLOOR`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub floor: Option<f32>,
     pub bucket_cap: usize,
     pub admit_per_mille: usize,
     #[serde(with = "humantime_serde")]
@@ -456,7 +458,7 @@ impl Default for AdaptiveSettings {
             enabled: false,
             capacity: p.capacity,
             k: p.k,
-            floor: p.floor,
+            floor: None,
             bucket_cap: p.bucket_cap,
             admit_per_mille: p.admit_per_mille,
             max_age: Duration::from_millis(p.max_age_ms),

@@ -80,13 +80,15 @@ impl DetectorSettings {
         }
     }
 
-    /// The adaptive detector's memory knobs.
+    /// The adaptive detector's memory knobs; an unset floor is the fallback here and the
+    /// bank's calibrated floor once the calibration is known
+    /// ([`crate::detect::adaptive::AdaptiveCalibration::resolve_floor`]).
     pub fn adaptive_params(&self) -> crate::detect::adaptive::AdaptiveParams {
         let a = &self.adaptive;
         crate::detect::adaptive::AdaptiveParams {
             capacity: a.capacity,
             k: a.k,
-            floor: a.floor,
+            floor: a.floor.unwrap_or(crate::detect::adaptive::FALLBACK_FLOOR),
             bucket_cap: a.bucket_cap,
             admit_per_mille: a.admit_per_mille,
             max_age_ms: a.max_age.as_millis().try_into().unwrap_or(u64::MAX),

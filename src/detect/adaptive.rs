@@ -24,7 +24,8 @@ pub struct AdaptiveParams {
     pub capacity: usize,
     /// k of the k-th largest cosine. Default 5.
     pub k: usize,
-    /// b: cosines at or below it add nothing. Default 0.75.
+    /// b: cosines at or below it add nothing. Default [`FALLBACK_FLOOR`]; the offline commands
+    /// and the daemon use the bank's calibrated floor unless one is configured.
     pub floor: f32,
     /// Entries per bucket (predicted ID class) at most; the bucket's oldest goes first.
     /// Default 100 (5% of N).
@@ -41,7 +42,7 @@ impl Default for AdaptiveParams {
         AdaptiveParams {
             capacity: 2000,
             k: 5,
-            floor: 0.75,
+            floor: FALLBACK_FLOOR,
             bucket_cap: 100,
             admit_per_mille: 20,
             max_age_ms: 24 * 3600 * 1000,
@@ -61,6 +62,22 @@ pub struct AdaptiveCalibration {
     pub q_out: f64,
     /// ε the calibration used.
     pub epsilon: f64,
+    /// The floor b chosen from the same ID inputs (absent in banks calibrated before it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub floor: Option<FloorCalibration>,
+}
+
+/// b from ID data (docs/adaptive.md §2): the `quantile` of each calibration ID embedding's
+/// k-th largest cosine to the other ones, over an evenly spaced sample of at most `sample`
+/// (the memory's size): were the memory full of ID images, about 1 − `quantile` of ID inputs
+/// would get any penalty at all.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct FloorCalibration {
+    pub value: f64,
+    pub quantile: f64,
+    pub k: usize,
+    /// Embeddings in the sample.
+    pub n: usize,
 }
 
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
@@ -107,7 +124,17 @@ impl AdaptiveParams {
     }
 }
 
+/// b when none is configured and the calibration chose none (banks calibrated before it).
+pub const FALLBACK_FLOOR: f32 = 0.75;
+
 impl AdaptiveCalibration {
+    /// b: the configured floor, else the calibrated one, else [`FALLBACK_FLOOR`].
+    pub fn resolve_floor(&self, configured: Option<f32>) -> f32 {
+        configured
+            .or(self.floor.map(|f| f.value as f32))
+            .unwrap_or(FALLBACK_FLOOR)
+    }
+
     pub fn validate(&self) -> Result<(), AdaptiveError> {
         if !self.admit_below.is_finite() {
             return Err(AdaptiveError::InvalidParam {
@@ -646,6 +673,34 @@ pub fn dot(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The floor actually used: the configured one, else the calibrated one, else 0.75.
+    #[test]
+    fn floor_resolution_order() {
+        let mut c = AdaptiveCalibration {
+            admit_below: 0.1,
+            max_penalty: 0.05,
+            q_out: 0.01,
+            epsilon: 0.03,
+            floor: None,
+        };
+        assert_eq!(c.resolve_floor(None), 0.75);
+        assert_eq!(c.resolve_floor(Some(0.5)), 0.5);
+        c.floor = Some(FloorCalibration {
+            value: 0.625,
+            quantile: 0.95,
+            k: 5,
+            n: 100,
+        });
+        assert_eq!(c.resolve_floor(None), 0.625);
+        assert_eq!(c.resolve_floor(Some(0.5)), 0.5);
+        // Banks calibrated before the floor existed still load.
+        let old: AdaptiveCalibration = serde_json::from_str(
+            r#"{"admit_below":0.1,"max_penalty":0.05,"q_out":0.01,"epsilon":0.03}"#,
+        )
+        .unwrap();
+        assert_eq!(old.floor, None);
+    }
     use ndarray::array;
 
     /// docs/adaptive.md §5.7 (the worked example of the design): ID mass at s = 10 over
@@ -678,6 +733,7 @@ mod tests {
                 max_penalty: 0.20,
                 q_out: 0.01,
                 epsilon: 0.03,
+                floor: None,
             },
             6,
         )
@@ -770,6 +826,7 @@ mod tests {
                 max_penalty: 0.1,
                 q_out: 0.01,
                 epsilon: 0.03,
+                floor: None,
             },
             2,
         )
@@ -845,6 +902,7 @@ mod tests {
             max_penalty: 0.2,
             q_out: 0.01,
             epsilon: 0.03,
+            floor: None,
         };
         let go = |batch: usize| {
             let mut mem = AdaptiveMemory::new(params.clone(), calib, d).unwrap();

@@ -2,7 +2,8 @@
 //!
 //! Decision rule: an image is **OOD iff S < λ**, so an ID image passes iff S ≥ λ.
 
-use crate::detect::adaptive::AdaptiveCalibration;
+use crate::detect::adaptive::{AdaptiveCalibration, FloorCalibration};
+use ndarray::{Array2, ArrayView2, Axis};
 use serde::{Deserialize, Serialize};
 
 use super::metrics::{MetricError, check_scores};
@@ -79,6 +80,74 @@ pub fn adaptive_calibration(
         max_penalty: (upper - lambda).max(0.0),
         q_out,
         epsilon,
+        floor: None,
+    })
+}
+
+/// Why no floor could be chosen.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FloorError {
+    #[error(
+        "the adaptive floor needs more than k = {k} ID inputs (one's k-th nearest neighbour among the others), got {n}"
+    )]
+    TooFew { n: usize, k: usize },
+    #[error("the adaptive floor quantile {0} is outside (0, 1)")]
+    Quantile(f64),
+    #[error("ID embedding #{0} is zero or not finite")]
+    BadRow(usize),
+}
+
+/// The adaptive floor b from ID embeddings (docs/adaptive.md §2, [`FloorCalibration`]): an
+/// evenly spaced sample of at most `sample` rows (the memory's size), each row's k-th largest
+/// cosine to the other sampled rows, and of those the value at `quantile` (the
+/// ⌈quantile·n⌉-th smallest).
+pub fn adaptive_floor(
+    emb: ArrayView2<f32>,
+    k: usize,
+    quantile: f64,
+    sample: usize,
+) -> Result<FloorCalibration, FloorError> {
+    if !(quantile > 0.0 && quantile < 1.0) {
+        return Err(FloorError::Quantile(quantile));
+    }
+    let total = emb.nrows();
+    let n = total.min(sample.max(1));
+    if k == 0 || n <= k {
+        return Err(FloorError::TooFew { n, k });
+    }
+    // Row i·total/n for i < n: spread over the whole input, whatever order it came in.
+    let mut x = Array2::<f32>::zeros((n, emb.ncols()));
+    for (i, mut row) in x.axis_iter_mut(Axis(0)).enumerate() {
+        let src = emb.row(i * total / n);
+        let norm = src.dot(&src).sqrt();
+        if !(norm.is_finite() && norm > 0.0) {
+            return Err(FloorError::BadRow(i * total / n));
+        }
+        row.assign(&src.mapv(|v| v / norm));
+    }
+    let gram = x.dot(&x.t());
+    let mut kth: Vec<f64> = gram
+        .axis_iter(Axis(0))
+        .enumerate()
+        .map(|(i, row)| {
+            let mut others: Vec<f32> = row
+                .iter()
+                .enumerate()
+                .filter(|&(j, _)| j != i)
+                .map(|(_, &c)| c)
+                .collect();
+            // The k-th largest: index k − 1 of the descending order.
+            let (_, v, _) = others.select_nth_unstable_by(k - 1, |a, b| b.total_cmp(a));
+            f64::from(*v)
+        })
+        .collect();
+    kth.sort_unstable_by(f64::total_cmp);
+    let at = ((quantile * n as f64).ceil() as usize).clamp(1, n) - 1;
+    Ok(FloorCalibration {
+        value: kth[at],
+        quantile,
+        k,
+        n,
     })
 }
 
@@ -88,6 +157,50 @@ mod tests {
 
     /// 100 scores 0.00, 0.01, …, 0.99: TPR 0.95 keeps the 95 largest (λ = 0.05), 0.99 keeps 99
     /// (admit below 0.01), 0.92 keeps 92 (0.08), so the largest penalty is 0.08 − 0.05.
+    /// Five unit vectors in the plane at 0°, 10°, 20°, 30° and 90°, k = 2: the 2nd largest
+    /// cosine to the others is cos 20° for 0° (10°, 20°), cos 10° for 10° (0°, 20° tie at 10°,
+    /// both count), cos 10° for 20°, cos 20° for 30°, cos 70° for 90° (30°, then 20°).
+    /// Sorted: cos 70°, cos 20°, cos 20°, cos 10°, cos 10°; quantile 0.5 takes the 3rd
+    /// (⌈2.5⌉), 0.9 the 5th. Scaling a row changes nothing; a sample of 3 takes rows 0, 1, 3.
+    #[test]
+    fn adaptive_floor_by_hand() {
+        let deg = [0.0f64, 10.0, 20.0, 30.0, 90.0];
+        let mut x = Array2::<f32>::zeros((5, 2));
+        for (i, d) in deg.iter().enumerate() {
+            let scale = (i + 1) as f64;
+            x[[i, 0]] = (scale * d.to_radians().cos()) as f32;
+            x[[i, 1]] = (scale * d.to_radians().sin()) as f32;
+        }
+        let cos = |d: f64| d.to_radians().cos();
+        let f = adaptive_floor(x.view(), 2, 0.5, 100).unwrap();
+        assert_eq!((f.k, f.n, f.quantile), (2, 5, 0.5));
+        assert!((f.value - cos(20.0)).abs() < 1e-6, "{f:?}");
+        let f = adaptive_floor(x.view(), 2, 0.9, 100).unwrap();
+        assert!((f.value - cos(10.0)).abs() < 1e-6, "{f:?}");
+        let f = adaptive_floor(x.view(), 1, 0.5, 100).unwrap();
+        // 1st largest: 10°, 10°, 10°, 10°, 60° -> sorted cos 60°, cos 10° x4; the 3rd.
+        assert!((f.value - cos(10.0)).abs() < 1e-6, "{f:?}");
+        // Sample of 3: rows 0, 1, 3 (0°, 10°, 30°); k = 1: cos 10°, cos 10°, cos 20°.
+        let f = adaptive_floor(x.view(), 1, 0.34, 3).unwrap();
+        assert_eq!(f.n, 3);
+        assert!((f.value - cos(10.0)).abs() < 1e-6, "{f:?}");
+        let f = adaptive_floor(x.view(), 1, 0.99, 3).unwrap();
+        assert!((f.value - cos(10.0)).abs() < 1e-6, "{f:?}");
+        assert_eq!(
+            adaptive_floor(x.view(), 5, 0.5, 100),
+            Err(FloorError::TooFew { n: 5, k: 5 })
+        );
+        assert_eq!(
+            adaptive_floor(x.view(), 2, 1.0, 100),
+            Err(FloorError::Quantile(1.0))
+        );
+        x.row_mut(3).fill(0.0);
+        assert_eq!(
+            adaptive_floor(x.view(), 2, 0.5, 100),
+            Err(FloorError::BadRow(3))
+        );
+    }
+
     #[test]
     fn adaptive_thresholds_by_hand() {
         let s: Vec<f64> = (0..100).map(|i| f64::from(i) / 100.0).collect();

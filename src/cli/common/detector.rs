@@ -57,9 +57,10 @@ pub struct AdaptiveArgs {
     /// Adaptive: k of the k-th largest cosine to the memory.
     #[arg(long, default_value_t = AdaptiveParams::default().k)]
     pub adaptive_k: usize,
-    /// Adaptive: cosines at or below this floor add no penalty.
-    #[arg(long, default_value_t = AdaptiveParams::default().floor)]
-    pub adaptive_floor: f32,
+    /// Adaptive: cosines at or below this floor add no penalty [default: the floor the bank's
+    /// calibration chose from ID inputs, else 0.75].
+    #[arg(long)]
+    pub adaptive_floor: Option<f32>,
     /// Adaptive: entries per predicted ID class at most.
     #[arg(long, default_value_t = AdaptiveParams::default().bucket_cap)]
     pub adaptive_bucket_cap: usize,
@@ -73,7 +74,9 @@ impl AdaptiveArgs {
         AdaptiveParams {
             capacity: self.adaptive_capacity,
             k: self.adaptive_k,
-            floor: self.adaptive_floor,
+            floor: self
+                .adaptive_floor
+                .unwrap_or(oodgate::detect::adaptive::FALLBACK_FLOOR),
             bucket_cap: self.adaptive_bucket_cap,
             admit_per_mille: self.adaptive_admit_per_mille,
             // Offline inputs carry no producer time.
@@ -96,7 +99,11 @@ impl AdaptiveArgs {
                      penalty beside the threshold)"
                 )
             })?;
-        Ok(AdaptiveMemory::new(self.params(), calib, bank.meta.dim)?)
+        let params = AdaptiveParams {
+            floor: calib.resolve_floor(self.adaptive_floor),
+            ..self.params()
+        };
+        Ok(AdaptiveMemory::new(params, calib, bank.meta.dim)?)
     }
 }
 

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, bail};
 use oodgate::config::Settings;
-use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveMemory};
+use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveMemory, AdaptiveParams};
 use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
 use oodgate::detect::method::Method;
 use oodgate::model::encoder::EncoderOptions;
@@ -57,6 +57,7 @@ pub fn adaptive_memory(
             max_penalty,
             q_out: f64::NAN,
             epsilon: f64::NAN,
+            floor: stored.and_then(|c| c.floor),
         },
         (Some(c), admit, penalty) => AdaptiveCalibration {
             admit_below: admit.unwrap_or(c.admit_below),
@@ -69,12 +70,12 @@ pub fn adaptive_memory(
              detector.adaptive.admit_below and detector.adaptive.max_penalty"
         ),
     };
-    let mem = AdaptiveMemory::new(
-        s.detector.adaptive_params(),
-        calib,
-        detector.bank().meta.dim,
-    )
-    .context("detector.adaptive")?;
+    let params = AdaptiveParams {
+        floor: calib.resolve_floor(a.floor),
+        ..s.detector.adaptive_params()
+    };
+    let mem = AdaptiveMemory::new(params, calib, detector.bank().meta.dim)
+        .context("detector.adaptive")?;
     tracing::info!(
         capacity = a.capacity,
         k = a.k,
