@@ -49,6 +49,18 @@ pub struct BenchArgs {
     /// Decode workers in the end-to-end run (0 = automatic).
     #[arg(long, default_value_t = 0)]
     pub decode_workers: usize,
+    /// ONNX Runtime threads spin while waiting (model.intra_spinning), in both runs.
+    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    pub intra_spinning: bool,
+    /// ONNX Runtime's CPU arena allocator (model.cpu_arena).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub cpu_arena: bool,
+    /// ONNX Runtime's memory-pattern planning (model.memory_pattern).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub memory_pattern: bool,
+    /// The fast JPEG path (preprocess.jpeg_draft) in the preprocessing and end-to-end runs.
+    #[arg(long)]
+    pub jpeg_draft: bool,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -72,6 +84,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     s.model.dir = a.model.clone();
     s.model.device = a.device.clone();
     s.model.intra_threads = a.threads;
+    s.model.intra_spinning = a.intra_spinning;
+    s.model.cpu_arena = a.cpu_arena;
+    s.model.memory_pattern = a.memory_pattern;
+    s.preprocess.jpeg_draft = a.jpeg_draft;
     s.model.warm_up = true;
     s.detector.bank = Some(a.bank.clone());
     s.detector.force_fingerprint = false;
@@ -247,6 +263,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let report = serde_json::json!({
         "model": a.model, "weights_random": random, "provider": provider, "batch": a.batch,
         "intra_threads": threads, "decode_workers": decode_workers, "cores": cores,
+        "jpeg_draft": a.jpeg_draft, "intra_spinning": a.intra_spinning, "cpu_arena": a.cpu_arena, "memory_pattern": a.memory_pattern,
         "images": blobs.len(), "messages": total,
         "encoder_images_per_s": encoder_ips,
         "preprocess_images_per_s_per_core": pre_one,

@@ -54,7 +54,8 @@ pub fn run(a: EmbedArgs) -> anyhow::Result<ExitCode> {
         if files.is_empty() {
             bail!("no image files found in the inputs");
         }
-        let pre = Preprocessor::from_manifest(enc.manifest(), Limits::default());
+        let pre = Preprocessor::from_manifest(enc.manifest(), Limits::default())
+            .with_jpeg_draft(a.model.runtime.jpeg_draft);
         let pb = progress(files.len(), "embedding");
         let out = embed_image_files(&mut enc, &pre, &files, a.batch, decode_workers(), |n| {
             pb.inc(n as u64)

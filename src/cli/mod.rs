@@ -11,6 +11,7 @@ pub mod embed;
 pub mod eval;
 pub mod info;
 pub mod logging;
+pub mod model;
 pub mod publish;
 pub mod score;
 pub mod serve;
@@ -62,6 +63,9 @@ pub enum Command {
     /// The adaptive detector's shared memory (reset).
     #[command(subcommand)]
     Adaptive(adaptive::AdaptiveCommand),
+    /// Encoder variants: the fidelity gate (check).
+    #[command(subcommand)]
+    Model(model::ModelCommand),
 }
 
 pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -79,5 +83,6 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Summary(a) => summary::run(a),
         Command::Config(c) => config::run(c),
         Command::Adaptive(c) => adaptive::run(c),
+        Command::Model(c) => model::run(c),
     }
 }

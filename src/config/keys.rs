@@ -422,6 +422,21 @@ pub const KEYS: &[KeyInfo] = &[
         "ONNX Runtime intra-op threads; 0 = automatic.",
     ),
     key(
+        "model.intra_spinning",
+        Kind::Bool,
+        "ONNX Runtime's intra-op threads spin while waiting for work: faster when the encoder has the cores to itself, slower beside the decode threads of a busy worker (README \"Performance\").",
+    ),
+    key(
+        "model.cpu_arena",
+        Kind::Bool,
+        "ONNX Runtime's CPU arena allocator (freed blocks stay reserved for reuse).",
+    ),
+    key(
+        "model.memory_pattern",
+        Kind::Bool,
+        "ONNX Runtime's memory-pattern planning (a preallocated block per input shape).",
+    ),
+    key(
         "model.warm_up",
         Kind::Bool,
         "Run every batch size once before reporting ready.",
@@ -548,6 +563,12 @@ pub const KEYS: &[KeyInfo] = &[
         "batch.queue_depth",
         Kind::Integer,
         "Decoded images waiting for inference (back-pressure bound).",
+    ),
+    // [preprocess]
+    key(
+        "preprocess.jpeg_draft",
+        Kind::Bool,
+        "The fast JPEG path: decode JPEGs at 1/2, 1/4 or 1/8 scale in the DCT domain before the bicubic resize, as Pillow's `Image.draft(\"RGB\", (size, size))` does; off = the exact CLIP preprocessing (README \"Performance\" has its speed and deviation).",
     ),
     // [limits]
     key(

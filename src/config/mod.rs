@@ -147,6 +147,7 @@ pub struct Settings {
     pub model: ModelSettings,
     pub detector: DetectorSettings,
     pub batch: BatchSettings,
+    pub preprocess: PreprocessSettings,
     pub limits: LimitsSettings,
     pub http: HttpSettings,
     pub log: LogSettings,
@@ -389,6 +390,12 @@ pub struct ModelSettings {
     /// with `model::Device`'s grammar.
     pub device: String,
     pub intra_threads: usize,
+    /// ONNX Runtime intra-op threads spin while waiting for work.
+    pub intra_spinning: bool,
+    /// ONNX Runtime's CPU arena allocator.
+    pub cpu_arena: bool,
+    /// ONNX Runtime's memory-pattern planning.
+    pub memory_pattern: bool,
     pub warm_up: bool,
 }
 
@@ -399,6 +406,9 @@ impl Default for ModelSettings {
             ort_library: None,
             device: "auto".into(),
             intra_threads: 0,
+            intra_spinning: false,
+            cpu_arena: true,
+            memory_pattern: true,
             warm_up: true,
         }
     }
@@ -507,6 +517,14 @@ impl Default for BatchSettings {
             queue_depth: 64,
         }
     }
+}
+
+/// `[preprocess]`: how images become tensors.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PreprocessSettings {
+    /// The fast JPEG path: Pillow's `draft` (DCT-domain downscaling) before the resize.
+    pub jpeg_draft: bool,
 }
 
 /// `[limits]`: what an input image may be.

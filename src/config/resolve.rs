@@ -56,6 +56,16 @@ impl ModelSettings {
             .map_err(|_| ConfigError::Invalid(vec![device_problem(&self.device)]))
     }
 
+    /// The ONNX Runtime session settings (`model.intra_spinning`, `model.cpu_arena`,
+    /// `model.memory_pattern`).
+    pub fn tuning(&self) -> crate::model::encoder::SessionTuning {
+        crate::model::encoder::SessionTuning {
+            spinning: self.intra_spinning,
+            cpu_arena: self.cpu_arena,
+            memory_pattern: self.memory_pattern,
+        }
+    }
+
     /// How the encoder is loaded: `model.device`, `model.intra_threads`, `model.ort_library`.
     /// The daemon embeds images only, so the text encoder is not loaded.
     pub fn encoder_options(&self) -> Result<EncoderOptions, ConfigError> {
@@ -64,6 +74,7 @@ impl ModelSettings {
             intra_threads: self.intra_threads,
             ort_library: self.ort_library.clone(),
             load_text: false,
+            tuning: self.tuning(),
         })
     }
 }

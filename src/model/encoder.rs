@@ -79,6 +79,33 @@ pub struct EncoderOptions {
     pub ort_library: Option<PathBuf>,
     /// Load the text encoder (bank building, `embed --text`); the daemon does not need it.
     pub load_text: bool,
+    /// ONNX Runtime session settings that trade CPU and memory against speed.
+    pub tuning: SessionTuning,
+}
+
+/// ONNX Runtime settings with a measured effect on a busy worker (README "Performance").
+/// The defaults are ONNX Runtime's own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SessionTuning {
+    /// Intra-op threads spin while waiting for work (`session.intra_op.allow_spinning`).
+    /// Spinning wins when the encoder has the machine to itself; beside decode threads on
+    /// few cores it burns CPU they need.
+    pub spinning: bool,
+    /// The CPU execution provider's arena allocator: keeps freed blocks (peak memory stays
+    /// reserved) for faster reuse.
+    pub cpu_arena: bool,
+    /// Memory-pattern planning: preallocates one block per input shape seen.
+    pub memory_pattern: bool,
+}
+
+impl Default for SessionTuning {
+    fn default() -> Self {
+        SessionTuning {
+            spinning: true,
+            cpu_arena: true,
+            memory_pattern: true,
+        }
+    }
 }
 
 /// The ONNX Runtime backend.
@@ -100,7 +127,8 @@ impl OrtEncoder {
             opts.intra_threads
         };
         let image_path = manifest.image_path();
-        let (image, provider) = build_session(&rt.env, &image_path, opts.device, threads)?;
+        let (image, provider) =
+            build_session(&rt.env, &image_path, opts.device, threads, opts.tuning)?;
         check_names(
             &image,
             &image_path,
@@ -155,7 +183,13 @@ impl OrtEncoder {
             } else {
                 self.opts.device
             };
-            let (s, _) = build_session(&rt.env, &path, device, self.info.intra_threads)?;
+            let (s, _) = build_session(
+                &rt.env,
+                &path,
+                device,
+                self.info.intra_threads,
+                self.opts.tuning,
+            )?;
             let mut inputs: Vec<&str> = vec![&spec.input];
             if let Some(m) = &spec.attention_mask {
                 inputs.push(m);
@@ -343,6 +377,7 @@ fn build_session(
     path: &std::path::Path,
     device: Device,
     threads: usize,
+    tuning: SessionTuning,
 ) -> Result<(Session, String), EncoderError> {
     let load_err = |e: ort::Error| EncoderError::Load {
         path: path.to_path_buf(),
@@ -378,7 +413,7 @@ fn build_session(
             Err(reason) => return Err(RuntimeError::Cuda(reason).into()),
         }
     }
-    let s = session_cpu(env, path, threads).map_err(load_err)?;
+    let s = session_cpu(env, path, threads, tuning).map_err(load_err)?;
     Ok((s, "cpu".to_string()))
 }
 
@@ -389,10 +424,18 @@ fn session_cpu(
     env: &ort::environment::Environment,
     path: &std::path::Path,
     threads: usize,
+    tuning: SessionTuning,
 ) -> ort::Result<Session> {
+    let cpu = ort::ep::CPU::default()
+        .with_arena_allocator(tuning.cpu_arena)
+        .build()
+        .error_on_failure();
     Ok(Session::builder(env)?
         .with_optimization_level(GraphOptimizationLevel::Level3)?
         .with_intra_threads(threads)?
+        .with_intra_op_spinning(tuning.spinning)?
+        .with_memory_pattern(tuning.memory_pattern)?
+        .with_execution_providers([cpu])?
         .commit_from_file(path)?)
 }
 

@@ -96,6 +96,9 @@ pub struct ModelManifest {
     /// Free-form provenance (generator, checkpoint, hashes).
     #[serde(default)]
     pub source: Option<toml::Table>,
+    /// Set for an encoder variant of another model (`deploy/model/optimize.py`).
+    #[serde(default)]
+    pub variant: Option<super::variant::VariantSpec>,
     /// The folder the manifest was read from (not part of the file).
     #[serde(skip)]
     pub dir: PathBuf,

@@ -9,6 +9,7 @@ pub mod preprocess;
 pub mod resample;
 pub mod runtime;
 pub mod tokenizer;
+pub mod variant;
 
 pub use encoder::{Encoder, EncoderError, OrtEncoder};
 pub use manifest::{ManifestError, ModelManifest, Weights};

@@ -98,6 +98,9 @@ pub struct Preprocessor {
     limits: Limits,
     /// `lut[c][v] = (v / 255 − mean[c]) / std[c]`: normalisation is a table look-up.
     lut: [[f32; 256]; 3],
+    /// JPEGs are decoded at 1/2, 1/4 or 1/8 scale in the DCT domain first, as Pillow's
+    /// `Image.draft("RGB", (size, size))` does ([`Preprocessor::with_jpeg_draft`]).
+    jpeg_draft: bool,
 }
 
 thread_local! {
@@ -115,7 +118,37 @@ impl Preprocessor {
                 *out = ((v as f64 / 255.0 - mean[c] as f64) / std[c] as f64) as f32;
             }
         }
-        Preprocessor { size, limits, lut }
+        Preprocessor {
+            size,
+            limits,
+            lut,
+            jpeg_draft: false,
+        }
+    }
+
+    /// The fast JPEG path (`preprocess.jpeg_draft`): decode at the largest scale 1/s,
+    /// s ∈ {8, 4, 2, 1}, with s ≤ min(width / size, height / size) (integer division), then
+    /// the same resize and crop. Exactly Pillow's `img.draft("RGB", (size, size))` before
+    /// `convert("RGB")`; several times less decode work on web-sized photos, and a tensor
+    /// that differs from the exact path's (README "Performance" reports by how much).
+    /// CMYK/YCCK JPEGs are decoded at full size either way.
+    #[must_use]
+    pub fn with_jpeg_draft(mut self, on: bool) -> Self {
+        self.jpeg_draft = on;
+        self
+    }
+
+    pub fn jpeg_draft(&self) -> bool {
+        self.jpeg_draft
+    }
+
+    /// The draft scale denominator s for a `width × height` JPEG (1 = full size).
+    pub fn draft_scale(&self, width: u32, height: u32) -> u32 {
+        if !self.jpeg_draft || self.size == 0 {
+            return 1;
+        }
+        let fit = (width / self.size).min(height / self.size);
+        [8, 4, 2, 1].into_iter().find(|&s| fit >= s).unwrap_or(1)
     }
 
     pub fn from_manifest(m: &super::ModelManifest, limits: Limits) -> Self {
@@ -246,17 +279,24 @@ impl Preprocessor {
             if !has_eoi(bytes) {
                 return Err(corrupt("truncated: no end-of-image marker".into()));
             }
-            let mut pixels = vec![0u8; header.width * header.height * 3];
+            // The decoder is reused: set its scale for every image.
+            let s = self.draft_scale(width, height) as usize;
+            let factor = turbojpeg::ScalingFactor::new(1, s);
+            dec.set_scaling_factor(factor)
+                .map_err(|e| PreprocessError::Resize(format!("libjpeg-turbo: {e}")))?;
+            let out_header = header.scaled(factor);
+            let (out_w, out_h) = (out_header.width, out_header.height);
+            let mut pixels = vec![0u8; out_w * out_h * 3];
             let out = turbojpeg::Image {
                 pixels: pixels.as_mut_slice(),
-                width: header.width,
-                pitch: header.width * 3,
-                height: header.height,
+                width: out_w,
+                pitch: out_w * 3,
+                height: out_h,
                 format: turbojpeg::PixelFormat::RGB,
             };
             dec.decompress(bytes, out)
                 .map_err(|e| corrupt(e.to_string()))?;
-            RgbImage::from_raw(width, height, pixels)
+            RgbImage::from_raw(out_w as u32, out_h as u32, pixels)
                 .map(Some)
                 .ok_or_else(|| corrupt("decoded buffer size mismatch".into()))
         })();

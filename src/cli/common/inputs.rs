@@ -14,7 +14,7 @@ use oodgate::model::preprocess::Limits;
 use oodgate::model::{Encoder, ModelManifest, OrtEncoder, Preprocessor, RANDOM_WEIGHTS_WARNING};
 use oodgate::npy::read_npy;
 
-use super::model::OptModelArgs;
+use super::model::{OptModelArgs, fingerprint_for_bank};
 use super::{decode_workers, progress, rows_file, short};
 
 /// The model side of a scoring command: the loaded encoder (only when images must be
@@ -47,17 +47,22 @@ impl ModelCtx {
         match &args.model {
             Some(dir) if needs_images => {
                 let enc = args.full(dir).load(false)?;
-                ctx.fingerprint = Some(enc.info().fingerprint.clone());
+                ctx.fingerprint = Some(fingerprint_for_bank(
+                    enc.manifest(),
+                    &enc.info().fingerprint,
+                    bank,
+                    args.force,
+                )?);
                 ctx.random = enc.manifest().is_random();
                 ctx.encoder = Some(enc);
             }
             Some(dir) => {
                 let m = ModelManifest::load(dir)
                     .with_context(|| format!("reading model {}", dir.display()))?;
-                ctx.fingerprint = Some(
-                    m.fingerprint()
-                        .with_context(|| format!("fingerprinting model {}", dir.display()))?,
-                );
+                let own = m
+                    .fingerprint()
+                    .with_context(|| format!("fingerprinting model {}", dir.display()))?;
+                ctx.fingerprint = Some(fingerprint_for_bank(&m, &own, bank, args.force)?);
                 ctx.random = m.is_random();
                 if ctx.random {
                     eprintln!("{RANDOM_WEIGHTS_WARNING}");
@@ -145,7 +150,8 @@ impl ModelCtx {
         let mut image_emb = Array2::<f32>::zeros((0, dim));
         if !files.is_empty() {
             let enc = self.encoder.as_mut().context("image inputs need --model")?;
-            let pre = Preprocessor::from_manifest(enc.manifest(), Limits::default());
+            let pre = Preprocessor::from_manifest(enc.manifest(), Limits::default())
+                .with_jpeg_draft(self.args.runtime.jpeg_draft);
             let pb = progress(files.len(), what);
             let out =
                 embed_image_files(enc, &pre, &files, self.args.batch, decode_workers(), |n| {

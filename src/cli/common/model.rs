@@ -18,6 +18,37 @@ pub fn load_encoder(dir: &Path, opts: EncoderOptions) -> anyhow::Result<OrtEncod
     OrtEncoder::load(manifest, opts).with_context(|| format!("loading model {}", dir.display()))
 }
 
+/// The fingerprint to check `bank` against for `manifest`'s model (fingerprint `own`): its
+/// own, or its reference's for an encoder variant that `oodgate model check` marked
+/// compatible (said on stderr and in the log). With `force` the model's own: the bank's
+/// check is forced anyway.
+pub fn fingerprint_for_bank(
+    manifest: &ModelManifest,
+    own: &str,
+    bank: &oodgate::detect::bank::Bank,
+    force: bool,
+) -> anyhow::Result<String> {
+    if force {
+        return Ok(own.to_string());
+    }
+    let (fp, record) =
+        oodgate::model::variant::bank_fingerprint(manifest, own, &bank.meta.model_fingerprint)?;
+    if let Some(r) = record {
+        let note = format!(
+            "encoder variant {} ({}) of the bank's model: checked on {} images, decision              agreement {:.2}% (required {:.2}%), embedding cosine min {:.6}",
+            manifest.dir.display(),
+            r.precision,
+            r.images,
+            100.0 * r.agreement,
+            100.0 * r.min_agreement,
+            r.cosine_min
+        );
+        eprintln!("note: {note}");
+        tracing::info!("{note}");
+    }
+    Ok(fp)
+}
+
 /// Where and how ONNX Runtime runs: shared by every command that loads a model.
 #[derive(Debug, Clone, clap::Args)]
 pub struct RuntimeArgs {
@@ -30,6 +61,10 @@ pub struct RuntimeArgs {
     /// Path of libonnxruntime.so (default: ORT_DYLIB_PATH, then the project's .ort/lib).
     #[arg(long)]
     pub ort_library: Option<PathBuf>,
+    /// The fast JPEG path (preprocess.jpeg_draft): Pillow's draft, DCT-domain downscaling
+    /// before the resize; not the exact CLIP preprocessing.
+    #[arg(long)]
+    pub jpeg_draft: bool,
 }
 
 impl RuntimeArgs {
@@ -40,6 +75,7 @@ impl RuntimeArgs {
             intra_threads: self.threads,
             ort_library: self.ort_library.clone(),
             load_text,
+            tuning: Default::default(),
         })
     }
 }

@@ -6,10 +6,10 @@ use oodgate::config::Settings;
 use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveMemory, AdaptiveParams};
 use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
 use oodgate::detect::method::Method;
-use oodgate::model::encoder::EncoderOptions;
 use oodgate::model::preprocess::Limits;
-use oodgate::model::{Device, Encoder, OrtEncoder, Preprocessor};
+use oodgate::model::{Encoder, OrtEncoder, Preprocessor};
 
+use super::model::fingerprint_for_bank;
 use super::{load_bank, load_encoder};
 
 /// The detector spec of `detector.*`; `threshold` decides what happens without
@@ -94,17 +94,8 @@ pub fn load_worker(
     s: &Settings,
     threshold: ThresholdChoice,
 ) -> anyhow::Result<(OrtEncoder, Detector, Preprocessor)> {
-    let device: Device = s.model.device.parse()?;
-    let mut enc = load_encoder(
-        &s.model.dir,
-        EncoderOptions {
-            device,
-            intra_threads: s.model.intra_threads,
-            ort_library: s.model.ort_library.clone(),
-            load_text: false,
-        },
-    )
-    .with_context(|| format!("model.dir = {}", s.model.dir.display()))?;
+    let mut enc = load_encoder(&s.model.dir, s.model.encoder_options()?)
+        .with_context(|| format!("model.dir = {}", s.model.dir.display()))?;
     tracing::info!(provider = %enc.info().provider, threads = enc.info().intra_threads, "encoder loaded");
     if s.model.warm_up {
         let mut sizes = vec![1, s.batch.max_size];
@@ -115,7 +106,13 @@ pub fn load_worker(
         bail!("detector.bank is required for serve")
     };
     let bank = load_bank(bank_path)?;
-    bank.check_model(&enc.info().fingerprint, s.detector.force_fingerprint)?;
+    let fp = fingerprint_for_bank(
+        enc.manifest(),
+        &enc.info().fingerprint,
+        &bank,
+        s.detector.force_fingerprint,
+    )?;
+    bank.check_model(&fp, s.detector.force_fingerprint)?;
     let detector = Detector::new(bank, &detector_spec(s, threshold)?)
         .with_context(|| format!("detector.bank = {}", bank_path.display()))?;
     let pre = Preprocessor::from_manifest(
@@ -125,7 +122,8 @@ pub fn load_worker(
             max_pixels: s.limits.max_pixels,
             max_jpeg_scans: s.limits.max_jpeg_scans,
         },
-    );
+    )
+    .with_jpeg_draft(s.preprocess.jpeg_draft);
     tracing::info!(
         bank = %detector.bank().version(),
         method = %detector.method(),
