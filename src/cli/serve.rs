@@ -13,7 +13,7 @@ use oodgate::stream::setup;
 use oodgate::stream::{Stats, metrics};
 use tokio_util::sync::CancellationToken;
 
-use super::common::worker::{adaptive_memory, load_worker};
+use super::common::worker::{adaptive_memory, limit_malloc_arenas, load_worker};
 
 #[derive(Debug, clap::Args)]
 pub struct ServeArgs {
@@ -44,6 +44,7 @@ pub fn run(a: ServeArgs) -> anyhow::Result<ExitCode> {
     }
     settings.validate_for_serve()?;
     super::logging::init_with(&settings.log.level, &settings.log.format);
+    limit_malloc_arenas();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

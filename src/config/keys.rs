@@ -437,6 +437,11 @@ pub const KEYS: &[KeyInfo] = &[
         "ONNX Runtime's memory-pattern planning (a preallocated block per input shape).",
     ),
     key(
+        "model.prepacking",
+        Kind::Bool,
+        "ONNX Runtime repacks matrix weights for its CPU kernels at load: faster, and a second copy of them while loading.",
+    ),
+    key(
         "model.warm_up",
         Kind::Bool,
         "Run every batch size once before reporting ready.",

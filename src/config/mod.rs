@@ -396,6 +396,8 @@ pub struct ModelSettings {
     pub cpu_arena: bool,
     /// ONNX Runtime's memory-pattern planning.
     pub memory_pattern: bool,
+    /// ONNX Runtime's weight prepacking.
+    pub prepacking: bool,
     pub warm_up: bool,
 }
 
@@ -407,8 +409,9 @@ impl Default for ModelSettings {
             device: "auto".into(),
             intra_threads: 0,
             intra_spinning: false,
-            cpu_arena: true,
-            memory_pattern: true,
+            cpu_arena: false,
+            memory_pattern: false,
+            prepacking: true,
             warm_up: true,
         }
     }

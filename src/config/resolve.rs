@@ -63,6 +63,7 @@ impl ModelSettings {
             spinning: self.intra_spinning,
             cpu_arena: self.cpu_arena,
             memory_pattern: self.memory_pattern,
+            prepacking: self.prepacking,
         }
     }
 

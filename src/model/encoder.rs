@@ -96,6 +96,9 @@ pub struct SessionTuning {
     pub cpu_arena: bool,
     /// Memory-pattern planning: preallocates one block per input shape seen.
     pub memory_pattern: bool,
+    /// Weights of matrix products are repacked for the CPU's kernels at load (a second copy
+    /// while loading; faster products).
+    pub prepacking: bool,
 }
 
 impl Default for SessionTuning {
@@ -104,6 +107,7 @@ impl Default for SessionTuning {
             spinning: true,
             cpu_arena: true,
             memory_pattern: true,
+            prepacking: true,
         }
     }
 }
@@ -435,6 +439,7 @@ fn session_cpu(
         .with_intra_threads(threads)?
         .with_intra_op_spinning(tuning.spinning)?
         .with_memory_pattern(tuning.memory_pattern)?
+        .with_prepacking(tuning.prepacking)?
         .with_execution_providers([cpu])?
         .commit_from_file(path)?)
 }

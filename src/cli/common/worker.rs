@@ -132,3 +132,18 @@ pub fn load_worker(
     );
     Ok((enc, detector, pre))
 }
+
+/// glibc gives threads that allocate at once heaps of their own (up to 8 per core); the
+/// encoder's and the decoders' large short-lived buffers then stay reserved in several of
+/// them. Two arenas lowered `serve`'s peak memory at batch 32 by about 140 MiB with no
+/// measurable change in speed (README "Performance"). A `MALLOC_ARENA_MAX` in the
+/// environment wins. Call before any thread starts.
+pub fn limit_malloc_arenas() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    if std::env::var_os("MALLOC_ARENA_MAX").is_none() {
+        // SAFETY: mallopt only changes a glibc tunable; called before other threads allocate.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
+    }
+}
