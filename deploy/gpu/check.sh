@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# GPU check: `oodgate bench` with device = "cuda" on the vit-b-32 model at batch 32/128/256,
-# writing the table into OUT_DIR. For a CUDA machine without internet access: the CUDA 13
+# GPU check: `oodgate bench` with device = "cuda" on the vit-b-32 model and its fp16 variant
+# (deploy/model/optimize.py, checked against fp32 by `oodgate model check`) at batch
+# 32/128/256, writing the table into OUT_DIR. For a CUDA machine without internet access: the CUDA 13
 # runtime and cuDNN 9 must be installed there; the onnxruntime-gpu library (.ort/gpu/lib, from
 # `deploy/setup/fetch-ort.sh --gpu` on a connected machine), the model (models/vit-b-32-random)
 # and either a Rust toolchain or a prebuilt target/release/oodgate travel with the source tree.
@@ -35,20 +36,40 @@ bank="$out/vit-b-32-bench.oodb"
 
 images="$root/.cache/bench-images"
 [ -d "$images" ] || images="$root/tests/fixtures/images"
+
+# The fp16 variant of the same model (deploy/model/optimize.py), checked against fp32 on the
+# same images at the bank's threshold: the agreement goes into the table.
+fp16="$out/vit-b-32-fp16"
+py="$root/.venv/bin/python"; [ -x "$py" ] || py=python3
+if "$py" -c "import onnx, onnxruntime, sympy" 2>/dev/null; then
+  "$py" deploy/model/optimize.py --reference "$model" --out "$fp16" --precision fp16 --force 2>&1 | tail -2
+  "$bin" calibrate --bank "$bank" --model "$model" --device cuda --id "$images" --write 2>&1 | tail -2
+  "$bin" model check --reference "$model" --model "$fp16" --bank "$bank" --device cuda \
+    --min-images 10 --json "$images" > "$out/check-fp16.json" || echo "fp16 variant NOT compatible (see $out/check-fp16.json)"
+else
+  echo "warning: no Python with onnx, onnxruntime and sympy: the fp16 variant is skipped"
+fi
+
 {
-  echo "| batch | encoder-only img/s | end-to-end img/s | ratio | preprocess img/s (all cores) | score µs/img | peak RSS MiB |"
-  echo "|---|---|---|---|---|---|---|"
+  echo "| model | batch | encoder-only img/s | end-to-end img/s | ratio | preprocess img/s (all cores) | score µs/img | serve-shaped peak RSS MiB |"
+  echo "|---|---|---|---|---|---|---|---|"
 } > "$out/table.md"
-for b in 32 128 256; do
-  "$bin" bench --model "$model" --bank "$bank" --images "$images" --device cuda --batch "$b" \
-    --messages $((b * 8)) --json > "$out/bench-$b.json"
-  python3 - "$out/bench-$b.json" >> "$out/table.md" <<'PY'
+for variant in fp32 fp16; do
+  m="$model"; [ "$variant" = fp16 ] && m="$fp16"
+  [ -f "$m/model.toml" ] || continue
+  for b in 32 128 256; do
+    "$bin" bench --model "$m" --bank "$bank" --images "$images" --device cuda --batch "$b" \
+      --messages $((b * 8)) --json > "$out/bench-$variant-$b.json" || continue
+    python3 - "$out/bench-$variant-$b.json" "$variant" >> "$out/table.md" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
-print(f"| {r['batch']} | {r['encoder_images_per_s']:.0f} | {r['end_to_end_images_per_s']:.0f} | {r['ratio_end_to_end_over_encoder']:.2f} | "
-      f"{r['preprocess_images_per_s_total']:.0f} | {r['score_us_per_image']:.1f} | {r['peak_rss_mib']:.0f} |")
+rss = r.get("serve_peak_rss_mib") or r.get("peak_rss_mib") or 0
+print(f"| {sys.argv[2]} | {r['batch']} | {r['encoder_images_per_s']:.0f} | {r['end_to_end_images_per_s']:.0f} | {r['ratio_end_to_end_over_encoder']:.2f} | "
+      f"{r['preprocess_images_per_s_total']:.0f} | {r['score_us_per_image']:.1f} | {rss:.0f} |")
 PY
+  done
 done
 cat "$out/table.md"
-echo "provider: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["provider"])' "$out/bench-32.json")"
+[ -f "$out/check-fp16.json" ] && python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print("fp16 vs fp32: cosine min %.6f, decision agreement %.2f%% on %d images" % (r["cosine_min"], 100*r["agreement"], r["images"]))' "$out/check-fp16.json"
+echo "provider: $(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["provider"])' "$out/bench-fp32-32.json")"
 echo "done in $(( $(date +%s) - start )) s"

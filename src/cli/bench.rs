@@ -219,13 +219,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let cfg = s.pipeline_config(s.topology());
     let decode_workers = cfg.decode_workers;
     let total = a.messages.max(a.batch);
-    // The serve-shaped peak: loading (above), then the end-to-end run alone, with this
-    // process's benchmark inputs and tensors dropped before it.
+    // The serve-shaped peak: loading (above), then the worker's run alone, with this
+    // process's benchmark inputs, tensors and published backlog dropped before it.
     drop(x);
     drop(buf);
     let n_images = blobs.len();
     let image_file = encoder.manifest().image_path();
-    let reset = reset_peak_rss();
+    let mut reset = false;
     let e2e = rt.block_on(async {
         let client = setup::connect(&s.nats_options()).await?;
         let js = async_nats::jetstream::new(client.clone());
@@ -244,6 +244,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             ack.await?;
         }
         drop(blobs);
+        reset = reset_peak_rss();
         let stats = Arc::new(Stats::default());
         let ready = Arc::new(AtomicBool::new(false));
         let st = stats.clone();
