@@ -167,3 +167,27 @@ fn the_draft_path_matches_pillow_draft() {
     assert_eq!(draft.draft_scale(1024, 447), 1);
     assert_eq!(exact.draft_scale(1800, 1800), 1);
 }
+
+/// The daemon queues u8 crops and normalises them when a batch is assembled: the tensor is
+/// the one `preprocess` gives, bit for bit, on every fixture and on both JPEG paths.
+#[test]
+fn queued_crops_normalise_to_the_preprocessed_tensor() {
+    for pre in [clip(), clip().with_jpeg_draft(true)] {
+        for dir in ["images", "draft"] {
+            for entry in std::fs::read_dir(common::fixture(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                let name = path.to_string_lossy().to_string();
+                if name.ends_with(".md") || name.ends_with(".npy") {
+                    continue;
+                }
+                let bytes = std::fs::read(&path).unwrap();
+                let crop = pre.crop(&bytes).unwrap();
+                assert_eq!(crop.len(), 224 * 224 * 3, "{name}");
+                let mut out = vec![0f32; pre.tensor_len()];
+                pre.normalize_hwc_into(&crop, &mut out);
+                let want = pre.preprocess(&bytes).unwrap();
+                assert_eq!(out.as_slice(), want.as_slice().unwrap(), "{name}");
+            }
+        }
+    }
+}

@@ -329,8 +329,13 @@ impl Preprocessor {
 
     /// Normalises an HWC `size × size` crop into a CHW slice of `tensor_len()` floats.
     pub fn normalize_into(&self, crop: &RgbImage, out: &mut [f32]) {
+        self.normalize_hwc_into(crop.as_raw(), out);
+    }
+
+    /// Normalises a `size × size` HWC u8 crop (as [`Preprocessor::crop`] returns) into a CHW
+    /// slice of `tensor_len()` floats.
+    pub fn normalize_hwc_into(&self, raw: &[u8], out: &mut [f32]) {
         let plane = (self.size * self.size) as usize;
-        let raw = crop.as_raw();
         let (r, rest) = out.split_at_mut(plane);
         let (g, b) = rest.split_at_mut(plane);
         for (i, px) in raw.chunks_exact(3).take(plane).enumerate() {
@@ -338,6 +343,14 @@ impl Preprocessor {
             g[i] = self.lut[1][px[1] as usize];
             b[i] = self.lut[2][px[2] as usize];
         }
+    }
+
+    /// Bytes → the `size × size` HWC u8 crop before normalisation: a quarter of the
+    /// tensor's memory, for images that wait in a queue ([`Preprocessor::normalize_hwc_into`]
+    /// makes the tensor).
+    pub fn crop(&self, bytes: &[u8]) -> Result<Vec<u8>, PreprocessError> {
+        let img = self.decode(bytes)?;
+        Ok(self.resize_crop(&img)?.into_raw())
     }
 
     /// Bytes → CHW tensor written into `out` (a row of a preallocated batch tensor).

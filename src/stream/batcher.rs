@@ -63,13 +63,14 @@ pub async fn next_batch<T: Queued>(
 
 /// Copies per-image tensors (`3 × size × size` values each, CHW) into one batch tensor.
 pub fn assemble<'a>(
-    images: impl ExactSizeIterator<Item = &'a [f32]>,
+    images: impl ExactSizeIterator<Item = &'a [u8]>,
     size: usize,
+    normalize: impl Fn(&[u8], &mut [f32]),
 ) -> Result<Array4<f32>, BatchError> {
     let n = images.len();
     let per = 3 * size * size;
-    let mut data = Vec::with_capacity(n * per);
-    for (index, img) in images.enumerate() {
+    let mut data = vec![0f32; n * per];
+    for ((index, img), out) in images.enumerate().zip(data.chunks_exact_mut(per)) {
         if img.len() != per {
             return Err(BatchError::TensorLength {
                 index,
@@ -77,7 +78,7 @@ pub fn assemble<'a>(
                 expected: per,
             });
         }
-        data.extend_from_slice(img);
+        normalize(img, out);
     }
     // The length is checked above, so the shape always matches.
     Array4::from_shape_vec((n, 3, size, size), data).map_err(|_| BatchError::TensorLength {
@@ -155,15 +156,25 @@ mod tests {
 
     #[test]
     fn assembles_images_in_order_and_rejects_a_wrong_length() {
-        let a = vec![1.0f32; 12];
-        let b = vec![2.0f32; 12];
-        let t = assemble([a.as_slice(), b.as_slice()].into_iter(), 2).unwrap();
+        // 2 × 2 HWC crops; the normaliser writes CHW = value + 10 · channel.
+        let chw = |hwc: &[u8], out: &mut [f32]| {
+            for (i, px) in hwc.chunks_exact(3).enumerate() {
+                for c in 0..3 {
+                    out[c * 4 + i] = f32::from(px[c]) + 10.0 * c as f32;
+                }
+            }
+        };
+        let a = vec![1u8; 12];
+        let b: Vec<u8> = (0..12).collect();
+        let t = assemble([a.as_slice(), b.as_slice()].into_iter(), 2, chw).unwrap();
         assert_eq!(t.shape(), &[2, 3, 2, 2]);
-        assert_eq!(t[[0, 2, 1, 1]], 1.0);
-        assert_eq!(t[[1, 0, 0, 0]], 2.0);
-        let short = vec![0.0f32; 11];
+        assert_eq!(t[[0, 2, 1, 1]], 21.0);
+        assert_eq!(t[[1, 0, 0, 0]], 0.0);
+        // Pixel (y 1, x 0) is the third: bytes 6, 7, 8.
+        assert_eq!(t[[1, 1, 1, 0]], 17.0);
+        let short = vec![0u8; 11];
         assert_eq!(
-            assemble([a.as_slice(), short.as_slice()].into_iter(), 2).unwrap_err(),
+            assemble([a.as_slice(), short.as_slice()].into_iter(), 2, chw).unwrap_err(),
             BatchError::TensorLength {
                 index: 1,
                 got: 11,

@@ -1,9 +1,9 @@
 //! Intake of one input: resolve its payload (inline image or claim check), decode it on the
-//! blocking pool into a pooled tensor, and queue it for the batcher. Inputs that cannot be
+//! blocking pool into its u8 crop, and queue it for the batcher. Inputs that cannot be
 //! decoded are dead-lettered from here; transient fetch failures are NAKed.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use async_nats::HeaderMap;
@@ -27,7 +27,9 @@ pub struct Decoded {
     pub input: InFlight,
     pub payload: Bytes,
     pub headers: Option<HeaderMap>,
-    pub tensor: Vec<f32>,
+    /// The `size × size` HWC u8 crop, normalised when its batch is assembled: a quarter of
+    /// the memory of a float tensor while it waits.
+    pub crop: Vec<u8>,
     pub queued_at: Instant,
 }
 
@@ -37,45 +39,12 @@ impl Queued for Decoded {
     }
 }
 
-/// Reusable image tensors: decoding writes into a pooled buffer and the batcher returns it
-/// after copying, so the steady state allocates nothing per image.
-pub struct BufPool {
-    len: usize,
-    free: Mutex<Vec<Vec<f32>>>,
-}
-
-impl BufPool {
-    pub fn new(len: usize) -> BufPool {
-        BufPool {
-            len,
-            free: Mutex::new(Vec::new()),
-        }
-    }
-    pub fn take(&self) -> Vec<f32> {
-        self.free
-            .lock()
-            .ok()
-            .and_then(|mut f| f.pop())
-            .unwrap_or_else(|| vec![0f32; self.len])
-    }
-    pub fn give(&self, v: Vec<f32>) {
-        if v.len() != self.len {
-            return;
-        }
-        if let Ok(mut f) = self.free.lock()
-            && f.len() < 1024
-        {
-            f.push(v);
-        }
-    }
-}
-
 /// Runs one decode; a decoder panic becomes a permanent error for this input, so it is
 /// dead-lettered as `corrupt` at once instead of redelivered until `max_deliver`. (The
 /// thread-local decoder it may have held is taken out during a decode and made afresh.)
-fn decode_guarded(
-    decode: impl FnOnce() -> Result<(), PreprocessError>,
-) -> Result<(), PreprocessError> {
+fn decode_guarded<T>(
+    decode: impl FnOnce() -> Result<T, PreprocessError>,
+) -> Result<T, PreprocessError> {
     std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
         let why = panic
             .downcast_ref::<&str>()
@@ -98,7 +67,6 @@ enum Decode {
 pub struct Intake {
     pub js: jetstream::Context,
     pub pre: Preprocessor,
-    pub pool: Arc<BufPool>,
     /// Bounds concurrent decodes (the encoder needs the other cores).
     pub decode_slots: Arc<Semaphore>,
     pub router: Arc<Router>,
@@ -233,35 +201,29 @@ impl Intake {
         let this = self.clone();
         let decoded = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
-            let mut buf = this.pool.take();
-            let r = decode_guarded(|| this.pre.preprocess_into(&image, &mut buf));
+            let r = decode_guarded(|| this.pre.crop(&image));
             histogram!(m::STAGE_SECONDS, "stage" => "decode").record(t0.elapsed().as_secs_f64());
             match r {
-                Ok(()) => {
+                Ok(crop) => {
                     this.queued.fetch_add(1, Ordering::Relaxed);
                     let item = Decoded {
                         input,
                         payload,
                         headers,
-                        tensor: buf,
+                        crop,
                         queued_at: Instant::now(),
                     };
                     // Blocks this decode thread while the batcher's queue is full.
                     match this.to_batcher.blocking_send(item) {
                         Ok(()) => Decode::Queued,
-                        Err(back) => {
+                        Err(_back) => {
                             this.queued.fetch_sub(1, Ordering::Relaxed);
-                            // The rest of the item drops here; its guard NAKs the input.
-                            let Decoded { tensor, .. } = back.0;
-                            this.pool.give(tensor);
+                            // The item drops here; its guard NAKs the input.
                             Decode::BatcherGone
                         }
                     }
                 }
-                Err(e) => {
-                    this.pool.give(buf);
-                    Decode::Failed(Box::new((input, payload, headers, e)))
-                }
+                Err(e) => Decode::Failed(Box::new((input, payload, headers, e))),
             }
         })
         .await;
@@ -292,14 +254,15 @@ mod tests {
 
     #[test]
     fn a_decoder_panic_dead_letters_the_input_as_corrupt() {
-        let e = decode_guarded(|| panic!("index out of bounds in some decoder")).unwrap_err();
+        let e = decode_guarded::<()>(|| panic!("index out of bounds in some decoder")).unwrap_err();
         assert_eq!(
             e,
             PreprocessError::Panicked("index out of bounds in some decoder".into())
         );
         assert_eq!(DeadKind::of_preprocess(&e), DeadKind::Corrupt);
         assert!(e.to_string().contains("index out of bounds"), "{e}");
-        let owned = decode_guarded(|| panic!("{}", String::from("owned message"))).unwrap_err();
+        let owned =
+            decode_guarded::<()>(|| panic!("{}", String::from("owned message"))).unwrap_err();
         assert_eq!(owned, PreprocessError::Panicked("owned message".into()));
         assert_eq!(decode_guarded(|| Ok(())), Ok(()));
     }

@@ -21,7 +21,7 @@ use tokio_util::task::TaskTracker;
 use super::adaptive_sync::{self, Shared};
 use super::batcher::{self, BatchPolicy};
 use super::breaker::Breaker;
-use super::decode::{BufPool, Decoded, Intake};
+use super::decode::{Decoded, Intake};
 use super::housekeeping::{self, Health};
 use super::infer::{Blame, EncoderHandle, InferError, blame};
 use super::inflight::{ByteBudget, InFlight, Tracker};
@@ -128,13 +128,12 @@ pub async fn run(
     let (to_sink, sink_rx) = mpsc::channel::<Routed<InFlight>>(cfg.batch_max.max(1) * 4);
     let (to_batcher, batcher_rx) = mpsc::channel::<Decoded>(cfg.queue_depth.max(1));
     let queued = Arc::new(AtomicUsize::new(0));
-    let pool = Arc::new(BufPool::new(pre.tensor_len()));
     let size = pre.size() as usize;
+    let normalizer = pre.clone();
     let budget = Arc::new(ByteBudget::new(cfg.max_bytes_in_flight));
     let intake = Arc::new(Intake {
         js: js.clone(),
         pre,
-        pool: pool.clone(),
         decode_slots: Arc::new(Semaphore::new(cfg.decode_workers.max(1))),
         router: router.clone(),
         to_batcher,
@@ -201,7 +200,7 @@ pub async fn run(
             shared,
             router: router.clone(),
             to_sink,
-            pool,
+            pre: normalizer,
             queued,
             size,
             tasks: core_tasks.clone(),
@@ -395,7 +394,8 @@ struct Core {
     shared: Option<Arc<Shared>>,
     router: Arc<Router>,
     to_sink: mpsc::Sender<Routed<InFlight>>,
-    pool: Arc<BufPool>,
+    /// Normalises the queued u8 crops into the batch tensor.
+    pre: Preprocessor,
     queued: Arc<AtomicUsize>,
     size: usize,
     tasks: TaskTracker,
@@ -426,9 +426,14 @@ impl Core {
                 histogram!(m::STAGE_SECONDS, "stage" => "queue")
                     .record(now.duration_since(item.queued_at).as_secs_f64());
             }
-            let tensor = batcher::assemble(batch.iter().map(|d| d.tensor.as_slice()), this.size);
+            let tensor = batcher::assemble(
+                batch.iter().map(|d| d.crop.as_slice()),
+                this.size,
+                |hwc, out| this.pre.normalize_hwc_into(hwc, out),
+            );
             for item in &mut batch {
-                this.pool.give(std::mem::take(&mut item.tensor));
+                // The crop's memory goes back now; the batch tensor holds the image.
+                item.crop = Vec::new();
             }
             let tensor = match tensor {
                 Ok(t) => t,
