@@ -1114,15 +1114,7 @@ fn adaptive_scoring_offline_is_calibrated_and_deterministic() {
         "{ad} vs {want}"
     );
 
-    let scored = run(&[
-        "score",
-        "--bank",
-        s(&bank),
-        "--adaptive",
-        "--adaptive-k",
-        "1",
-        s(&emb),
-    ]);
+    let scored = score(&[]);
     assert!(scored.status.success());
     let a = String::from_utf8_lossy(&scored.stdout).to_string();
     // Without --adaptive-floor, the calibrated floor.

@@ -205,6 +205,19 @@ impl Worker {
             .unwrap_or(0.0)
     }
 
+    /// Waits up to 30 s until the adaptive memory holds `n` entries (`/metrics`).
+    fn wait_adaptive_entries(&self, n: f64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while self.metric("oodgate_adaptive_entries") != n {
+            assert!(
+                Instant::now() < deadline,
+                "adaptive memory holds {} entries, expected {n}",
+                self.metric("oodgate_adaptive_entries")
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     fn signal(&self, sig: &str) {
         let st = Command::new("kill")
             .args(["-s", sig, &self.child.id().to_string()])
@@ -1635,18 +1648,7 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
     assert_eq!(w.metric("oodgate_dlq_total"), 0.0);
     // Every admission went through OODGATE_ADAPT and came back; a reset as the worker user
     // empties the memory.
-    let wait_entries = |n: f64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while w.metric("oodgate_adaptive_entries") != n {
-            assert!(
-                Instant::now() < deadline,
-                "adaptive memory holds {}, expected {n}",
-                w.metric("oodgate_adaptive_entries")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    wait_entries(5.0);
+    w.wait_adaptive_entries(5.0);
     let out = common::oodgate()
         .args(["adaptive", "reset", "--bank"])
         .arg(&bank)
@@ -1662,7 +1664,7 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_entries(0.0);
+    w.wait_adaptive_entries(0.0);
     // Without its own reply prefix the producer gets no answers: refused, password unprinted.
     let out = publish("900000", &["rocket.jpg"], None);
     let text = format!(
@@ -2268,21 +2270,10 @@ fn two_workers_share_the_adaptive_memory_through_jetstream() {
     let env = adaptive_env("shared");
     let w1 = Worker::start(&nats, &bank, threshold, &env);
     let w2 = Worker::start(&nats, &bank, threshold, &env);
-    let wait_entries = |w: &Worker, n: f64| {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while w.metric("oodgate_adaptive_entries") != n {
-            assert!(
-                Instant::now() < deadline,
-                "memory holds {} entries, expected {n}",
-                w.metric("oodgate_adaptive_entries")
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
     let good = std::fs::read(common::fixture("images/chelsea.jpg")).unwrap();
     publish(&nats.url(), &[("first".into(), good.clone())]);
-    wait_entries(&w1, 1.0);
-    wait_entries(&w2, 1.0);
+    w1.wait_adaptive_entries(1.0);
+    w2.wait_adaptive_entries(1.0);
     // Whichever worker takes them, the same image is now penalised in full.
     publish(
         &nats.url(),
@@ -2311,12 +2302,12 @@ fn two_workers_share_the_adaptive_memory_through_jetstream() {
             .count()
             >= 2
     );
-    wait_entries(&w1, 3.0);
-    wait_entries(&w2, 3.0);
+    w1.wait_adaptive_entries(3.0);
+    w2.wait_adaptive_entries(3.0);
     // A restarted worker replays what the stream holds.
     drop(w1);
     let w1 = Worker::start(&nats, &bank, threshold, &env);
-    wait_entries(&w1, 3.0);
+    w1.wait_adaptive_entries(3.0);
     // Reset: every memory empties.
     let out = common::oodgate()
         .args(["adaptive", "reset", "--bank"])
@@ -2329,6 +2320,6 @@ fn two_workers_share_the_adaptive_memory_through_jetstream() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    wait_entries(&w1, 0.0);
-    wait_entries(&w2, 0.0);
+    w1.wait_adaptive_entries(0.0);
+    w2.wait_adaptive_entries(0.0);
 }
