@@ -26,11 +26,12 @@ fn text(o: &Output) -> String {
     )
 }
 
-fn optimize(reference: &Path, out: &Path, precision: &str) {
+fn optimize(reference: &Path, out: &Path, precision: &str, extra: &[&str]) {
     let o = Command::new(common::python())
         .arg(common::root().join("deploy/model/optimize.py"))
         .args(["--reference", s(reference), "--out", s(out), "--precision"])
         .arg(precision)
+        .args(extra)
         .output()
         .unwrap();
     assert!(o.status.success(), "optimize.py {precision}: {}", text(&o));
@@ -144,7 +145,7 @@ fn the_fidelity_gate_admits_faithful_variants_only() {
     let reference = common::tiny_model();
     let bank = bank(tmp.path(), &reference);
     let fp32 = tmp.path().join("fp32");
-    optimize(&reference, &fp32, "fp32");
+    optimize(&reference, &fp32, "fp32", &[]);
     let manifest = std::fs::read_to_string(fp32.join("model.toml")).unwrap();
     assert!(manifest.contains("[variant]") && manifest.contains("precision = \"fp32\""));
 
@@ -221,17 +222,54 @@ fn the_fidelity_gate_admits_faithful_variants_only() {
     .unwrap();
     let o = score(&broken, &bank);
     assert!(
-        !o.status.success() && text(&o).contains("image file changed"),
+        !o.status.success() && text(&o).contains("files changed since the check"),
         "{}",
         text(&o)
     );
 
     // int8: the check reports its figures, whatever they are on random weights.
     let int8 = tmp.path().join("int8");
-    optimize(&reference, &int8, "int8");
+    optimize(&reference, &int8, "int8", &[]);
     let o = check(&reference, &int8, &bank, &[]);
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(r["precision"], "int8");
     assert!(r["cosine_min"].as_f64().unwrap() > 0.99, "{r}");
     assert_eq!(o.status.success(), r["compatible"] == true, "{r}");
+}
+
+/// A variant with its weights as ONNX external data: the manifest lists the data file, the
+/// check covers it, and changing one byte of the weights after the check (the graph file
+/// untouched) makes `score` refuse the variant.
+#[test]
+fn external_data_weights_are_part_of_the_checked_identity() {
+    let tmp = tempfile::tempdir().unwrap();
+    let reference = common::tiny_model();
+    let bank = bank(tmp.path(), &reference);
+    let ext = tmp.path().join("ext");
+    optimize(&reference, &ext, "fp32", &["--external-data"]);
+    let manifest = std::fs::read_to_string(ext.join("model.toml")).unwrap();
+    assert!(
+        manifest.contains("external_data = [\"image.onnx.data\"]"),
+        "{manifest}"
+    );
+    let data = ext.join("image.onnx.data");
+    assert!(
+        std::fs::metadata(&data).unwrap().len()
+            > std::fs::metadata(ext.join("image.onnx")).unwrap().len()
+    );
+    let o = check(&reference, &ext, &bank, &[]);
+    assert!(o.status.success(), "{}", text(&o));
+    let ours = score(&ext, &bank);
+    assert!(ours.status.success(), "{}", text(&ours));
+    assert_eq!(decisions(&ours), decisions(&score(&reference, &bank)));
+    // One weight byte changed; the graph file is the same.
+    let mut bytes = std::fs::read(&data).unwrap();
+    bytes[100] ^= 0x40;
+    std::fs::write(&data, bytes).unwrap();
+    let o = score(&ext, &bank);
+    assert!(
+        !o.status.success() && text(&o).contains("files changed since the check"),
+        "{}",
+        text(&o)
+    );
 }

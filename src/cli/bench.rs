@@ -224,7 +224,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     drop(x);
     drop(buf);
     let n_images = blobs.len();
-    let image_file = encoder.manifest().image_path();
+    let mut image_files = vec![encoder.manifest().image_path()];
+    image_files.extend(encoder.manifest().image_data_paths());
     let mut reset = false;
     let e2e = rt.block_on(async {
         let client = setup::connect(&s.nats_options()).await?;
@@ -283,8 +284,11 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let ratio = e2e / encoder_ips;
     let rss = peak_rss_mib();
     let serve_rss = reset.then(|| load_peak.max(rss));
-    let model_mib =
-        std::fs::metadata(&image_file).map_or(0.0, |m| m.len() as f64 / (1024.0 * 1024.0));
+    let model_mib = image_files
+        .iter()
+        .filter_map(|f| std::fs::metadata(f).ok())
+        .map(|m| m.len() as f64 / (1024.0 * 1024.0))
+        .sum::<f64>();
     let report = serde_json::json!({
         "model": a.model, "weights_random": random, "provider": provider, "batch": a.batch,
         "intra_threads": threads, "decode_workers": decode_workers, "cores": cores,

@@ -12,7 +12,6 @@ use anyhow::{Context, bail};
 use ndarray::Array2;
 use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
 use oodgate::detect::method::Method;
-use oodgate::model::manifest::sha256_file;
 use oodgate::model::pipeline::{collect_images, embed_image_files};
 use oodgate::model::preprocess::Limits;
 use oodgate::model::variant::{COMPATIBILITY_FILE, Compatibility};
@@ -149,7 +148,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     diffs.sort_by(f64::total_cmp);
     let record = Compatibility {
         reference: ref_fp,
-        variant_image_sha256: hex::encode(sha256_file(&variant.manifest().image_path())?),
+        variant_image_sha256: variant.manifest().image_digest()?,
         precision: spec.precision.clone(),
         bank_version: detector.bank().version().to_string(),
         method: a.method.to_string(),

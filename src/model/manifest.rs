@@ -55,6 +55,11 @@ pub struct ImageSpec {
     pub mean: [f32; 3],
     #[serde(default = "default_std")]
     pub std: [f32; 3],
+    /// Files holding the graph's weights as ONNX external data, relative to the folder (ONNX
+    /// Runtime maps them at load instead of copying them out of the graph: a lower peak).
+    /// Part of the fingerprint.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub external_data: Vec<PathBuf>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -210,11 +215,37 @@ impl ModelManifest {
         self.weights == Weights::Random
     }
 
-    /// The model fingerprint: SHA-256 over the SHA-256 of each encoder file (image, then
-    /// text when present), hex. Banks record it and refuse a different model.
+    /// The image tower's weight files stored as external data.
+    pub fn image_data_paths(&self) -> Vec<PathBuf> {
+        self.image
+            .external_data
+            .iter()
+            .map(|f| self.dir.join(f))
+            .collect()
+    }
+
+    /// SHA-256 of the image tower, hex: of its file, or, with external data, over the
+    /// SHA-256 of its file and of each data file (what `[variant] image_sha256` records).
+    pub fn image_digest(&self) -> Result<String, ManifestError> {
+        let image = sha256_file(&self.image_path())?;
+        if self.image.external_data.is_empty() {
+            return Ok(hex::encode(image));
+        }
+        let mut outer = Sha256::new();
+        outer.update(image);
+        for path in self.image_data_paths() {
+            outer.update(sha256_file(&path)?);
+        }
+        Ok(hex::encode(outer.finalize()))
+    }
+
+    /// The model fingerprint: SHA-256 over the SHA-256 of each encoder file (image, its
+    /// external data files, then text when present), hex. Banks record it and refuse a
+    /// different model.
     pub fn fingerprint(&self) -> Result<String, ManifestError> {
         let mut outer = Sha256::new();
         let mut files = vec![self.image_path()];
+        files.extend(self.image_data_paths());
         files.extend(self.text_path());
         for path in files {
             outer.update(sha256_file(&path)?);

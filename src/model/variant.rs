@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::{ModelManifest, sha256_file};
+use super::manifest::ModelManifest;
 
 /// Written by `oodgate model check` into the variant's folder.
 pub const COMPATIBILITY_FILE: &str = "compatibility.json";
@@ -39,7 +39,8 @@ pub struct VariantSpec {
 pub struct Compatibility {
     /// The reference's fingerprint.
     pub reference: String,
-    /// SHA-256 of the checked image file: a changed file needs a new check.
+    /// [`ModelManifest::image_digest`] of the checked image tower: a changed file (or
+    /// external data file) needs a new check.
     pub variant_image_sha256: String,
     pub precision: String,
     pub bank_version: String,
@@ -139,7 +140,7 @@ pub fn bank_fingerprint(
     let record = Compatibility::load(&manifest.dir)
         .map_err(not_checked)?
         .ok_or_else(|| not_checked(format!("no {COMPATIBILITY_FILE}")))?;
-    let sha = hex::encode(sha256_file(&manifest.image_path())?);
+    let sha = manifest.image_digest()?;
     if record.reference != bank {
         return Err(not_checked(format!(
             "the record is for reference {}",
@@ -148,7 +149,7 @@ pub fn bank_fingerprint(
     }
     if record.variant_image_sha256 != sha {
         return Err(not_checked(
-            "the image file changed since the check".to_string(),
+            "the image tower's files changed since the check".to_string(),
         ));
     }
     if !record.compatible {

@@ -35,7 +35,7 @@ pub fn fingerprint_for_bank(
         oodgate::model::variant::bank_fingerprint(manifest, own, &bank.meta.model_fingerprint)?;
     if let Some(r) = record {
         let note = format!(
-            "encoder variant {} ({}) of the bank's model: checked on {} images, decision              agreement {:.2}% (required {:.2}%), embedding cosine min {:.6}",
+            "encoder variant {} ({}) of the bank's model: checked on {} images, decision agreement {:.2}% (required {:.2}%), embedding cosine min {:.6}",
             manifest.dir.display(),
             r.precision,
             r.images,
