@@ -79,7 +79,7 @@ pub fn adaptive_memory(
     tracing::info!(
         capacity = a.capacity,
         k = a.k,
-        floor = a.floor,
+        floor = mem.params().floor,
         admit_below = calib.admit_below,
         max_penalty = calib.max_penalty,
         "adaptive detector on"
