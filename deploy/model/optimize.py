@@ -38,9 +38,9 @@ Precisions:
         kernels; then the check is skipped with a message.
 
 --external-data stores the weights in OUT_DIR/image.onnx.data (ONNX external data, listed in
-the manifest's [image] external_data and covered by the fingerprint and image_sha256): ONNX
-Runtime then maps them at load instead of copying them out of the parsed graph, which lowers
-the worker's peak memory by about 75 MiB on ViT-B/32 (README "Performance").
+the manifest's [image] external_data and covered by the fingerprint and image_sha256): the
+worker's load peak, and so its peak memory, was about 75 MiB lower on ViT-B/32 (README
+"Performance").
 
 The variant has no text tower (serving never needs one; banks are built with the
 reference's text tower). Its manifest copies the reference's top-level fields, [image]
@@ -708,7 +708,7 @@ def main() -> int:
                          "fused) or the plain one")
     ap.add_argument("--external-data", action="store_true",
                     help="store the weights in image.onnx.data beside the graph (ONNX external "
-                         "data): ONNX Runtime then maps them at load, a lower peak memory")
+                         "data): a lower peak memory when the worker loads the model")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random comparison batch")
     ap.add_argument("--json", action="store_true", help="print the summary as JSON")
     ap.add_argument("--verbose", action="store_true", help="keep the libraries' logging")

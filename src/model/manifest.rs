@@ -55,9 +55,9 @@ pub struct ImageSpec {
     pub mean: [f32; 3],
     #[serde(default = "default_std")]
     pub std: [f32; 3],
-    /// Files holding the graph's weights as ONNX external data, relative to the folder (ONNX
-    /// Runtime maps them at load instead of copying them out of the graph: a lower peak).
-    /// Part of the fingerprint.
+    /// Files holding the graph's weights as ONNX external data, relative to the folder (a
+    /// lower peak memory while ONNX Runtime loads the model, README "Performance"). Part of
+    /// the fingerprint.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub external_data: Vec<PathBuf>,
 }
