@@ -10,6 +10,8 @@ use std::sync::{Arc, OnceLock, RwLock};
 use axum::{Json, Router, extract::State, http::StatusCode, response::IntoResponse, routing::get};
 use metrics_exporter_prometheus::PrometheusHandle;
 
+use crate::detect::adaptive::SharedMemory;
+
 #[derive(Clone)]
 pub struct HttpState {
     pub ready: Arc<AtomicBool>,
@@ -21,9 +23,6 @@ pub struct HttpState {
     /// counters (`adaptive.live`) on every request.
     pub adaptive: Arc<OnceLock<SharedMemory>>,
 }
-
-/// The adaptive memory as the pipeline and `/info` share it.
-pub type SharedMemory = Arc<std::sync::Mutex<crate::detect::adaptive::AdaptiveMemory>>;
 
 pub fn router(state: HttpState) -> Router {
     Router::new()

@@ -1649,20 +1649,10 @@ fn the_real_binaries_work_under_the_shipped_least_privilege_users() {
     // Every admission went through OODGATE_ADAPT and came back; a reset as the worker user
     // empties the memory.
     w.wait_adaptive_entries(5.0);
-    let out = common::oodgate()
-        .args(["adaptive", "reset", "--bank"])
-        .arg(&bank)
-        .args([
-            "--nats",
-            &format!("tls://worker:w-pass-41@127.0.0.1:{}", nats.port),
-        ])
-        .args(["--inbox-prefix", "_INBOX_worker", "--tls-ca", &ca])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    adaptive_reset(
+        &bank,
+        &format!("tls://worker:w-pass-41@127.0.0.1:{}", nats.port),
+        &["--inbox-prefix", "_INBOX_worker", "--tls-ca", &ca],
     );
     w.wait_adaptive_entries(0.0);
     // Without its own reply prefix the producer gets no answers: refused, password unprinted.
@@ -2193,6 +2183,22 @@ fn inputs_that_hit_max_deliver_are_dead_lettered_not_lost() {
     );
 }
 
+/// `oodgate adaptive reset --bank BANK --nats URL EXTRA...`, which must succeed.
+fn adaptive_reset(bank: &std::path::Path, url: &str, extra: &[&str]) {
+    let out = common::oodgate()
+        .args(["adaptive", "reset", "--bank"])
+        .arg(bank)
+        .args(["--nats", url])
+        .args(extra)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// The adaptive detector on, with `sync`: every image admitted (up to the rate cap), any
 /// similarity penalised (k = 1, floor 0, largest penalty 0.25), one image per batch.
 fn adaptive_env(sync: &'static str) -> [(&'static str, &'static str); 8] {
@@ -2309,17 +2315,7 @@ fn two_workers_share_the_adaptive_memory_through_jetstream() {
     let w1 = Worker::start(&nats, &bank, threshold, &env);
     w1.wait_adaptive_entries(3.0);
     // Reset: every memory empties.
-    let out = common::oodgate()
-        .args(["adaptive", "reset", "--bank"])
-        .arg(&bank)
-        .args(["--nats", &nats.url()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    adaptive_reset(&bank, &nats.url(), &[]);
     w1.wait_adaptive_entries(0.0);
     w2.wait_adaptive_entries(0.0);
 }

@@ -31,6 +31,7 @@ impl FakeEncoder {
                 ort_library: PathBuf::new(),
                 ort_version: String::new(),
                 fingerprint: "fakefingerprint0123456789".into(),
+                image_digest: String::new(),
             },
             calls: Vec::new(),
         }

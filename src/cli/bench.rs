@@ -15,6 +15,7 @@ use tokio_util::sync::CancellationToken;
 use anyhow::{Context, bail};
 use ndarray::{Array2, Array4};
 use oodgate::config::Settings;
+use oodgate::model::encoder::SessionTuning;
 use oodgate::model::pipeline::collect_images;
 use oodgate::model::{Encoder, RANDOM_WEIGHTS_WARNING};
 use oodgate::stream::Stats;
@@ -50,16 +51,16 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 0)]
     pub decode_workers: usize,
     /// ONNX Runtime threads spin while waiting (model.intra_spinning), in both runs.
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = SessionTuning::default().spinning, action = clap::ArgAction::Set)]
     pub intra_spinning: bool,
     /// ONNX Runtime's CPU arena allocator (model.cpu_arena).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = SessionTuning::default().cpu_arena, action = clap::ArgAction::Set)]
     pub cpu_arena: bool,
     /// ONNX Runtime's memory-pattern planning (model.memory_pattern).
-    #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = SessionTuning::default().memory_pattern, action = clap::ArgAction::Set)]
     pub memory_pattern: bool,
     /// ONNX Runtime's weight prepacking (model.prepacking).
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    #[arg(long, default_value_t = SessionTuning::default().prepacking, action = clap::ArgAction::Set)]
     pub prepacking: bool,
     /// The fast JPEG path (preprocess.jpeg_draft) in the preprocessing and end-to-end runs.
     #[arg(long)]

@@ -148,7 +148,7 @@ fn check(a: CheckArgs) -> anyhow::Result<ExitCode> {
     diffs.sort_by(f64::total_cmp);
     let record = Compatibility {
         reference: ref_fp,
-        variant_image_sha256: variant.manifest().image_digest()?,
+        variant_image_sha256: variant.info().image_digest.clone(),
         precision: spec.precision.clone(),
         bank_version: detector.bank().version().to_string(),
         method: a.method.to_string(),

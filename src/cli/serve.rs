@@ -59,7 +59,8 @@ async fn serve(s: Settings) -> anyhow::Result<()> {
     let ready = Arc::new(AtomicBool::new(false));
     let health = oodgate::stream::housekeeping::Health::default();
     let client_cell: Arc<OnceLock<async_nats::Client>> = Arc::new(OnceLock::new());
-    let adaptive_cell: Arc<OnceLock<oodgate::http::SharedMemory>> = Arc::new(OnceLock::new());
+    let adaptive_cell: Arc<OnceLock<oodgate::detect::adaptive::SharedMemory>> =
+        Arc::new(OnceLock::new());
     let info = Arc::new(RwLock::new(
         serde_json::json!({ "oodgate": env!("CARGO_PKG_VERSION"), "state": "starting" }),
     ));

@@ -403,15 +403,16 @@ pub struct ModelSettings {
 
 impl Default for ModelSettings {
     fn default() -> Self {
+        let tuning = crate::model::encoder::SessionTuning::default();
         ModelSettings {
             dir: PathBuf::from("models/vit-b-32-random"),
             ort_library: None,
             device: "auto".into(),
             intra_threads: 0,
-            intra_spinning: false,
-            cpu_arena: false,
-            memory_pattern: false,
-            prepacking: true,
+            intra_spinning: tuning.spinning,
+            cpu_arena: tuning.cpu_arena,
+            memory_pattern: tuning.memory_pattern,
+            prepacking: tuning.prepacking,
             warm_up: true,
         }
     }

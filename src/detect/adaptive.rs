@@ -262,6 +262,9 @@ pub struct AdaptiveStats {
     pub seq: u64,
 }
 
+/// One memory shared by the pipeline's scoring, its shared-sync reader and `/info`.
+pub type SharedMemory = std::sync::Arc<std::sync::Mutex<AdaptiveMemory>>;
+
 /// The memory and its gate.
 #[derive(Debug, Clone)]
 pub struct AdaptiveMemory {

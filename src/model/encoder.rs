@@ -59,6 +59,17 @@ pub struct EncoderInfo {
     pub ort_library: PathBuf,
     pub ort_version: String,
     pub fingerprint: String,
+    /// [`super::manifest::Identity::image_digest`], read with the fingerprint.
+    pub image_digest: String,
+}
+
+impl EncoderInfo {
+    pub fn identity(&self) -> super::manifest::Identity {
+        super::manifest::Identity {
+            fingerprint: self.fingerprint.clone(),
+            image_digest: self.image_digest.clone(),
+        }
+    }
 }
 
 /// Turns preprocessed pixels and token ids into L2-normalised embeddings.
@@ -84,7 +95,8 @@ pub struct EncoderOptions {
 }
 
 /// ONNX Runtime settings with a measured effect on a busy worker (README "Performance").
-/// The defaults are ONNX Runtime's own.
+/// The defaults are oodgate's (the `model.*` keys' defaults come from here): spinning, the
+/// arena and memory patterns off, prepacking on. ONNX Runtime's own defaults are all on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SessionTuning {
     /// Intra-op threads spin while waiting for work (`session.intra_op.allow_spinning`).
@@ -104,9 +116,9 @@ pub struct SessionTuning {
 impl Default for SessionTuning {
     fn default() -> Self {
         SessionTuning {
-            spinning: true,
-            cpu_arena: true,
-            memory_pattern: true,
+            spinning: false,
+            cpu_arena: false,
+            memory_pattern: false,
             prepacking: true,
         }
     }
@@ -139,7 +151,10 @@ impl OrtEncoder {
             &[&manifest.image.input],
             &manifest.image.output,
         )?;
-        let fingerprint = manifest.fingerprint()?;
+        let super::manifest::Identity {
+            fingerprint,
+            image_digest,
+        } = manifest.identity()?;
         let info = EncoderInfo {
             model: if manifest.name.is_empty() {
                 manifest.dir.display().to_string()
@@ -155,6 +170,7 @@ impl OrtEncoder {
             ort_library: rt.library.clone(),
             ort_version: rt.version.clone(),
             fingerprint,
+            image_digest,
         };
         let mut enc = OrtEncoder {
             manifest,

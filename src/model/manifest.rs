@@ -224,34 +224,50 @@ impl ModelManifest {
             .collect()
     }
 
-    /// SHA-256 of the image tower, hex: of its file, or, with external data, over the
-    /// SHA-256 of its file and of each data file (what `[variant] image_sha256` records).
-    pub fn image_digest(&self) -> Result<String, ManifestError> {
+    /// The model's fingerprint and its image tower's digest, from one read of its files.
+    pub fn identity(&self) -> Result<Identity, ManifestError> {
         let image = sha256_file(&self.image_path())?;
-        if self.image.external_data.is_empty() {
-            return Ok(hex::encode(image));
+        let data = self
+            .image_data_paths()
+            .iter()
+            .map(|p| sha256_file(p))
+            .collect::<Result<Vec<_>, _>>()?;
+        let text = self.text_path().map(|p| sha256_file(&p)).transpose()?;
+        let mut fingerprint = Sha256::new();
+        let mut tower = Sha256::new();
+        for d in std::iter::once(&image).chain(&data) {
+            fingerprint.update(d);
+            tower.update(d);
         }
-        let mut outer = Sha256::new();
-        outer.update(image);
-        for path in self.image_data_paths() {
-            outer.update(sha256_file(&path)?);
+        if let Some(t) = text {
+            fingerprint.update(t);
         }
-        Ok(hex::encode(outer.finalize()))
+        Ok(Identity {
+            fingerprint: hex::encode(fingerprint.finalize()),
+            image_digest: if data.is_empty() {
+                hex::encode(image)
+            } else {
+                hex::encode(tower.finalize())
+            },
+        })
     }
 
-    /// The model fingerprint: SHA-256 over the SHA-256 of each encoder file (image, its
-    /// external data files, then text when present), hex. Banks record it and refuse a
-    /// different model.
+    /// [`Identity::fingerprint`].
     pub fn fingerprint(&self) -> Result<String, ManifestError> {
-        let mut outer = Sha256::new();
-        let mut files = vec![self.image_path()];
-        files.extend(self.image_data_paths());
-        files.extend(self.text_path());
-        for path in files {
-            outer.update(sha256_file(&path)?);
-        }
-        Ok(hex::encode(outer.finalize()))
+        Ok(self.identity()?.fingerprint)
     }
+}
+
+/// Who a model is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// SHA-256 over the SHA-256 of each encoder file (image, its external data files, then
+    /// text when present), hex. Banks record it and refuse a different model.
+    pub fingerprint: String,
+    /// SHA-256 of the image tower, hex: of its file, or, with external data, over the
+    /// SHA-256 of its file and of each data file (what `[variant] image_sha256` records and
+    /// a variant check is tied to).
+    pub image_digest: String,
 }
 
 /// SHA-256 of a file, streamed.

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
-use super::manifest::ModelManifest;
+use super::manifest::{Identity, ModelManifest};
 
 /// Written by `oodgate model check` into the variant's folder.
 pub const COMPATIBILITY_FILE: &str = "compatibility.json";
@@ -39,7 +39,7 @@ pub struct VariantSpec {
 pub struct Compatibility {
     /// The reference's fingerprint.
     pub reference: String,
-    /// [`ModelManifest::image_digest`] of the checked image tower: a changed file (or
+    /// [`Identity::image_digest`] of the checked image tower: a changed file (or
     /// external data file) needs a new check.
     pub variant_image_sha256: String,
     pub precision: String,
@@ -101,7 +101,8 @@ impl Compatibility {
             source,
         };
         if self.compatible {
-            let text = serde_json::to_string_pretty(self).unwrap_or_default();
+            let text =
+                serde_json::to_string_pretty(self).map_err(|e| io(std::io::Error::other(e)))?;
             let tmp = dir.join(format!(".{COMPATIBILITY_FILE}.tmp"));
             std::fs::write(&tmp, text + "\n").map_err(io)?;
             std::fs::rename(&tmp, &path).map_err(io)
@@ -121,9 +122,13 @@ impl Compatibility {
 /// left to the bank's own fingerprint check.
 pub fn bank_fingerprint(
     manifest: &ModelManifest,
-    own: &str,
+    own: &Identity,
     bank: &str,
 ) -> Result<(String, Option<Compatibility>), VariantError> {
+    let Identity {
+        fingerprint: own,
+        image_digest: sha,
+    } = own;
     let Some(v) = manifest
         .variant
         .as_ref()
@@ -140,14 +145,13 @@ pub fn bank_fingerprint(
     let record = Compatibility::load(&manifest.dir)
         .map_err(not_checked)?
         .ok_or_else(|| not_checked(format!("no {COMPATIBILITY_FILE}")))?;
-    let sha = manifest.image_digest()?;
     if record.reference != bank {
         return Err(not_checked(format!(
             "the record is for reference {}",
             record.reference
         )));
     }
-    if record.variant_image_sha256 != sha {
+    if &record.variant_image_sha256 != sha {
         return Err(not_checked(
             "the image tower's files changed since the check".to_string(),
         ));

@@ -10,8 +10,8 @@
 //! first, one of an older epoch is ignored. Records: a format byte (1), the bucket (u32), the
 //! static score (f64), the producer time in ms (u64) and the embedding (f32), little-endian.
 
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use ::metrics::{counter, gauge};
 
 use super::metrics;
-use crate::detect::adaptive::{AdaptiveMemory, Admission};
+use crate::detect::adaptive::{Admission, SharedMemory};
 
 /// The stream holding every bank's admissions and resets.
 pub const STREAM: &str = "OODGATE_ADAPT";
@@ -145,7 +145,7 @@ pub async fn start(
     js: jetstream::Context,
     prefix: &str,
     bank_version: &str,
-    mem: Arc<Mutex<AdaptiveMemory>>,
+    mem: SharedMemory,
     shutdown: CancellationToken,
 ) -> Result<Arc<Shared>, SyncError> {
     let capacity = mem.lock().map_or(2000, |m| m.params().capacity);

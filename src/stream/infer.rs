@@ -141,6 +141,7 @@ mod tests {
             ort_library: Default::default(),
             ort_version: String::new(),
             fingerprint: String::new(),
+            image_digest: String::new(),
         }
     }
 

@@ -31,7 +31,7 @@ use super::route::{DeadKind, Output, Redelivery, Retry, Router};
 use super::setup::Topology;
 use super::sink::{self, JetStreamPublisher, RetryPolicy, Routed, SinkConfig};
 use super::turns::{Turn, Turns};
-use crate::detect::adaptive::{AdaptiveMemory, Admission, Admit};
+use crate::detect::adaptive::{AdaptiveMemory, Admission, Admit, SharedMemory};
 use crate::detect::detector::Detector;
 use crate::model::{Encoder, Preprocessor};
 
@@ -72,7 +72,7 @@ pub struct PipelineConfig {
     pub max_bytes_in_flight: usize,
     /// The adaptive detector's memory (`detector.adaptive.enabled`).
     /// Shared with `/info`, which reads its live counters.
-    pub adaptive: Option<crate::http::SharedMemory>,
+    pub adaptive: Option<SharedMemory>,
     /// `detector.adaptive.sync = "shared"`: the output prefix its stream's subjects start with.
     pub adaptive_shared_prefix: Option<String>,
 }
@@ -389,7 +389,7 @@ struct Core {
     detector: Arc<Detector>,
     /// Batches pass through it one at a time, in the order they were formed ([`Turn`]): that
     /// order is the stream the memory sees.
-    adaptive: Option<Arc<std::sync::Mutex<AdaptiveMemory>>>,
+    adaptive: Option<SharedMemory>,
     /// Set when the memory is shared: admissions are published, not folded here.
     shared: Option<Arc<Shared>>,
     router: Arc<Router>,

@@ -49,7 +49,7 @@ impl ModelCtx {
                 let enc = args.full(dir).load(false)?;
                 ctx.fingerprint = Some(fingerprint_for_bank(
                     enc.manifest(),
-                    &enc.info().fingerprint,
+                    &enc.info().identity(),
                     bank,
                     args.force,
                 )?);
@@ -60,7 +60,7 @@ impl ModelCtx {
                 let m = ModelManifest::load(dir)
                     .with_context(|| format!("reading model {}", dir.display()))?;
                 let own = m
-                    .fingerprint()
+                    .identity()
                     .with_context(|| format!("fingerprinting model {}", dir.display()))?;
                 ctx.fingerprint = Some(fingerprint_for_bank(&m, &own, bank, args.force)?);
                 ctx.random = m.is_random();

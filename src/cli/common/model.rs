@@ -18,18 +18,18 @@ pub fn load_encoder(dir: &Path, opts: EncoderOptions) -> anyhow::Result<OrtEncod
     OrtEncoder::load(manifest, opts).with_context(|| format!("loading model {}", dir.display()))
 }
 
-/// The fingerprint to check `bank` against for `manifest`'s model (fingerprint `own`): its
+/// The fingerprint to check `bank` against for `manifest`'s model (identity `own`): its
 /// own, or its reference's for an encoder variant that `oodgate model check` marked
 /// compatible (said on stderr and in the log). With `force` the model's own: the bank's
 /// check is forced anyway.
 pub fn fingerprint_for_bank(
     manifest: &ModelManifest,
-    own: &str,
+    own: &oodgate::model::manifest::Identity,
     bank: &oodgate::detect::bank::Bank,
     force: bool,
 ) -> anyhow::Result<String> {
     if force {
-        return Ok(own.to_string());
+        return Ok(own.fingerprint.clone());
     }
     let (fp, record) =
         oodgate::model::variant::bank_fingerprint(manifest, own, &bank.meta.model_fingerprint)?;

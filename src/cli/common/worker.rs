@@ -108,7 +108,7 @@ pub fn load_worker(
     let bank = load_bank(bank_path)?;
     let fp = fingerprint_for_bank(
         enc.manifest(),
-        &enc.info().fingerprint,
+        &enc.info().identity(),
         &bank,
         s.detector.force_fingerprint,
     )?;
