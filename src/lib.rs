@@ -8,6 +8,7 @@
 //!   construction of the outlier rows and the import of precomputed matrices.
 //! - [`eval`] measures and calibrates scores (AUROC, FPR95, AUPR, thresholds).
 //! - [`stream`] is the NATS JetStream daemon that routes messages by decision.
+//! - [`shards`] reads and writes datasets held as webdataset or parquet shards (`filter`).
 
 pub mod bank_build;
 pub mod config;
@@ -16,6 +17,7 @@ pub mod eval;
 pub mod http;
 pub mod model;
 pub mod npy;
+pub mod shards;
 pub mod stream;
 
 /// Cores this process may use (1 when unknown): the one place that asks.

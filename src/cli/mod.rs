@@ -9,6 +9,7 @@ pub mod config;
 pub mod debug;
 pub mod embed;
 pub mod eval;
+pub mod filter;
 pub mod info;
 pub mod logging;
 pub mod model;
@@ -51,6 +52,8 @@ pub enum Command {
     Score(score::ScoreArgs),
     /// AUROC, FPR95 and AUPR of several methods on ID vs OOD sets.
     Eval(eval::EvalArgs),
+    /// Filter webdataset/parquet shards: id/ and ood/ shards plus scores and error tables.
+    Filter(filter::FilterArgs),
     /// Calibrate a decision threshold on held-out ID inputs (optionally store it in the bank).
     Calibrate(calibrate::CalibrateArgs),
     /// Throughput of every stage and end to end through NATS, in one table.
@@ -79,6 +82,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Score(a) => score::run(a),
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
+        Command::Filter(a) => filter::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Summary(a) => summary::run(a),
         Command::Config(c) => config::run(c),

@@ -380,6 +380,22 @@ impl Preprocessor {
     }
 }
 
+/// Runs one decode; a decoder panic becomes a permanent error for this input, so it is
+/// dead-lettered (or listed as an error row) at once instead of redelivered until `max_deliver`. (The
+/// thread-local decoder it may have held is taken out during a decode and made afresh.)
+pub fn guard_decoder_panics<T>(
+    decode: impl FnOnce() -> Result<T, PreprocessError>,
+) -> Result<T, PreprocessError> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
+        let why = panic
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "panic".into());
+        Err(PreprocessError::Panicked(why))
+    })
+}
+
 /// The torchvision `Resize(size)` + `CenterCrop(size)` geometry, as a box in source pixels:
 /// the long side becomes `int(size · long / short)` (truncated), the crop offset is
 /// `round((n − size) / 2)` with round-half-to-even, then both are mapped back by the scale.

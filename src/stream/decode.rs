@@ -20,7 +20,7 @@ use super::metrics as m;
 use super::route::{DeadKind, Retry, Router};
 use super::sink::Routed;
 use crate::model::Preprocessor;
-use crate::model::preprocess::PreprocessError;
+use crate::model::preprocess::{PreprocessError, guard_decoder_panics};
 
 /// A decoded image waiting for the batcher.
 pub struct Decoded {
@@ -37,22 +37,6 @@ impl Queued for Decoded {
     fn queued_at(&self) -> Instant {
         self.queued_at
     }
-}
-
-/// Runs one decode; a decoder panic becomes a permanent error for this input, so it is
-/// dead-lettered as `corrupt` at once instead of redelivered until `max_deliver`. (The
-/// thread-local decoder it may have held is taken out during a decode and made afresh.)
-fn decode_guarded<T>(
-    decode: impl FnOnce() -> Result<T, PreprocessError>,
-) -> Result<T, PreprocessError> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(decode)).unwrap_or_else(|panic| {
-        let why = panic
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "panic".into());
-        Err(PreprocessError::Panicked(why))
-    })
 }
 
 /// How decoding one input ended.
@@ -201,7 +185,7 @@ impl Intake {
         let this = self.clone();
         let decoded = tokio::task::spawn_blocking(move || {
             let t0 = Instant::now();
-            let r = decode_guarded(|| this.pre.crop(&image));
+            let r = guard_decoder_panics(|| this.pre.crop(&image));
             histogram!(m::STAGE_SECONDS, "stage" => "decode").record(t0.elapsed().as_secs_f64());
             match r {
                 Ok(crop) => {
@@ -254,7 +238,8 @@ mod tests {
 
     #[test]
     fn a_decoder_panic_dead_letters_the_input_as_corrupt() {
-        let e = decode_guarded::<()>(|| panic!("index out of bounds in some decoder")).unwrap_err();
+        let e = guard_decoder_panics::<()>(|| panic!("index out of bounds in some decoder"))
+            .unwrap_err();
         assert_eq!(
             e,
             PreprocessError::Panicked("index out of bounds in some decoder".into())
@@ -262,8 +247,8 @@ mod tests {
         assert_eq!(DeadKind::of_preprocess(&e), DeadKind::Corrupt);
         assert!(e.to_string().contains("index out of bounds"), "{e}");
         let owned =
-            decode_guarded::<()>(|| panic!("{}", String::from("owned message"))).unwrap_err();
+            guard_decoder_panics::<()>(|| panic!("{}", String::from("owned message"))).unwrap_err();
         assert_eq!(owned, PreprocessError::Panicked("owned message".into()));
-        assert_eq!(decode_guarded(|| Ok(())), Ok(()));
+        assert_eq!(guard_decoder_panics(|| Ok(())), Ok(()));
     }
 }
