@@ -2319,3 +2319,223 @@ fn two_workers_share_the_adaptive_memory_through_jetstream() {
     w1.wait_adaptive_entries(0.0);
     w2.wait_adaptive_entries(0.0);
 }
+
+/// Members of a webdataset tar (plain or gzip), in order.
+fn tar_members(path: &Path) -> Vec<(String, Vec<u8>)> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let r: Box<dyn Read> = if path.to_string_lossy().ends_with(".gz") {
+        Box::new(flate2::read::GzDecoder::new(f))
+    } else {
+        Box::new(f)
+    };
+    tar::Archive::new(r)
+        .entries()
+        .unwrap()
+        .map(|e| {
+            let mut e = e.unwrap();
+            let name = String::from_utf8(e.path_bytes().into_owned()).unwrap();
+            let mut d = Vec::new();
+            e.read_to_end(&mut d).unwrap();
+            (name, d)
+        })
+        .collect()
+}
+
+/// `shard:key` → `decision` from every scores table under `out`, and the same for errors
+/// (`kind`).
+fn shard_tables(out: &Path, top: &str, col: &str) -> BTreeMap<String, String> {
+    use arrow_array::Array;
+    use arrow_array::cast::AsArray;
+    let mut m = BTreeMap::new();
+    for e in walkdir::WalkDir::new(out.join(top)) {
+        let e = e.unwrap();
+        if !e.file_type().is_file() {
+            continue;
+        }
+        let f = std::fs::File::open(e.path()).unwrap();
+        let r = parquet::arrow::arrow_reader::ParquetRecordBatchReaderBuilder::try_new(f)
+            .unwrap()
+            .build()
+            .unwrap();
+        for b in r {
+            let b = b.unwrap();
+            let key = b.column_by_name("key").unwrap().as_string::<i32>().clone();
+            let shard = b
+                .column_by_name("shard")
+                .unwrap()
+                .as_string::<i32>()
+                .clone();
+            let v = b.column_by_name(col).unwrap().as_string::<i32>().clone();
+            for i in 0..b.num_rows() {
+                let k = if key.is_null(i) { "-" } else { key.value(i) };
+                m.insert(format!("{}:{k}", shard.value(i)), v.value(i).to_string());
+            }
+        }
+    }
+    m
+}
+
+#[test]
+fn shards_through_two_workers_give_what_filter_gives_on_one_machine() {
+    let nats = NatsServer::start();
+    let tmp = tempfile::tempdir().unwrap();
+    let (bank, threshold) = make_bank(tmp.path());
+    // Two shards with img2dataset members; one sample's image is corrupt, one has none.
+    let input = tmp.path().join("in");
+    let sample = |key: &str, img: &Path| -> Vec<(String, Vec<u8>)> {
+        let ext = img.extension().unwrap().to_str().unwrap().to_string();
+        vec![
+            (format!("{key}.{ext}"), std::fs::read(img).unwrap()),
+            (
+                format!("{key}.json"),
+                format!("{{\n    \"uid\": \"u{key}\",\n    \"status\": \"success\"\n}}")
+                    .into_bytes(),
+            ),
+            (format!("{key}.txt"), format!("caption {key}").into_bytes()),
+        ]
+    };
+    let write = |path: &Path, members: Vec<(String, Vec<u8>)>, gz: bool| {
+        use std::io::Write;
+        std::fs::create_dir_all(path.parent().unwrap()).unwrap();
+        let f = std::fs::File::create(path).unwrap();
+        let w: Box<dyn Write> = if gz {
+            Box::new(flate2::write::GzEncoder::new(
+                f,
+                flate2::Compression::fast(),
+            ))
+        } else {
+            Box::new(f)
+        };
+        let mut b = tar::Builder::new(w);
+        for (name, data) in members {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o444);
+            b.append_data(&mut h, name, data.as_slice()).unwrap();
+        }
+        b.into_inner().unwrap().flush().unwrap();
+    };
+    let good: Vec<PathBuf> = GOOD
+        .iter()
+        .map(|n| common::fixture("images").join(n))
+        .collect();
+    let mut m0 = Vec::new();
+    for (i, p) in good.iter().enumerate() {
+        m0.extend(sample(&format!("00000{i:04}"), p));
+    }
+    m0.extend(sample("000000090", &common::fixture("bad/corrupt.png")));
+    m0.push(("000000091.txt".into(), b"no image".to_vec()));
+    write(&input.join("00000.tar"), m0, false);
+    let mut m1 = Vec::new();
+    for (i, p) in good.iter().rev().enumerate().take(7) {
+        m1.extend(sample(&format!("00001{i:04}"), p));
+    }
+    write(&input.join("sub/00001.tar.gz"), m1, true);
+
+    let _a = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[("OODGATE__INPUT__PULL_BATCH", "4")],
+    );
+    let _b = Worker::start(
+        &nats,
+        &bank,
+        threshold,
+        &[("OODGATE__INPUT__PULL_BATCH", "4")],
+    );
+    let state = tmp.path().join("publish-state");
+    let publish = || {
+        let o = common::oodgate()
+            .args(["publish", "--shards", "--nats", &nats.url(), "--state"])
+            .arg(&state)
+            .arg(&input)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        err
+    };
+    let err = publish();
+    assert!(
+        err.contains("00000.tar: 16 samples published, 1 not publishable"),
+        "{err}"
+    );
+    // A second publish sends nothing: every shard has its marker.
+    let err = publish();
+    assert_eq!(
+        err.matches("published already, skipped").count(),
+        2,
+        "{err}"
+    );
+
+    let out = tmp.path().join("collected");
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let o = common::oodgate()
+            .args([
+                "collect",
+                "--nats",
+                &nats.url(),
+                "--idle-exit",
+                "2s",
+                "--out",
+            ])
+            .arg(&out)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "{err}");
+        if out.join("_state/00000.tar.json").exists()
+            && out.join("_state/sub/00001.tar.gz.json").exists()
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "collect never completed: {err}");
+    }
+
+    let local = tmp.path().join("filtered");
+    let o = common::oodgate()
+        .args(["filter", "--bank"])
+        .arg(&bank)
+        .arg("--model")
+        .arg(common::tiny_model())
+        .args([
+            "--device",
+            "cpu",
+            &format!("--threshold={threshold}"),
+            "--out",
+        ])
+        .arg(&local)
+        .arg(&input)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+
+    let pool = shard_tables(&out, "scores", "decision");
+    assert_eq!(pool.len(), 22);
+    assert!(pool.values().any(|d| d == "id") && pool.values().any(|d| d == "ood"));
+    assert_eq!(pool, shard_tables(&local, "scores", "decision"));
+    let errors = shard_tables(&out, "errors", "kind");
+    assert_eq!(errors, shard_tables(&local, "errors", "kind"));
+    assert_eq!(errors["00000.tar:000000090"], "undecodable");
+    assert_eq!(errors["00000.tar:000000091"], "no_image");
+    // The filtered shards are the same bytes: members in input order, normalised headers.
+    for rel in [
+        "id/00000.tar",
+        "ood/00000.tar",
+        "id/sub/00001.tar.gz",
+        "ood/sub/00001.tar.gz",
+    ] {
+        assert_eq!(
+            tar_members(&out.join(rel)),
+            tar_members(&local.join(rel)),
+            "{rel} differs"
+        );
+    }
+    assert!(
+        !out.join("_spool/00000.tar").exists(),
+        "the spool of a committed shard is removed"
+    );
+}

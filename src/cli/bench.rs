@@ -200,7 +200,18 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     oodgate::detect::norm::normalize_rows(&mut queries);
     let recall10 = oodgate::detect::index::recall_at_k(&index.id, rows, queries.view(), 10);
 
-    // 4. End to end through NATS: publish a backlog, then time the worker draining it.
+    // 4. `oodgate filter` on one webdataset shard of the same images (no NATS): its reader,
+    // decoders, encoder thread and writer, timed from start to the shard's commit.
+    let filter_ips = bench_filter(
+        &blobs,
+        a.messages.max(a.batch),
+        &mut encoder,
+        &detector,
+        &pre,
+        &s,
+    )?;
+
+    // 5. End to end through NATS: publish a backlog, then time the worker draining it.
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -283,6 +294,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     })?;
     drop(server);
     let ratio = e2e / encoder_ips;
+    let filter_ratio = filter_ips / encoder_ips;
     let rss = peak_rss_mib();
     let serve_rss = reset.then(|| load_peak.max(rss));
     let model_mib = image_files
@@ -303,6 +315,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         "hnsw_recall_at_10": recall10,
         "end_to_end_images_per_s": e2e,
         "ratio_end_to_end_over_encoder": ratio,
+        "filter_images_per_s": filter_ips,
+        "ratio_filter_over_encoder": filter_ratio,
         "peak_rss_mib": if reset { None } else { Some(rss) },
         "load_peak_rss_mib": load_peak,
         "serve_peak_rss_mib": serve_rss,
@@ -329,6 +343,10 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         println!("| HNSW recall@10 vs exact (ID rows) | {recall10:.3} |");
         println!("| end to end through NATS ({total} messages) | {e2e:.1} images/s |");
         println!("| end to end / encoder only | {ratio:.2} |");
+        println!(
+            "| `filter`, one webdataset shard ({total} images, no NATS) | {filter_ips:.1} images/s |"
+        );
+        println!("| `filter` / encoder only | {filter_ratio:.2} |");
         match serve_rss {
             Some(r) => println!(
                 "| serve-shaped peak RSS (load, then end to end) | {r:.0} MiB (model file {model_mib:.0} MiB, +{:.0}) |",
@@ -338,4 +356,44 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `n` of the images into one webdataset tar (with a `.json` sidecar each) in a
+/// temporary folder and times `filter` over it, as `oodgate filter` runs it.
+fn bench_filter(
+    blobs: &[Vec<u8>],
+    n: usize,
+    encoder: &mut dyn oodgate::model::Encoder,
+    detector: &oodgate::detect::detector::Detector,
+    pre: &oodgate::model::Preprocessor,
+    s: &Settings,
+) -> anyhow::Result<f64> {
+    use oodgate::shards::{self, commit::Layout, filter, webdataset::TarWriter};
+    let dir = tempfile::tempdir()?;
+    let tar = dir.path().join("00000.tar");
+    let mut w = TarWriter::create(&tar, shards::Format::Tar)?;
+    for i in 0..n {
+        let b = &blobs[i % blobs.len()];
+        w.append_member(&format!("{i:09}.jpg"), b)?;
+        w.append_member(
+            &format!("{i:09}.json"),
+            format!("{{\"key\": \"{i:09}\"}}").as_bytes(),
+        )?;
+    }
+    w.finish()?;
+    let list = shards::discover(&[tar])?;
+    let opts = filter::FilterOptions {
+        batch: s.batch.max_size,
+        decode_workers: s.pipeline_config(s.topology()).decode_workers,
+        image_column: None,
+        key_column: None,
+        config_fingerprint: "bench".into(),
+        model_fingerprint: encoder.info().fingerprint.clone(),
+    };
+    let layout = Layout::new(dir.path().join("out"));
+    let summary = filter::run(&list, &layout, encoder, detector, pre, &opts, |_| {});
+    if let Some((rel, why)) = summary.failed.first() {
+        bail!("filter benchmark: {rel}: {why}");
+    }
+    Ok((summary.counts.id + summary.counts.ood + summary.counts.errors) as f64 / summary.seconds)
 }

@@ -4,6 +4,7 @@ pub mod adaptive;
 pub mod bank;
 pub mod bench;
 pub mod calibrate;
+pub mod collect;
 pub mod common;
 pub mod config;
 pub mod debug;
@@ -54,6 +55,8 @@ pub enum Command {
     Eval(eval::EvalArgs),
     /// Filter webdataset/parquet shards: id/ and ood/ shards plus scores and error tables.
     Filter(filter::FilterArgs),
+    /// Write the workers' outputs of `publish --shards` as filtered shards and tables.
+    Collect(collect::CollectArgs),
     /// Calibrate a decision threshold on held-out ID inputs (optionally store it in the bank).
     Calibrate(calibrate::CalibrateArgs),
     /// Throughput of every stage and end to end through NATS, in one table.
@@ -83,6 +86,7 @@ pub fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Command::Eval(a) => eval::run(a),
         Command::Calibrate(a) => calibrate::run(a),
         Command::Filter(a) => filter::run(a),
+        Command::Collect(a) => collect::run(a),
         Command::Bench(a) => bench::run(a),
         Command::Summary(a) => summary::run(a),
         Command::Config(c) => config::run(c),

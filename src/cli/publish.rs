@@ -8,30 +8,15 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use async_nats::jetstream::{self, object_store, stream};
 use oodgate::model::pipeline::collect_images;
-use oodgate::stream::setup::{redact_url, with_url_credentials};
 use sha2::{Digest, Sha256};
 
+use super::common::nats::ClientArgs;
 use super::common::progress;
 
 #[derive(Debug, clap::Args)]
 pub struct PublishArgs {
-    /// NATS server URL (credentials may be given in it, `nats://user:password@host`; they are
-    /// never printed).
-    #[arg(long, env = "OODGATE_NATS", default_value = "nats://127.0.0.1:4222")]
-    pub nats: String,
-    /// Prefix of reply subjects; with the shipped server configuration, `_INBOX_publisher`.
-    #[arg(long, default_value = "_INBOX")]
-    pub inbox_prefix: String,
-    /// CA certificate (PEM) to verify a TLS server with (with the shipped server
-    /// configuration: deploy/nats/tls/ca.pem).
-    #[arg(long, env = "OODGATE_NATS_TLS_CA")]
-    pub tls_ca: Option<PathBuf>,
-    /// Client certificate (PEM) for servers that require mutual TLS; needs --tls-key.
-    #[arg(long, requires = "tls_key")]
-    pub tls_cert: Option<PathBuf>,
-    /// Private key (PEM) of --tls-cert.
-    #[arg(long, requires = "tls_cert")]
-    pub tls_key: Option<PathBuf>,
+    #[command(flatten)]
+    pub client: ClientArgs,
     /// Subject to publish to (must be captured by a stream).
     #[arg(long, default_value = "images.in")]
     pub subject: String,
@@ -51,7 +36,22 @@ pub struct PublishArgs {
     /// Set Nats-Msg-Id to the content's SHA-256, so the stream drops repeated images.
     #[arg(long)]
     pub dedup: bool,
-    /// Image files or folders (recursive).
+    /// The inputs are webdataset shards (.tar, .tar.gz, .tgz, or folders of them): each
+    /// sample's image is published with its key, shard and sidecars in `Dataset-*` headers,
+    /// then a manifest per shard to --shards-subject, for `oodgate collect`.
+    #[arg(long)]
+    pub shards: bool,
+    /// With --shards: the subject of the per-shard manifests.
+    #[arg(long, default_value = "oodgate.shards")]
+    pub shards_subject: String,
+    /// With --shards: the stream that keeps the manifests (created when missing).
+    #[arg(long, default_value = "OODGATE_SHARDS")]
+    pub shards_stream: String,
+    /// With --shards: where the per-shard markers go (a shard whose marker matches its file
+    /// is not sent again).
+    #[arg(long, default_value = ".oodgate-publish")]
+    pub state: PathBuf,
+    /// Image files or folders (recursive); with --shards, shards or folders of them.
     #[arg(required = true)]
     pub inputs: Vec<PathBuf>,
 }
@@ -64,23 +64,14 @@ pub fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
 }
 
 async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    if a.shards {
+        return publish_shards(a).await;
+    }
     let files = collect_images(&a.inputs)?;
     if files.is_empty() {
         bail!("no image files found in the inputs");
     }
-    let mut opts = async_nats::ConnectOptions::new()
-        .connection_timeout(Duration::from_secs(5))
-        .custom_inbox_prefix(&a.inbox_prefix);
-    if let Some(ca) = &a.tls_ca {
-        opts = opts.add_root_certificates(ca.clone());
-    }
-    if let (Some(c), Some(k)) = (&a.tls_cert, &a.tls_key) {
-        opts = opts.add_client_certificate(c.clone(), k.clone());
-    }
-    let client = with_url_credentials(opts, std::slice::from_ref(&a.nats))
-        .connect(a.nats.as_str())
-        .await
-        .with_context(|| format!("connecting to {}", redact_url(&a.nats)))?;
+    let client = a.client.connect().await?;
     let js = jetstream::new(client.clone());
     // Make sure a stream captures the subject (the worker would create the same one).
     if js.stream_by_subject(&a.subject).await.is_err() {
@@ -192,4 +183,193 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::from(1)
     })
+}
+
+/// What the shard reader thread sends.
+enum Read {
+    Sample(oodgate::shards::webdataset::Sample),
+    End(Option<String>),
+    Failed(String),
+}
+
+/// `publish --shards`: every sample of every shard not published before, then the shard's
+/// manifest; the shard's marker is written once all of them are acknowledged.
+async fn publish_shards(a: PublishArgs) -> anyhow::Result<ExitCode> {
+    use oodgate::shards::commit::{InputStamp, write_atomic};
+    use oodgate::shards::distributed::{
+        H_SHARD, Manifest, key_digest, message_id, publish_error, sample_headers, truncated_row,
+    };
+    use oodgate::shards::{Format, discover};
+
+    let shards = discover(&a.inputs).context("finding shards")?;
+    if let Some(p) = shards.iter().find(|s| s.format == Format::Parquet) {
+        bail!(
+            "{}: publish --shards takes webdataset tars; filter parquet shards with `oodgate filter`",
+            p.path.display()
+        );
+    }
+    if shards.is_empty() {
+        bail!("no shards (.tar, .tar.gz, .tgz) found in the inputs");
+    }
+    let client = a.client.connect().await?;
+    let js = jetstream::new(client.clone());
+    if js.stream_by_subject(&a.subject).await.is_err() {
+        js.get_or_create_stream(stream::Config {
+            name: a.stream.clone(),
+            subjects: vec![a.subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating stream {} for {}", a.stream, a.subject))?;
+    }
+    if js.stream_by_subject(&a.shards_subject).await.is_err() {
+        js.get_or_create_stream(stream::Config {
+            name: a.shards_stream.clone(),
+            subjects: vec![a.shards_subject.clone()],
+            ..Default::default()
+        })
+        .await
+        .with_context(|| {
+            format!(
+                "creating stream {} for {}",
+                a.shards_stream, a.shards_subject
+            )
+        })?;
+    }
+    // Headers and payload share the server's message limit.
+    let max_payload = client.server_info().max_payload;
+    let (mut sent, mut skipped, mut errors) = (0usize, 0usize, 0usize);
+    for shard in &shards {
+        let stamp = InputStamp::of(&shard.path)
+            .with_context(|| format!("reading {}", shard.path.display()))?;
+        let marker = a.state.join(format!("{}.json", shard.rel));
+        let done = std::fs::read(&marker)
+            .ok()
+            .and_then(|b| serde_json::from_slice::<InputStamp>(&b).ok())
+            .is_some_and(|m| m == stamp);
+        if done {
+            eprintln!("{}: published already, skipped", shard.rel);
+            skipped += 1;
+            continue;
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Read>(64);
+        let path = shard.path.clone();
+        let reader = std::thread::spawn(move || {
+            let r = oodgate::shards::webdataset::read_samples(&path, |s| {
+                if tx.blocking_send(Read::Sample(s)).is_err() {
+                    std::ops::ControlFlow::Break(())
+                } else {
+                    std::ops::ControlFlow::Continue(())
+                }
+            });
+            let _ = tx.blocking_send(match r {
+                Ok(rep) => Read::End(rep.truncated),
+                Err(e) => Read::Failed(e.to_string()),
+            });
+        });
+        let mut keys = Vec::new();
+        let mut errs = Vec::new();
+        let mut read = 0u64;
+        let mut acks = Vec::new();
+        while let Some(item) = rx.recv().await {
+            match item {
+                Read::Sample(sample) => {
+                    read += 1;
+                    if let Some(e) = publish_error(shard, &sample) {
+                        errs.push(e);
+                        continue;
+                    }
+                    let Some((headers, payload)) = sample_headers(shard, &sample) else {
+                        continue;
+                    };
+                    let size: usize = payload.len()
+                        + headers
+                            .iter()
+                            .map(|(k, v)| k.len() + v.len() + 4)
+                            .sum::<usize>();
+                    if size + 1024 > max_payload {
+                        errs.push(oodgate::shards::tables::ErrorRow {
+                            key: Some(sample.key.clone()),
+                            shard: shard.rel.clone(),
+                            member: sample.image().map(|m| m.name.clone()),
+                            row: None,
+                            stage: oodgate::shards::tables::Stage::Read,
+                            kind: oodgate::shards::tables::ErrorKind::Oversize,
+                            message: format!(
+                                "the sample is {size} bytes with its headers, above the server's max_payload of {max_payload}; filter this shard with `oodgate filter`"
+                            ),
+                            bytes: Some(payload.len() as u64),
+                        });
+                        continue;
+                    }
+                    let mut h = async_nats::HeaderMap::new();
+                    for (k, v) in &headers {
+                        h.insert(k.as_str(), v.as_str());
+                    }
+                    h.insert("Nats-Msg-Id", message_id(&shard.rel, &sample.key).as_str());
+                    acks.push(
+                        js.publish_with_headers(a.subject.clone(), h, payload.into())
+                            .await?,
+                    );
+                    keys.push(sample.key);
+                    if acks.len() >= 256 {
+                        for ack in acks.drain(..) {
+                            ack.await.context("waiting for the publish ack")?;
+                        }
+                    }
+                }
+                Read::End(truncated) => {
+                    if let Some(why) = truncated {
+                        errs.push(truncated_row(shard, why));
+                    }
+                }
+                Read::Failed(why) => bail!("{}: {why}", shard.rel),
+            }
+        }
+        let _ = reader.join();
+        for ack in acks {
+            ack.await.context("waiting for the publish ack")?;
+        }
+        errors += errs.len();
+        let manifest = Manifest {
+            shard: shard.rel.clone(),
+            format: shard.format,
+            key_digest: key_digest(&keys),
+            keys,
+            read,
+            errors: errs,
+        };
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(H_SHARD, shard.rel.as_str());
+        h.insert(
+            "Nats-Msg-Id",
+            format!("manifest:{}:{}", shard.rel, manifest.key_digest).as_str(),
+        );
+        js.publish_with_headers(
+            a.shards_subject.clone(),
+            h,
+            serde_json::to_vec(&manifest)?.into(),
+        )
+        .await?
+        .await
+        .context("waiting for the manifest's publish ack")?;
+        if let Some(dir) = marker.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        write_atomic(&marker, &serde_json::to_vec_pretty(&stamp)?)
+            .with_context(|| format!("writing {}", marker.display()))?;
+        sent += manifest.keys.len();
+        eprintln!(
+            "{}: {} samples published, {} not publishable (in the manifest's errors)",
+            shard.rel,
+            manifest.keys.len(),
+            manifest.errors.len()
+        );
+    }
+    client.flush().await?;
+    eprintln!(
+        "published {sent} samples from {} shards ({skipped} skipped as published), {errors} error rows",
+        shards.len() - skipped
+    );
+    Ok(ExitCode::SUCCESS)
 }

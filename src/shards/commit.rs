@@ -69,6 +69,19 @@ impl Layout {
     }
 }
 
+/// img2dataset's `{shard}_stats.json` for a filtered tar of `samples` samples, so that
+/// DataComp's resharder reads the folder as is.
+pub fn stats_json(samples: usize, source: &str, decision: &str) -> Vec<u8> {
+    let stats = serde_json::json!({
+        "count": samples,
+        "successes": samples,
+        "failed_to_download": 0,
+        "failed_to_resize": 0,
+        "oodgate": { "source": source, "decision": decision },
+    });
+    serde_json::to_vec_pretty(&stats).unwrap_or_default()
+}
+
 /// The input file as it was when its shard was processed.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct InputStamp {

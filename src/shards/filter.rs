@@ -679,19 +679,8 @@ impl Writer<'_> {
             };
             files.push(p);
             if shard.format.is_tar() {
-                // img2dataset's stats file, so DataComp's resharder reads the folder as is.
-                let stats = serde_json::json!({
-                    "count": samples,
-                    "successes": samples,
-                    "failed_to_download": 0,
-                    "failed_to_resize": 0,
-                    "oodgate": { "source": shard.rel, "decision": top },
-                });
                 let p = Pending::new(l.stats(top, shard));
-                std::fs::write(
-                    &p.temp,
-                    serde_json::to_vec_pretty(&stats).map_err(std::io::Error::other)?,
-                )?;
+                std::fs::write(&p.temp, commit::stats_json(samples, &shard.rel, top))?;
                 files.push(p);
             }
         }

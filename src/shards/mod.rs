@@ -5,6 +5,7 @@
 //! protocol, partitioning) are specified in docs/shards.md.
 
 pub mod commit;
+pub mod distributed;
 pub mod filter;
 pub mod parquet_shard;
 pub mod tables;

@@ -52,6 +52,8 @@ pub enum ErrorKind {
     Oversize,
     /// The encoder failed on this image alone.
     Inference,
+    /// A worker dead-lettered the sample for another reason (`collect`).
+    DeadLetter,
 }
 
 impl ErrorKind {
@@ -68,6 +70,7 @@ impl ErrorKind {
             ErrorKind::UnsupportedFormat => "unsupported_format",
             ErrorKind::Oversize => "oversize",
             ErrorKind::Inference => "inference",
+            ErrorKind::DeadLetter => "dead_letter",
         }
     }
 

@@ -4,6 +4,7 @@
 pub mod detector;
 pub mod inputs;
 pub mod model;
+pub mod nats;
 pub mod worker;
 
 use std::io::IsTerminal;
