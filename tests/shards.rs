@@ -344,7 +344,15 @@ fn dataset(root: &Path) -> usize {
         off + 512 + 10
     };
     std::fs::write(&t, &full[..offset]).unwrap();
-    4
+    // img2dataset's `files` output: a folder of loose files.
+    let f = root.join("d/00003");
+    std::fs::create_dir_all(&f).unwrap();
+    for (i, img) in imgs.iter().enumerate().take(8) {
+        for (name, data) in sample(&format!("0000300{i:02}"), img) {
+            std::fs::write(f.join(name), data).unwrap();
+        }
+    }
+    5
 }
 
 #[test]
@@ -436,6 +444,26 @@ fn filter_routes_every_sample_as_score_decides_and_keeps_members_and_columns() {
     let gz_id = members(&out.join("id/a/deep/00001.tar.gz"));
     let gz_ood = members(&out.join("ood/a/deep/00001.tar.gz"));
     assert_eq!((gz_id.len() + gz_ood.len()) / 3, 6);
+
+    // The folder comes out as two folders holding the kept samples' files.
+    let mut files: Vec<String> = Vec::new();
+    for top in ["id", "ood"] {
+        for e in std::fs::read_dir(out.join(top).join("d/00003")).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().to_string_lossy().into_owned();
+            assert_eq!(
+                std::fs::read(e.path()).unwrap(),
+                std::fs::read(input.join("d/00003").join(&name)).unwrap()
+            );
+            if name.ends_with(".json") {
+                let i: usize = name[7..9].parse().unwrap();
+                assert_eq!(st.reference[&name_of(i)].0, top, "{name}");
+            }
+            files.push(name);
+        }
+    }
+    assert_eq!(files.len(), 8 * 3);
+    assert!(out.join("id/d/00003_stats.json").is_file());
 
     // Parquet: every column kept in order, the score columns added, the failed download
     // neither scored nor an error, the empty image an error row.

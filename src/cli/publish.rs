@@ -204,7 +204,7 @@ async fn publish_shards(a: PublishArgs) -> anyhow::Result<ExitCode> {
     let shards = discover(&a.inputs).context("finding shards")?;
     if let Some(p) = shards.iter().find(|s| s.format == Format::Parquet) {
         bail!(
-            "{}: publish --shards takes webdataset tars; filter parquet shards with `oodgate filter`",
+            "{}: publish --shards takes webdataset tars and folders; filter parquet shards with `oodgate filter`",
             p.path.display()
         );
     }
@@ -254,17 +254,23 @@ async fn publish_shards(a: PublishArgs) -> anyhow::Result<ExitCode> {
         }
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Read>(64);
         let path = shard.path.clone();
+        let folder = shard.format == Format::Folder;
         let reader = std::thread::spawn(move || {
-            let r = oodgate::shards::webdataset::read_samples(&path, |s| {
+            let each = |s| {
                 if tx.blocking_send(Read::Sample(s)).is_err() {
                     std::ops::ControlFlow::Break(())
                 } else {
                     std::ops::ControlFlow::Continue(())
                 }
-            });
+            };
+            let r = if folder {
+                oodgate::shards::folder::read_samples(&path, each).map_err(|e| e.to_string())
+            } else {
+                oodgate::shards::webdataset::read_samples(&path, each).map_err(|e| e.to_string())
+            };
             let _ = tx.blocking_send(match r {
                 Ok(rep) => Read::End(rep.truncated),
-                Err(e) => Read::Failed(e.to_string()),
+                Err(e) => Read::Failed(e),
             });
         });
         let mut keys = Vec::new();

@@ -187,8 +187,14 @@ pub fn prepare(marker: &Path, outputs: &[PathBuf]) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Removes a file, or a folder output (folder shards) with its files.
 fn remove_if_present(p: &Path) -> std::io::Result<()> {
-    match std::fs::remove_file(p) {
+    let r = match std::fs::symlink_metadata(p) {
+        Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
+        Ok(_) => std::fs::remove_file(p),
+        Err(e) => Err(e),
+    };
+    match r {
         Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(e),
         _ => Ok(()),
     }
@@ -198,7 +204,24 @@ fn sync_dir(dir: &Path) -> std::io::Result<()> {
     File::open(dir)?.sync_all()
 }
 
+/// Size and SHA-256 of a file; of a folder, the total size and the SHA-256 of its sorted
+/// `name sha256` lines.
 fn sha256_file(p: &Path) -> std::io::Result<(u64, String)> {
+    if p.is_dir() {
+        let mut names: Vec<PathBuf> = std::fs::read_dir(p)?
+            .map(|e| e.map(|e| e.path()))
+            .collect::<Result<_, _>>()?;
+        names.sort();
+        let mut h = Sha256::new();
+        let mut total = 0u64;
+        for f in names {
+            let (n, sha) = sha256_file(&f)?;
+            total += n;
+            h.update(f.file_name().unwrap_or_default().as_encoded_bytes());
+            h.update(format!(" {sha}\n").as_bytes());
+        }
+        return Ok((total, hex::encode(h.finalize())));
+    }
     let mut f = File::open(p)?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];

@@ -12,8 +12,9 @@ use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest, Sha256};
 
 use super::commit::{self, Counts, ERRORS, ID, InputStamp, Layout, Marker, OOD, Pending, SCORES};
+use super::folder::SampleWriter;
 use super::tables::{self, ErrorKind, ErrorRow, ScoreRow, Stage};
-use super::webdataset::{Sample, TarWriter};
+use super::webdataset::Sample;
 use super::{Format, Shard};
 
 /// The input shard's relative path.
@@ -80,6 +81,7 @@ pub fn sample_headers(shard: &Shard, sample: &Sample) -> Option<(Headers, Vec<u8
                 Format::TarGz => "tar_gz",
                 Format::Tar => "tar",
                 Format::Parquet => "parquet",
+                Format::Folder => "folder",
             }
             .to_string(),
         ),
@@ -346,9 +348,10 @@ fn write_shard(
     ];
     let e = |x: &dyn std::fmt::Display| x.to_string();
     commit::prepare(&layout.marker(&shard), &outputs).map_err(|x| e(&x))?;
-    let mut id = TarWriter::create(&commit::temp_path(&outputs[0]), m.format).map_err(|x| e(&x))?;
+    let mut id =
+        SampleWriter::create(&commit::temp_path(&outputs[0]), m.format).map_err(|x| e(&x))?;
     let mut ood =
-        TarWriter::create(&commit::temp_path(&outputs[1]), m.format).map_err(|x| e(&x))?;
+        SampleWriter::create(&commit::temp_path(&outputs[1]), m.format).map_err(|x| e(&x))?;
     let mut counts = Counts {
         read: m.read,
         errors: m.errors.len() as u64,
@@ -385,7 +388,7 @@ fn write_shard(
             let bytes = B64.decode(data.as_bytes()).map_err(|x| e(&x))?;
             writer.append_member(name, &bytes).map_err(|x| e(&x))?;
         }
-        writer.samples += 1;
+        writer.finish_sample();
         if r.decision == "id" {
             counts.id += 1;
         } else {
@@ -424,8 +427,8 @@ fn write_shard(
             model_fingerprint: r.model.clone(),
         });
     }
-    let n_id = id.samples;
-    let n_ood = ood.samples;
+    let n_id = id.samples();
+    let n_ood = ood.samples();
     id.finish().map_err(|x| e(&x))?;
     ood.finish().map_err(|x| e(&x))?;
     let mut files: Vec<Pending> = vec![

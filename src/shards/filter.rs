@@ -19,9 +19,10 @@ use ndarray::Array2;
 use sha2::{Digest, Sha256};
 
 use super::commit::{self, Counts, ERRORS, ID, InputStamp, Layout, Marker, OOD, Pending, SCORES};
+use super::folder::SampleWriter;
 use super::parquet_shard::{self, ParquetOut};
 use super::tables::{self, ErrorKind, ErrorRow, ScoreRow, Stage};
-use super::webdataset::{self, Problem, Sample, TarWriter};
+use super::webdataset::{self, Problem, Sample};
 use super::{Format, Shard};
 use crate::detect::detector::{Decision, Detector};
 use crate::model::preprocess::guard_decoder_panics;
@@ -268,7 +269,7 @@ fn read_stage(shards: &[Shard], pre: &Preprocessor, opts: &FilterOptions, tx: Sy
     };
     for (i, shard) in shards.iter().enumerate() {
         let ok = match shard.format {
-            Format::Tar | Format::TarGz => {
+            Format::Tar | Format::TarGz | Format::Folder => {
                 if tx
                     .send(Item::Begin {
                         shard: i,
@@ -280,7 +281,7 @@ fn read_stage(shards: &[Shard], pre: &Preprocessor, opts: &FilterOptions, tx: Sy
                 }
                 let mut pending = Vec::with_capacity(batch);
                 let mut alive = true;
-                let read = webdataset::read_samples(&shard.path, |s| {
+                let each = |s| {
                     pending.push(unit_of_sample(s));
                     if pending.len() >= batch {
                         alive = send_chunk(i, std::mem::take(&mut pending), None);
@@ -289,7 +290,13 @@ fn read_stage(shards: &[Shard], pre: &Preprocessor, opts: &FilterOptions, tx: Sy
                         }
                     }
                     ControlFlow::Continue(())
-                });
+                };
+                let read = if shard.format == Format::Folder {
+                    super::folder::read_samples(&shard.path, each)
+                        .map_err(|e| format!("reading folder {}: {e}", shard.path.display()))
+                } else {
+                    webdataset::read_samples(&shard.path, each).map_err(|e| e.to_string())
+                };
                 if !alive {
                     return;
                 }
@@ -303,10 +310,7 @@ fn read_stage(shards: &[Shard], pre: &Preprocessor, opts: &FilterOptions, tx: Sy
                             truncated: report.truncated,
                         })
                     }
-                    Err(e) => tx.send(Item::Failed {
-                        shard: i,
-                        error: e.to_string(),
-                    }),
+                    Err(error) => tx.send(Item::Failed { shard: i, error }),
                 }
             }
             Format::Parquet => match parquet_shard::open(
@@ -466,7 +470,7 @@ fn infer_problem(message: String) -> Problem {
 
 /// Outputs of the shard being written.
 enum Filtered {
-    Tar(TarWriter),
+    Samples(SampleWriter),
     Parquet(ParquetOut),
 }
 
@@ -512,7 +516,7 @@ impl Writer<'_> {
             l.table(SCORES, shard),
             l.table(ERRORS, shard),
         ];
-        if shard.format.is_tar() {
+        if shard.format.is_webdataset() {
             v.push(l.stats(ID, shard));
             v.push(l.stats(OOD, shard));
         }
@@ -526,7 +530,7 @@ impl Writer<'_> {
             let tmp = commit::temp_path(&self.layout.filtered(top, shard));
             Ok(match (&schema, shard.format) {
                 (Some(s), Format::Parquet) => Filtered::Parquet(ParquetOut::create(&tmp, s)?),
-                (None, f) if f.is_tar() => Filtered::Tar(TarWriter::create(&tmp, f)?),
+                (None, f) if f.is_webdataset() => Filtered::Samples(SampleWriter::create(&tmp, f)?),
                 _ => return Err(WriteError::Other("no schema for a parquet shard".into())),
             })
         };
@@ -593,7 +597,7 @@ impl Writer<'_> {
                         }
                     };
                     match folder {
-                        Filtered::Tar(w) => {
+                        Filtered::Samples(w) => {
                             if let Some(s) = &u.sample {
                                 w.append(s)?;
                             }
@@ -666,8 +670,8 @@ impl Writer<'_> {
         for (top, w) in [(ID, open.id), (OOD, open.ood)] {
             let p = Pending::new(l.filtered(top, shard));
             let samples = match w {
-                Filtered::Tar(w) => {
-                    let n = w.samples;
+                Filtered::Samples(w) => {
+                    let n = w.samples();
                     w.finish()?;
                     n
                 }
@@ -678,7 +682,7 @@ impl Writer<'_> {
                 }
             };
             files.push(p);
-            if shard.format.is_tar() {
+            if shard.format.is_webdataset() {
                 let p = Pending::new(l.stats(top, shard));
                 std::fs::write(&p.temp, commit::stats_json(samples, &shard.rel, top))?;
                 files.push(p);

@@ -7,6 +7,7 @@
 pub mod commit;
 pub mod distributed;
 pub mod filter;
+pub mod folder;
 pub mod parquet_shard;
 pub mod tables;
 pub mod webdataset;
@@ -23,6 +24,8 @@ pub enum Format {
     /// A gzip-compressed tar (`.tar.gz`, `.tgz`), written back compressed.
     TarGz,
     Parquet,
+    /// A folder of loose files (img2dataset's `files` output), written back as a folder.
+    Folder,
 }
 
 impl Format {
@@ -43,6 +46,11 @@ impl Format {
     pub fn is_tar(self) -> bool {
         matches!(self, Format::Tar | Format::TarGz)
     }
+
+    /// Samples grouped from members by key (tars and folders), as opposed to table rows.
+    pub fn is_webdataset(self) -> bool {
+        self != Format::Parquet
+    }
 }
 
 /// One input shard.
@@ -59,6 +67,9 @@ impl Shard {
     /// The file name without its format's extension (`00000` for `00000.tar`).
     pub fn stem(&self) -> &str {
         let name = self.rel.rsplit('/').next().unwrap_or(&self.rel);
+        if self.format == Format::Folder {
+            return name;
+        }
         let lower = name.to_ascii_lowercase();
         let cut = [".tar.gz", ".tgz", ".tar", ".parquet"]
             .iter()
@@ -104,6 +115,24 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<Shard>, DiscoverError> {
                     path: input.clone(),
                     source,
                 })?;
+                if e.file_type().is_dir() && folder::holds_images(e.path()) {
+                    // The input folder itself holds images: it is named as given.
+                    let rel = if e.depth() == 0 {
+                        input
+                            .canonicalize()
+                            .ok()
+                            .and_then(|p| p.file_name().and_then(|n| n.to_str()).map(String::from))
+                            .ok_or_else(|| DiscoverError::NonUtf8(input.clone()))?
+                    } else {
+                        rel_path(input, e.path())?
+                    };
+                    out.push(Shard {
+                        path: e.into_path(),
+                        rel,
+                        format: Format::Folder,
+                    });
+                    continue;
+                }
                 if !e.file_type().is_file() {
                     continue;
                 }
@@ -134,15 +163,15 @@ pub fn discover(inputs: &[PathBuf]) -> Result<Vec<Shard>, DiscoverError> {
             return Err(DiscoverError::Missing(input.clone()));
         }
     }
-    // img2dataset writes `00000.parquet` (metadata, no image bytes) beside `00000.tar`: it
-    // belongs to the tar, it is not a shard of its own.
+    // img2dataset writes `00000.parquet` (metadata, no image bytes) beside `00000.tar` or the
+    // folder `00000/`: it belongs to them, it is not a shard of its own.
     let tars: std::collections::HashSet<(String, String)> = out
         .iter()
-        .filter(|s| s.format.is_tar())
+        .filter(|s| s.format.is_webdataset())
         .map(|s| (s.rel_dir().to_string(), s.stem().to_string()))
         .collect();
     out.retain(|s| {
-        s.format.is_tar() || !tars.contains(&(s.rel_dir().to_string(), s.stem().to_string()))
+        s.format.is_webdataset() || !tars.contains(&(s.rel_dir().to_string(), s.stem().to_string()))
     });
     out.sort_by(|a, b| a.rel.as_bytes().cmp(b.rel.as_bytes()));
     for w in out.windows(2) {
@@ -243,18 +272,33 @@ mod tests {
     fn discovery_sorts_bytewise_and_refuses_a_repeated_path() {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("b")).unwrap();
-        for f in ["b/1.tar", "b/1.parquet", "a.parquet", "B.tgz", "notes.txt"] {
+        std::fs::create_dir_all(dir.path().join("c/00000")).unwrap();
+        for f in [
+            "b/1.tar",
+            "b/1.parquet",
+            "a.parquet",
+            "B.tgz",
+            "notes.txt",
+            "c/00000/k.jpg",
+            "c/00000.parquet",
+        ] {
             std::fs::write(dir.path().join(f), b"").unwrap();
         }
         let found = discover(&[dir.path().to_path_buf()]).unwrap();
         let rels: Vec<&str> = found.iter().map(|s| s.rel.as_str()).collect();
-        // b/1.parquet is b/1.tar's metadata (img2dataset), not a shard.
-        assert_eq!(rels, ["B.tgz", "a.parquet", "b/1.tar"]);
+        // b/1.parquet is b/1.tar's metadata (img2dataset), c/00000.parquet the folder's.
+        assert_eq!(rels, ["B.tgz", "a.parquet", "b/1.tar", "c/00000"]);
+        assert_eq!(found[3].format, Format::Folder);
+        assert_eq!(found[3].stem(), "00000");
         assert_eq!(found[0].format, Format::TarGz);
         let twice = discover(&[dir.path().join("a.parquet"), dir.path().join("a.parquet")]);
         assert!(matches!(twice, Err(DiscoverError::SameRel { .. })));
         let bad = discover(&[dir.path().join("notes.txt")]);
         assert!(matches!(bad, Err(DiscoverError::NotAShard(_))));
         assert_ne!(list_digest(&found), list_digest(&found[1..]));
+        // A folder given as input that holds images itself is one shard, named as given.
+        let own = discover(&[dir.path().join("c/00000")]).unwrap();
+        assert_eq!(own.len(), 1);
+        assert_eq!(own[0].rel, "00000");
     }
 }

@@ -173,14 +173,75 @@ fn open(path: &Path) -> Result<Box<dyn Read + Send>, TarError> {
     }
 }
 
+/// One entry of a tar (or file of a folder) before grouping.
+pub enum RawEntry {
+    Member {
+        name: Vec<u8>,
+        data: Vec<u8>,
+        /// The member's data ended early: why.
+        short: Option<String>,
+    },
+    /// Not a sample member (a directory, link, PAX or GNU meta entry).
+    Skipped,
+    /// The container cannot be read past this point.
+    Damaged(String),
+}
+
+/// A whole member.
+pub fn group_member(name: Vec<u8>, data: Vec<u8>) -> RawEntry {
+    RawEntry::Member {
+        name,
+        data,
+        short: None,
+    }
+}
+
 /// Reads the tar at `path` and hands each sample to `each` in order; `each` may stop early.
 /// A damaged tar ends the read with [`ReadReport::truncated`]; a member cut short is its
 /// sample's problem ([`ErrorKind::TruncatedMember`]).
 pub fn read_samples(
     path: &Path,
-    mut each: impl FnMut(Sample) -> ControlFlow<()>,
+    each: impl FnMut(Sample) -> ControlFlow<()>,
 ) -> Result<ReadReport, TarError> {
     let mut archive = tar::Archive::new(open(path)?);
+    let entries = match archive.entries() {
+        Ok(e) => e,
+        Err(e) => {
+            return Ok(ReadReport {
+                truncated: Some(format!("not a readable tar: {e}")),
+                ..ReadReport::default()
+            });
+        }
+    };
+    let raw = entries.map(|entry| {
+        let mut entry = match entry {
+            Ok(e) => e,
+            Err(e) => return RawEntry::Damaged(format!("the tar is damaged or ends early: {e}")),
+        };
+        if !entry.header().entry_type().is_file() {
+            return RawEntry::Skipped;
+        }
+        let name = entry.path_bytes().into_owned();
+        let size = entry.size();
+        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(64 << 20));
+        // A member cut short reads Ok with fewer bytes: compare with the header's size.
+        let short = match entry.read_to_end(&mut data) {
+            Err(e) => Some(e.to_string()),
+            Ok(_) if (data.len() as u64) < size => {
+                Some(format!("{} of {size} bytes present", data.len()))
+            }
+            Ok(_) => None,
+        };
+        RawEntry::Member { name, data, short }
+    });
+    Ok(group(raw, each))
+}
+
+/// Groups entries into samples by webdataset's rule and hands each to `each`.
+pub fn group(
+    entries: impl Iterator<Item = RawEntry>,
+    mut each: impl FnMut(Sample) -> ControlFlow<()>,
+) -> ReadReport {
     let mut report = ReadReport::default();
     let mut current: Option<Sample> = None;
     // Keys already delivered: a key that comes back after another (members not adjacent)
@@ -208,31 +269,19 @@ pub fn read_samples(
             None => ControlFlow::Continue(()),
         }
     };
-    let entries = match archive.entries() {
-        Ok(e) => e,
-        Err(e) => {
-            report.truncated = Some(format!("not a readable tar: {e}"));
-            return Ok(report);
-        }
-    };
     for entry in entries {
-        let mut entry = match entry {
-            Ok(e) => e,
-            Err(e) => {
-                report.truncated = Some(format!("the tar is damaged or ends early: {e}"));
+        let (raw_name, data, short) = match entry {
+            RawEntry::Skipped => {
+                report.skipped_entries += 1;
+                continue;
+            }
+            RawEntry::Damaged(why) => {
+                report.truncated = Some(why);
                 break;
             }
+            RawEntry::Member { name, data, short } => (name, data, short),
         };
-        if !entry.header().entry_type().is_file() {
-            report.skipped_entries += 1;
-            continue;
-        }
-        let raw_name = entry.path_bytes().into_owned();
-        let size = entry.size();
-        let mut data = Vec::with_capacity(usize::try_from(size).unwrap_or(0).min(64 << 20));
-        let read = entry.read_to_end(&mut data);
-        let name = String::from_utf8(raw_name);
-        let (name, utf8) = match name {
+        let (name, utf8) = match String::from_utf8(raw_name) {
             Ok(n) => (n, true),
             Err(e) => (String::from_utf8_lossy(e.as_bytes()).into_owned(), false),
         };
@@ -245,7 +294,7 @@ pub fn read_samples(
             let done = current.take();
             if deliver(done, &mut report).is_break() {
                 report.stopped = true;
-                return Ok(report);
+                return report;
             }
         }
         let sample = current.get_or_insert_with(|| Sample {
@@ -253,13 +302,6 @@ pub fn read_samples(
             members: Vec::new(),
             problem: None,
         });
-        let short = match &read {
-            Err(e) => Some(e.to_string()),
-            Ok(_) if (data.len() as u64) < size => {
-                Some(format!("{} of {size} bytes present", data.len()))
-            }
-            Ok(_) => None,
-        };
         if let Some(why) = short {
             sample.problem = Some(Problem {
                 stage: Stage::Read,
@@ -297,7 +339,7 @@ pub fn read_samples(
     if deliver(current.take(), &mut report).is_break() {
         report.stopped = true;
     }
-    Ok(report)
+    report
 }
 
 /// The file behind a tar being written, plain or gzip.
