@@ -33,6 +33,8 @@ fn every_command_of_the_contract_exists() {
         vec!["calibrate", "--help"],
         vec!["serve", "--help"],
         vec!["publish", "--help"],
+        vec!["filter", "--help"],
+        vec!["collect", "--help"],
         vec!["bench", "--help"],
         vec!["debug", "tokenize", "--help"],
         vec!["debug", "preprocess", "--help"],

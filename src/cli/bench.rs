@@ -257,6 +257,13 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
             ack.await?;
         }
         drop(blobs);
+        // The filter stage's freed buffers stay in glibc's heaps; hand them back so that the
+        // serve-shaped peak starts from what a worker would hold.
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only returns free heap memory to the system.
+        unsafe {
+            libc::malloc_trim(0);
+        }
         reset = reset_peak_rss();
         let stats = Arc::new(Stats::default());
         let ready = Arc::new(AtomicBool::new(false));
