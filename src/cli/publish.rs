@@ -56,6 +56,21 @@ pub struct PublishArgs {
     pub inputs: Vec<PathBuf>,
 }
 
+/// Makes sure a stream captures `subject`: the one there, else a new stream `name` (the
+/// worker would create the same one for the input).
+async fn ensure_stream(js: &jetstream::Context, name: &str, subject: &str) -> anyhow::Result<()> {
+    if js.stream_by_subject(subject).await.is_err() {
+        js.get_or_create_stream(stream::Config {
+            name: name.to_string(),
+            subjects: vec![subject.to_string()],
+            ..Default::default()
+        })
+        .await
+        .with_context(|| format!("creating stream {name} for {subject}"))?;
+    }
+    Ok(())
+}
+
 pub fn run(a: PublishArgs) -> anyhow::Result<ExitCode> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -73,16 +88,7 @@ async fn publish(a: PublishArgs) -> anyhow::Result<ExitCode> {
     }
     let client = a.client.connect().await?;
     let js = jetstream::new(client.clone());
-    // Make sure a stream captures the subject (the worker would create the same one).
-    if js.stream_by_subject(&a.subject).await.is_err() {
-        js.get_or_create_stream(stream::Config {
-            name: a.stream.clone(),
-            subjects: vec![a.subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("creating stream {} for {}", a.stream, a.subject))?;
-    }
+    ensure_stream(&js, &a.stream, &a.subject).await?;
     let mut store: Option<object_store::ObjectStore> = None;
     let pb = progress(files.len(), "publishing");
     let (mut inline, mut claims, mut failed) = (0usize, 0usize, 0usize);
@@ -197,7 +203,7 @@ enum Read {
 async fn publish_shards(a: PublishArgs) -> anyhow::Result<ExitCode> {
     use oodgate::shards::commit::{InputStamp, write_atomic};
     use oodgate::shards::distributed::{
-        H_SHARD, Manifest, key_digest, message_id, publish_error, sample_headers, truncated_row,
+        H_SHARD, Manifest, key_digest, message_id, publish_error, sample_headers,
     };
     use oodgate::shards::{Format, discover};
 
@@ -213,29 +219,8 @@ async fn publish_shards(a: PublishArgs) -> anyhow::Result<ExitCode> {
     }
     let client = a.client.connect().await?;
     let js = jetstream::new(client.clone());
-    if js.stream_by_subject(&a.subject).await.is_err() {
-        js.get_or_create_stream(stream::Config {
-            name: a.stream.clone(),
-            subjects: vec![a.subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .with_context(|| format!("creating stream {} for {}", a.stream, a.subject))?;
-    }
-    if js.stream_by_subject(&a.shards_subject).await.is_err() {
-        js.get_or_create_stream(stream::Config {
-            name: a.shards_stream.clone(),
-            subjects: vec![a.shards_subject.clone()],
-            ..Default::default()
-        })
-        .await
-        .with_context(|| {
-            format!(
-                "creating stream {} for {}",
-                a.shards_stream, a.shards_subject
-            )
-        })?;
-    }
+    ensure_stream(&js, &a.stream, &a.subject).await?;
+    ensure_stream(&js, &a.shards_stream, &a.shards_subject).await?;
     // Headers and payload share the server's message limit.
     let max_payload = client.server_info().max_payload;
     let (mut sent, mut skipped, mut errors) = (0usize, 0usize, 0usize);
@@ -326,7 +311,9 @@ async fn publish_shards(a: PublishArgs) -> anyhow::Result<ExitCode> {
                 }
                 Read::End(truncated) => {
                     if let Some(why) = truncated {
-                        errs.push(truncated_row(shard, why));
+                        errs.push(oodgate::shards::tables::ErrorRow::truncated_shard(
+                            &shard.rel, why,
+                        ));
                     }
                 }
                 Read::Failed(why) => bail!("{}: {why}", shard.rel),

@@ -479,20 +479,6 @@ pub fn publish_error(shard: &Shard, sample: &Sample) -> Option<ErrorRow> {
     })
 }
 
-/// The shard-level error row of a damaged tar.
-pub fn truncated_row(shard: &Shard, why: String) -> ErrorRow {
-    ErrorRow {
-        key: None,
-        shard: shard.rel.clone(),
-        member: None,
-        row: None,
-        stage: Stage::Read,
-        kind: ErrorKind::TruncatedShard,
-        message: why,
-        bytes: None,
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

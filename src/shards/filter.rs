@@ -655,16 +655,7 @@ impl Writer<'_> {
         let l = self.layout;
         if let Some(why) = truncated {
             open.counts.truncated = true;
-            open.errors.push(ErrorRow {
-                key: None,
-                shard: shard.rel.clone(),
-                member: None,
-                row: None,
-                stage: Stage::Read,
-                kind: ErrorKind::TruncatedShard,
-                message: why,
-                bytes: None,
-            });
+            open.errors.push(ErrorRow::truncated_shard(&shard.rel, why));
         }
         let mut files = Vec::new();
         for (top, w) in [(ID, open.id), (OOD, open.ood)] {

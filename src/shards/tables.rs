@@ -124,6 +124,22 @@ pub struct ErrorRow {
     pub bytes: Option<u64>,
 }
 
+impl ErrorRow {
+    /// The shard-level row of a damaged tar (no key).
+    pub fn truncated_shard(shard: &str, why: String) -> ErrorRow {
+        ErrorRow {
+            key: None,
+            shard: shard.to_string(),
+            member: None,
+            row: None,
+            stage: Stage::Read,
+            kind: ErrorKind::TruncatedShard,
+            message: why,
+            bytes: None,
+        }
+    }
+}
+
 /// Snappy (what pyarrow and Spark default to; parquet's own default is no compression) and
 /// row groups small enough that image bytes are never buffered in bulk.
 pub fn writer_properties() -> WriterProperties {
