@@ -715,7 +715,6 @@ impl Writer<'_> {
 
 /// Runs `filter` over `shards` (this worker's part, in order) into `layout`. Shards whose
 /// marker matches their input and `opts.config_fingerprint` are skipped.
-#[allow(clippy::too_many_arguments)]
 pub fn run(
     shards: &[Shard],
     layout: &Layout,
