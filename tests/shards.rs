@@ -360,12 +360,31 @@ fn filter_routes_every_sample_as_score_decides_and_keeps_members_and_columns() {
     let st = Setup::new();
     let input = st.path("in");
     let n_shards = dataset(&input);
-    // img2dataset's metadata parquet beside a tar is not a shard of its own.
-    std::fs::copy(
-        input.join("b/part-0.parquet"),
-        input.join("a/00000.parquet"),
-    )
+    // img2dataset's metadata parquet beside a tar (one row per input row, a failed download
+    // included) is not a shard of its own; it is split beside the output tars.
+    let n_imgs = images().len();
+    let mut meta_keys: Vec<String> = (0..n_imgs).map(|i| format!("0000000{i:02}")).collect();
+    meta_keys.extend(["000000090", "000000091", "000000099"].map(String::from));
+    let mut status = vec!["success"; meta_keys.len()];
+    *status.last_mut().unwrap() = "failed_to_download";
+    let meta = RecordBatch::try_from_iter(vec![
+        (
+            "caption",
+            Arc::new(StringArray::from_iter_values(
+                meta_keys.iter().map(|k| format!("c{k}")),
+            )) as ArrayRef,
+        ),
+        (
+            "key",
+            Arc::new(StringArray::from(meta_keys.clone())) as ArrayRef,
+        ),
+        ("status", Arc::new(StringArray::from(status)) as ArrayRef),
+    ])
     .unwrap();
+    let f = std::fs::File::create(input.join("a/00000.parquet")).unwrap();
+    let mut w = parquet::arrow::ArrowWriter::try_new(f, meta.schema(), None).unwrap();
+    w.write(&meta).unwrap();
+    w.close().unwrap();
     let out = st.path("out");
     let o = st.filter(&[&input], &out, &["--batch", "4"]);
     let stderr = String::from_utf8_lossy(&o.stderr);
@@ -392,6 +411,17 @@ fn filter_routes_every_sample_as_score_decides_and_keeps_members_and_columns() {
     }
     assert_eq!(id, want_id);
     assert_eq!(ood, want_ood);
+    // The metadata table, split: the rows of the samples in each tar, in the same schema.
+    for (top, want) in [("id", &want_id), ("ood", &want_ood)] {
+        let m = table(&out.join(top).join("a/00000.parquet"));
+        assert_eq!(m.schema(), meta.schema());
+        let keys: Vec<String> = strings(&m, "key").into_iter().map(Option::unwrap).collect();
+        let in_tar: Vec<String> = want
+            .iter()
+            .filter_map(|(n, _)| n.strip_suffix(".json").map(String::from))
+            .collect();
+        assert_eq!(keys, in_tar, "{top}");
+    }
     let stats: Value =
         serde_json::from_slice(&std::fs::read(out.join("id/a/00000_stats.json")).unwrap()).unwrap();
     assert_eq!(stats["successes"], want_id.len() / 3);

@@ -49,6 +49,12 @@ impl Layout {
             .join(format!("{}_stats.json", shard.stem()))
     }
 
+    /// img2dataset's metadata table beside a filtered tar or folder, split by decision.
+    pub fn metadata(&self, top: &str, shard: &Shard) -> PathBuf {
+        self.dir(top, shard)
+            .join(format!("{}.parquet", shard.stem()))
+    }
+
     /// The scores or errors table of the shard.
     pub fn table(&self, top: &str, shard: &Shard) -> PathBuf {
         self.dir(top, shard)

@@ -520,6 +520,10 @@ impl Writer<'_> {
             v.push(l.stats(ID, shard));
             v.push(l.stats(OOD, shard));
         }
+        if shard.metadata().is_some() {
+            v.push(l.metadata(ID, shard));
+            v.push(l.metadata(OOD, shard));
+        }
         v
     }
 
@@ -677,6 +681,26 @@ impl Writer<'_> {
                 let p = Pending::new(l.stats(top, shard));
                 std::fs::write(&p.temp, commit::stats_json(samples, &shard.rel, top))?;
                 files.push(p);
+            }
+        }
+        if let Some(meta) = shard.metadata() {
+            let decided: std::collections::HashMap<&str, bool> = open
+                .scores
+                .iter()
+                .map(|r| (r.key.as_str(), r.decision == Decision::Id.as_str()))
+                .collect();
+            let (id, ood) = (
+                Pending::new(l.metadata(ID, shard)),
+                Pending::new(l.metadata(OOD, shard)),
+            );
+            if parquet_shard::split_metadata(
+                &meta,
+                |k| decided.get(k).copied(),
+                &id.temp,
+                &ood.temp,
+            )? {
+                files.push(id);
+                files.push(ood);
             }
         }
         let p = Pending::new(l.table(SCORES, shard));

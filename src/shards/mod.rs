@@ -78,6 +78,27 @@ impl Shard {
         &name[..name.len() - cut]
     }
 
+    /// img2dataset's metadata table beside a tar or folder (`00000.parquet` beside
+    /// `00000.tar` or `00000/`), when there is one.
+    pub fn metadata(&self) -> Option<PathBuf> {
+        if !self.format.is_webdataset() {
+            return None;
+        }
+        let name = self.path.file_name()?.to_str()?;
+        let stem = if self.format == Format::Folder {
+            name
+        } else {
+            let lower = name.to_ascii_lowercase();
+            let cut = [".tar.gz", ".tgz", ".tar"]
+                .iter()
+                .find(|e| lower.ends_with(*e))
+                .map_or(0, |e| e.len());
+            &name[..name.len() - cut]
+        };
+        let p = self.path.with_file_name(format!("{stem}.parquet"));
+        p.is_file().then_some(p)
+    }
+
     /// The relative folder (`""` at the top).
     pub fn rel_dir(&self) -> &str {
         self.rel.rsplit_once('/').map_or("", |(d, _)| d)
