@@ -399,6 +399,70 @@ impl ParquetOut {
     }
 }
 
+/// Splits img2dataset's metadata table of a shard (`00000.parquet` beside `00000.tar`: one row
+/// per input row, no image bytes) into the rows of the samples `decide` sends to `id/` and to
+/// `ood/`, written with the input's schema so each output tar keeps a matching table. Rows of
+/// samples that were not scored go to neither. `Ok(false)` when the table has no `key` column
+/// (nothing is written then).
+pub fn split_metadata(
+    src: &Path,
+    decide: impl Fn(&str) -> Option<bool>,
+    id_out: &Path,
+    ood_out: &Path,
+) -> Result<bool, ParquetShardError> {
+    let name = src.display().to_string();
+    let pq = |source| ParquetShardError::Parquet {
+        path: name.clone(),
+        source,
+    };
+    let f = File::open(src).map_err(|source| ParquetShardError::Io {
+        path: name.clone(),
+        source,
+    })?;
+    let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(pq)?;
+    let schema = builder.schema().clone();
+    let Ok(key) = schema.index_of("key") else {
+        return Ok(false);
+    };
+    let reader = builder.with_batch_size(1024).build().map_err(pq)?;
+    let create = |p: &Path| -> Result<ArrowWriter<File>, ParquetShardError> {
+        let f = File::create(p).map_err(|source| ParquetShardError::Io {
+            path: p.display().to_string(),
+            source,
+        })?;
+        ArrowWriter::try_new(f, schema.clone(), Some(writer_properties())).map_err(pq)
+    };
+    let mut outs = [create(id_out)?, create(ood_out)?];
+    for rb in reader {
+        let rb = rb.map_err(|source| ParquetShardError::Arrow {
+            path: name.clone(),
+            source,
+        })?;
+        let keys = rb.column(key);
+        let mut picks: [Vec<u32>; 2] = Default::default();
+        for i in 0..rb.num_rows() {
+            if let Some(id) = text_at(keys, i).and_then(|k| decide(&k)) {
+                picks[usize::from(!id)].push(i as u32);
+            }
+        }
+        for (w, pick) in outs.iter_mut().zip(picks) {
+            if pick.is_empty() {
+                continue;
+            }
+            let part = arrow_select::take::take_record_batch(&rb, &UInt32Array::from(pick))
+                .map_err(|source| ParquetShardError::Arrow {
+                    path: name.clone(),
+                    source,
+                })?;
+            w.write(&part).map_err(pq)?;
+        }
+    }
+    for w in outs {
+        w.close().map_err(pq)?;
+    }
+    Ok(true)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -507,68 +571,4 @@ mod tests {
         let e = Columns::detect(&r.schema(), "o", None, None).unwrap_err();
         assert!(e.to_string().contains("filtered output"), "{e}");
     }
-}
-
-/// Splits img2dataset's metadata table of a shard (`00000.parquet` beside `00000.tar`: one row
-/// per input row, no image bytes) into the rows of the samples `decide` sends to `id/` and to
-/// `ood/`, written with the input's schema so each output tar keeps a matching table. Rows of
-/// samples that were not scored go to neither. `Ok(false)` when the table has no `key` column
-/// (nothing is written then).
-pub fn split_metadata(
-    src: &Path,
-    decide: impl Fn(&str) -> Option<bool>,
-    id_out: &Path,
-    ood_out: &Path,
-) -> Result<bool, ParquetShardError> {
-    let name = src.display().to_string();
-    let pq = |source| ParquetShardError::Parquet {
-        path: name.clone(),
-        source,
-    };
-    let f = File::open(src).map_err(|source| ParquetShardError::Io {
-        path: name.clone(),
-        source,
-    })?;
-    let builder = ParquetRecordBatchReaderBuilder::try_new(f).map_err(pq)?;
-    let schema = builder.schema().clone();
-    let Ok(key) = schema.index_of("key") else {
-        return Ok(false);
-    };
-    let reader = builder.with_batch_size(1024).build().map_err(pq)?;
-    let create = |p: &Path| -> Result<ArrowWriter<File>, ParquetShardError> {
-        let f = File::create(p).map_err(|source| ParquetShardError::Io {
-            path: p.display().to_string(),
-            source,
-        })?;
-        ArrowWriter::try_new(f, schema.clone(), Some(writer_properties())).map_err(pq)
-    };
-    let mut outs = [create(id_out)?, create(ood_out)?];
-    for rb in reader {
-        let rb = rb.map_err(|source| ParquetShardError::Arrow {
-            path: name.clone(),
-            source,
-        })?;
-        let keys = rb.column(key);
-        let mut picks: [Vec<u32>; 2] = Default::default();
-        for i in 0..rb.num_rows() {
-            if let Some(id) = text_at(keys, i).and_then(|k| decide(&k)) {
-                picks[usize::from(!id)].push(i as u32);
-            }
-        }
-        for (w, pick) in outs.iter_mut().zip(picks) {
-            if pick.is_empty() {
-                continue;
-            }
-            let part = arrow_select::take::take_record_batch(&rb, &UInt32Array::from(pick))
-                .map_err(|source| ParquetShardError::Arrow {
-                    path: name.clone(),
-                    source,
-                })?;
-            w.write(&part).map_err(pq)?;
-        }
-    }
-    for w in outs {
-        w.close().map_err(pq)?;
-    }
-    Ok(true)
 }
