@@ -588,7 +588,9 @@ fn filter_routes_every_sample_as_score_decides_and_keeps_members_and_columns() {
         s(&st.model),
         "--device",
         "cpu",
-        "--threshold=-1000",
+        // A negative threshold as its own argument (clap took it for a flag before).
+        "--threshold",
+        "-1000",
         "--out",
         s(&out),
         s(&input),

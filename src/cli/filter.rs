@@ -28,7 +28,7 @@ pub struct FilterArgs {
     #[arg(long, default_value = "ole")]
     pub method: Method,
     /// Decision threshold: OOD iff score < X (default: the bank's calibrated threshold).
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f64>,
     /// Logit scale s = 1/T (default: the bank's, else the method's).
     #[arg(long)]

@@ -41,7 +41,7 @@ pub struct CheckArgs {
     #[arg(long, default_value = "ole")]
     pub method: Method,
     /// Threshold instead of the bank's calibrated one.
-    #[arg(long)]
+    #[arg(long, allow_negative_numbers = true)]
     pub threshold: Option<f64>,
     /// Least fraction of images with the same decision under both models.
     #[arg(long, default_value_t = 0.995)]
