@@ -768,3 +768,68 @@ fn shard_index_and_count_split_the_shards_exactly() {
         "{err}"
     );
 }
+
+#[test]
+fn datacomp_uids_of_the_id_samples_load_in_numpy_sorted_and_distinct() {
+    let st = Setup::new();
+    let input = st.path("in");
+    let imgs = images();
+    // DataComp sidecars: a 32-hex-digit uid each; two samples share one uid.
+    let uid = |i: usize| {
+        format!(
+            "{:016x}{:016x}",
+            0xfeed_u64 * (i as u64 % 7 + 1),
+            i as u64 % 7
+        )
+    };
+    let mut m = Vec::new();
+    for (i, img) in imgs.iter().enumerate() {
+        let key = format!("{i:09}");
+        let ext = img.extension().unwrap().to_str().unwrap();
+        m.push((format!("{key}.{ext}"), std::fs::read(img).unwrap()));
+        m.push((
+            format!("{key}.json"),
+            format!("{{\"uid\": \"{}\"}}", uid(i)).into_bytes(),
+        ));
+    }
+    write_tar(&input.join("00000000.tar"), &m, false);
+    let out = st.path("out");
+    let o = st.filter(&[&input], &out, &[]);
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    let b = table(&out.join("scores/00000000.parquet"));
+    let mut want: Vec<String> = strings(&b, "uid")
+        .into_iter()
+        .zip(strings(&b, "decision"))
+        .filter(|(_, d)| d.as_deref() == Some("id"))
+        .map(|(u, _)| u.unwrap())
+        .collect();
+    want.sort();
+    want.dedup();
+    assert!(!want.is_empty());
+    let script = "import numpy as np, sys\n\
+        a = np.load(sys.argv[1])\n\
+        assert a.dtype == np.dtype('u8,u8'), a.dtype\n\
+        assert (np.sort(a) == a).all()\n\
+        print('\\n'.join('%016x%016x' % (int(x), int(y)) for x, y in a))\n";
+    let py = std::process::Command::new(common::python())
+        .args(["-c", script])
+        .arg(out.join("id_uids.npy"))
+        .output()
+        .unwrap();
+    assert!(
+        py.status.success(),
+        "{}",
+        String::from_utf8_lossy(&py.stderr)
+    );
+    let got: Vec<String> = String::from_utf8(py.stdout)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    assert_eq!(got, want);
+    assert!(
+        stderr.contains(&format!("{} uids of ID samples", want.len())),
+        "{stderr}"
+    );
+}

@@ -258,6 +258,24 @@ pub fn run(a: FilterArgs) -> anyhow::Result<ExitCode> {
         summary.seconds,
         scored as f64 / summary.seconds.max(1e-9)
     );
+    // DataComp's subset file, from every shard's scores (other workers' included).
+    if let Some((npy, rep)) = oodgate::shards::datacomp::id_uids(&a.out.join("scores"))
+        .context("reading the scores tables for id_uids.npy")?
+    {
+        let path = a.out.join("id_uids.npy");
+        oodgate::shards::commit::write_atomic(&path, &npy)
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!(
+            "{}: {} uids of ID samples for DataComp's resharder{}",
+            path.display(),
+            rep.written,
+            if rep.without_uid > 0 {
+                format!(" ({} ID samples have no 32-hex-digit uid)", rep.without_uid)
+            } else {
+                String::new()
+            }
+        );
+    }
     if ctx.random_weights(bank) {
         eprintln!("note: random-weight model: the decisions carry no meaning");
     }

@@ -5,6 +5,7 @@
 //! protocol, partitioning) are specified in docs/shards.md.
 
 pub mod commit;
+pub mod datacomp;
 pub mod distributed;
 pub mod filter;
 pub mod folder;
