@@ -194,7 +194,7 @@ pub fn prepare(marker: &Path, outputs: &[PathBuf]) -> std::io::Result<()> {
 }
 
 /// Removes a file, or a folder output (folder shards) with its files.
-fn remove_if_present(p: &Path) -> std::io::Result<()> {
+pub fn remove_if_present(p: &Path) -> std::io::Result<()> {
     let r = match std::fs::symlink_metadata(p) {
         Ok(m) if m.is_dir() => std::fs::remove_dir_all(p),
         Ok(_) => std::fs::remove_file(p),

@@ -11,10 +11,10 @@ use base64::Engine;
 use base64::engine::general_purpose::STANDARD as B64;
 use sha2::{Digest, Sha256};
 
-use super::commit::{self, Counts, ERRORS, ID, InputStamp, Layout, Marker, OOD, Pending, SCORES};
-use super::folder::SampleWriter;
-use super::tables::{self, ErrorKind, ErrorRow, ScoreRow, Stage};
-use super::webdataset::Sample;
+use super::commit::{self, Counts, InputStamp, Layout, Marker};
+use super::output::ShardOutput;
+use super::tables::{ErrorKind, ErrorRow, ScoreRow, Stage};
+use super::webdataset::{Sample, sidecar_ids, split_name};
 use super::{Format, Shard};
 
 /// The input shard's relative path.
@@ -338,37 +338,24 @@ fn write_shard(
         rel: m.shard.clone(),
         format: m.format,
     };
-    let outputs = vec![
-        layout.filtered(ID, &shard),
-        layout.filtered(OOD, &shard),
-        layout.stats(ID, &shard),
-        layout.stats(OOD, &shard),
-        layout.table(SCORES, &shard),
-        layout.table(ERRORS, &shard),
-    ];
     let e = |x: &dyn std::fmt::Display| x.to_string();
-    commit::prepare(&layout.marker(&shard), &outputs).map_err(|x| e(&x))?;
-    let mut id =
-        SampleWriter::create(&commit::temp_path(&outputs[0]), m.format).map_err(|x| e(&x))?;
-    let mut ood =
-        SampleWriter::create(&commit::temp_path(&outputs[1]), m.format).map_err(|x| e(&x))?;
+    let mut out = ShardOutput::open(layout, &shard, None, None).map_err(|x| e(&x))?;
     let mut counts = Counts {
         read: m.read,
         errors: m.errors.len() as u64,
         ..Counts::default()
     };
-    let mut scores = Vec::new();
-    let mut errors: Vec<ErrorRow> = m.errors.clone();
+    out.errors = m.errors.clone();
     for k in &m.keys {
         let Some(r) = records.get(k) else {
             return Err(format!("key {k} is not spooled"));
         };
-        let writer = match r.decision.as_str() {
-            "id" => &mut id,
-            "ood" => &mut ood,
+        let kept = match r.decision.as_str() {
+            "id" => &mut out.id,
+            "ood" => &mut out.ood,
             _ => {
                 counts.errors += 1;
-                errors.push(ErrorRow {
+                out.errors.push(ErrorRow {
                     key: Some(k.clone()),
                     shard: m.shard.clone(),
                     member: Some(r.image.clone()),
@@ -380,6 +367,9 @@ fn write_shard(
                 });
                 continue;
             }
+        };
+        let Some(writer) = kept.samples() else {
+            return Err(format!("{}: not a tar or folder shard", m.shard));
         };
         for (name, data) in &r.members {
             let Some(data) = data else {
@@ -394,27 +384,20 @@ fn write_shard(
         } else {
             counts.ood += 1;
         }
-        let json = r
+        let (uid, url) = r
             .members
             .iter()
-            .find(|(n, _)| n.to_ascii_lowercase().ends_with(".json"))
+            .find(|(n, _)| split_name(n).is_some_and(|(_, ext)| ext == "json"))
             .and_then(|(_, d)| d.as_ref())
             .and_then(|d| B64.decode(d.as_bytes()).ok())
-            .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok());
-        let field = |f: &str| {
-            json.as_ref().and_then(|v| v.get(f)).and_then(|x| match x {
-                serde_json::Value::String(s) => Some(s.clone()),
-                serde_json::Value::Number(n) => Some(n.to_string()),
-                _ => None,
-            })
-        };
-        scores.push(ScoreRow {
+            .map_or((None, None), |j| sidecar_ids(&j));
+        out.scores.push(ScoreRow {
             key: k.clone(),
             shard: m.shard.clone(),
             member: Some(r.image.clone()),
             row: None,
-            uid: field("uid"),
-            url: field("url"),
+            uid,
+            url,
             image_sha256: r.image_sha256.clone(),
             decision: r.decision.clone(),
             score: r.score.unwrap_or(f64::NAN),
@@ -427,27 +410,6 @@ fn write_shard(
             model_fingerprint: r.model.clone(),
         });
     }
-    let n_id = id.samples();
-    let n_ood = ood.samples();
-    id.finish().map_err(|x| e(&x))?;
-    ood.finish().map_err(|x| e(&x))?;
-    let mut files: Vec<Pending> = vec![
-        Pending::new(outputs[0].clone()),
-        Pending::new(outputs[1].clone()),
-    ];
-    for (i, (top, n)) in [(ID, n_id), (OOD, n_ood)].into_iter().enumerate() {
-        let p = Pending::new(outputs[2 + i].clone());
-        std::fs::write(&p.temp, commit::stats_json(n, &m.shard, top)).map_err(|x| e(&x))?;
-        files.push(p);
-    }
-    let p = Pending::new(outputs[4].clone());
-    tables::write_table(&p.temp, &tables::scores_batch(&scores).map_err(|x| e(&x))?)
-        .map_err(|x| e(&x))?;
-    files.push(p);
-    let p = Pending::new(outputs[5].clone());
-    tables::write_table(&p.temp, &tables::errors_batch(&errors).map_err(|x| e(&x))?)
-        .map_err(|x| e(&x))?;
-    files.push(p);
     let marker = Marker {
         shard: m.shard.clone(),
         input: InputStamp {
@@ -460,7 +422,7 @@ fn write_shard(
         config_fingerprint: format!("collect:{}", m.key_digest),
         oodgate_version: env!("CARGO_PKG_VERSION").to_string(),
     };
-    commit::commit(layout, files, &layout.marker(&shard), marker).map_err(|x| e(&x))?;
+    out.commit(layout, &shard, marker).map_err(|x| e(&x))?;
     Ok(counts)
 }
 
@@ -584,7 +546,7 @@ mod tests {
             format: Format::Tar,
         };
         let mut names = Vec::new();
-        crate::shards::webdataset::read_samples(&l.filtered(OOD, &sh), |s| {
+        crate::shards::webdataset::read_samples(&l.filtered(commit::OOD, &sh), |s| {
             names.push(s.key);
             std::ops::ControlFlow::Continue(())
         })

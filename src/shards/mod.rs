@@ -9,6 +9,7 @@ pub mod datacomp;
 pub mod distributed;
 pub mod filter;
 pub mod folder;
+pub mod output;
 pub mod parquet_shard;
 pub mod tables;
 pub mod webdataset;

@@ -14,6 +14,19 @@ use flate2::write::GzEncoder;
 use super::Format;
 use super::tables::{ErrorKind, Stage};
 
+/// The `uid` and `url` of an img2dataset `.json` sidecar (strings or numbers), when present.
+pub fn sidecar_ids(json: &[u8]) -> (Option<String>, Option<String>) {
+    let Ok(v) = serde_json::from_slice::<serde_json::Value>(json) else {
+        return (None, None);
+    };
+    let field = |k: &str| match v.get(k) {
+        Some(serde_json::Value::String(s)) => Some(s.clone()),
+        Some(serde_json::Value::Number(n)) => Some(n.to_string()),
+        _ => None,
+    };
+    (field("uid"), field("url"))
+}
+
 /// Extensions that hold the image, in priority order. A sample needs exactly one.
 pub const IMAGE_EXTENSIONS: [&str; 7] = ["jpg", "jpeg", "png", "webp", "gif", "bmp", "jfif"];
 
