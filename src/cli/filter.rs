@@ -7,15 +7,14 @@ use std::process::ExitCode;
 
 use anyhow::{Context, bail};
 use indicatif::{ProgressBar, ProgressStyle};
-use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
-use oodgate::detect::method::Method;
+use oodgate::detect::detector::Detector;
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{Encoder, Preprocessor};
 use oodgate::shards::commit::{Layout, RunState, claim_run};
 use oodgate::shards::filter::{self, Event, FilterOptions, Outcome};
 use oodgate::shards::{discover, list_digest, partition};
 
-use super::common::{ApproxArgs, ModelCtx, OptModelArgs, load_bank};
+use super::common::{DecisionArgs, ModelCtx, OptModelArgs, load_bank};
 
 #[derive(Debug, clap::Args)]
 pub struct FilterArgs {
@@ -24,20 +23,8 @@ pub struct FilterArgs {
     pub bank: PathBuf,
     #[command(flatten)]
     pub model: OptModelArgs,
-    /// Score method (see `oodgate score --help`).
-    #[arg(long, default_value = "ole")]
-    pub method: Method,
-    /// Decision threshold: OOD iff score < X (default: the bank's calibrated threshold).
-    #[arg(long, allow_negative_numbers = true)]
-    pub threshold: Option<f64>,
-    /// Logit scale s = 1/T (default: the bank's, else the method's).
-    #[arg(long)]
-    pub scale: Option<f32>,
-    /// Nearest ID labels and outlier words recorded per sample in the scores table.
-    #[arg(long, default_value_t = 3)]
-    pub top_k: usize,
     #[command(flatten)]
-    pub approx: ApproxArgs,
+    pub decision: DecisionArgs,
     /// Image decode threads (0 = half the cores, as `batch.decode_workers = 0` in serve).
     #[arg(long, default_value_t = 0)]
     pub decode_workers: usize,
@@ -114,15 +101,7 @@ pub fn run(a: FilterArgs) -> anyhow::Result<ExitCode> {
     let total = all.len();
     let mine = partition(all, a.shard_index, a.shard_count);
 
-    let spec = DetectorSpec {
-        method: a.method,
-        scale: a.scale,
-        threshold: a
-            .threshold
-            .map_or(ThresholdChoice::FromBank, ThresholdChoice::Given),
-        top_k: a.top_k,
-        approx: a.approx.params(),
-    };
+    let spec = a.decision.spec();
     let detector = Detector::new(load_bank(&a.bank)?, &spec)
         .with_context(|| format!("bank {}", a.bank.display()))?;
     let threshold = detector.threshold().context("no threshold was resolved")?;
@@ -153,10 +132,10 @@ pub fn run(a: FilterArgs) -> anyhow::Result<ExitCode> {
         "bank": bank.version(),
         "model": model_fp,
         "image_digest": encoder.info().image_digest,
-        "method": a.method.as_str(),
+        "method": a.decision.method.as_str(),
         "threshold": threshold.value,
         "scale": detector.params().scale,
-        "top_k": a.top_k,
+        "top_k": a.decision.top_k,
         "jpeg_draft": a.model.runtime.jpeg_draft,
         "image_column": a.image_column,
         "key_column": a.key_column,
@@ -187,7 +166,7 @@ pub fn run(a: FilterArgs) -> anyhow::Result<ExitCode> {
         mine.len(),
         a.shard_index,
         a.shard_count,
-        a.method,
+        a.decision.method,
         threshold.value,
         threshold.source,
         opts.batch,

@@ -7,12 +7,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
-use oodgate::detect::detector::{Decision, Detector, DetectorSpec, ThresholdChoice};
+use oodgate::detect::detector::{Decision, Detector};
 use oodgate::detect::method::Method;
 
 use oodgate::detect::adaptive::run_stream;
 
-use super::common::{AdaptiveArgs, ApproxArgs, ModelCtx, OptModelArgs, load_bank};
+use super::common::{AdaptiveArgs, DecisionArgs, ModelCtx, OptModelArgs, load_bank};
 
 #[derive(Debug, clap::Args)]
 pub struct ScoreArgs {
@@ -21,21 +21,8 @@ pub struct ScoreArgs {
     pub bank: PathBuf,
     #[command(flatten)]
     pub model: OptModelArgs,
-    /// Score method: ole, ole-max, ole-penalty, clipn-atd, clipn-ctw, mcm, energy, max-logit,
-    /// neglabel.
-    #[arg(long, default_value = "ole")]
-    pub method: Method,
-    /// Decision threshold: OOD iff score < X (default: the bank's calibrated threshold).
-    #[arg(long, allow_negative_numbers = true)]
-    pub threshold: Option<f64>,
-    /// Logit scale s = 1/T (default: the bank's, else the method's, e.g. 50 for ole).
-    #[arg(long)]
-    pub scale: Option<f32>,
-    /// Nearest ID labels and outlier words reported per input (0 = none).
-    #[arg(long, default_value_t = 3)]
-    pub top_k: usize,
     #[command(flatten)]
-    pub approx: ApproxArgs,
+    pub decision: DecisionArgs,
     /// With --adaptive the inputs are one stream in the order given: each is scored against
     /// the confident-OOD inputs admitted before it, and `score` is the adaptive score.
     #[command(flatten)]
@@ -89,15 +76,7 @@ fn pairs(v: &[(String, f32)]) -> Vec<Near<'_>> {
 }
 
 pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
-    let spec = DetectorSpec {
-        method: a.method,
-        scale: a.scale,
-        threshold: a
-            .threshold
-            .map_or(ThresholdChoice::FromBank, ThresholdChoice::Given),
-        top_k: a.top_k,
-        approx: a.approx.params(),
-    };
+    let spec = a.decision.spec();
     let detector = Detector::new(load_bank(&a.bank)?, &spec)
         .with_context(|| format!("bank {}", a.bank.display()))?;
     let threshold = detector.threshold().context("no threshold was resolved")?;
@@ -105,12 +84,12 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
         .bank()
         .meta
         .scale
-        .unwrap_or(a.method.default_scale());
-    if threshold.source == "bank" && a.scale.is_some_and(|s| s != bank_scale) {
+        .unwrap_or(a.decision.method.default_scale());
+    if threshold.source == "bank" && a.decision.scale.is_some_and(|s| s != bank_scale) {
         eprintln!(
             "WARNING: the bank's threshold for {} was calibrated at the bank's scale {}, but \
              --scale changes the scores; recalibrate or pass --threshold",
-            a.method, bank_scale
+            a.decision.method, bank_scale
         );
     }
     let bank = detector.bank();
@@ -119,7 +98,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     let emb = ctx.embed(&a.inputs, bank.meta.dim, "scoring")?;
     let mut verdicts = detector
         .verdicts(emb.x.view())
-        .with_context(|| format!("scoring with method {}", a.method))?;
+        .with_context(|| format!("scoring with method {}", a.decision.method))?;
     // The adaptive detector: the inputs in the order given are the stream. The verdicts
     // already hold each static score and bucket.
     if a.adaptive.adaptive {
@@ -127,7 +106,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
             .iter()
             .map(|v| (v.score, u32::try_from(v.top_id).unwrap_or(u32::MAX)))
             .collect();
-        let mut mem = a.adaptive.memory(bank, a.method)?;
+        let mut mem = a.adaptive.memory(bank, a.decision.method)?;
         let order: Vec<usize> = (0..statics.len()).collect();
         let out = run_stream(&mut mem, emb.x.view(), &statics, &order, a.model.batch)?;
         let penalised = out.iter().filter(|r| r.penalty > 0.0).count();
@@ -162,7 +141,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
             input: name,
             score: v.score,
             decision: v.decision.as_str(),
-            method: a.method,
+            method: a.decision.method,
             threshold: threshold.value,
             scale: detector.params().scale,
             static_score: ad.map(|r| r.static_score),
@@ -190,7 +169,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     for (name, why) in &emb.failures {
         serde_json::to_writer(
             &mut w,
-            &serde_json::json!({"input": name, "error": why, "method": a.method}),
+            &serde_json::json!({"input": name, "error": why, "method": a.decision.method}),
         )?;
         w.write_all(b"\n")?;
     }
@@ -199,7 +178,7 @@ pub fn run(a: ScoreArgs) -> anyhow::Result<ExitCode> {
     eprintln!(
         "scored {} inputs with {} (threshold {:.6} from {}): {n_id} id, {n_ood} ood{}",
         verdicts.len(),
-        a.method,
+        a.decision.method,
         threshold.value,
         threshold.source,
         if emb.failures.is_empty() {

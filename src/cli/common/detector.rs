@@ -1,4 +1,4 @@
-//! Detector flags shared by `score`, `eval` and `calibrate`, and bank loading.
+//! Detector flags shared by `score`, `filter`, `eval` and `calibrate`, and bank loading.
 
 use std::path::Path;
 
@@ -115,5 +115,40 @@ pub fn scoring_spec(method: Method, scale: Option<f32>, approx: &ApproxArgs) -> 
         threshold: ThresholdChoice::None,
         top_k: 0,
         approx: approx.params(),
+    }
+}
+
+/// The flags of a command that decides (`score`, `filter`): method, threshold, scale,
+/// explanations and approximate scoring.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DecisionArgs {
+    /// Score method: ole, ole-max, ole-penalty, clipn-atd, clipn-ctw, mcm, energy, max-logit,
+    /// neglabel.
+    #[arg(long, default_value = "ole")]
+    pub method: Method,
+    /// Decision threshold: OOD iff score < X (default: the bank's calibrated threshold).
+    #[arg(long, allow_negative_numbers = true)]
+    pub threshold: Option<f64>,
+    /// Logit scale s = 1/T (default: the bank's, else the method's, e.g. 50 for ole).
+    #[arg(long)]
+    pub scale: Option<f32>,
+    /// Nearest ID labels and outlier words reported per input (0 = none).
+    #[arg(long, default_value_t = 3)]
+    pub top_k: usize,
+    #[command(flatten)]
+    pub approx: ApproxArgs,
+}
+
+impl DecisionArgs {
+    pub fn spec(&self) -> DetectorSpec {
+        DetectorSpec {
+            method: self.method,
+            scale: self.scale,
+            threshold: self
+                .threshold
+                .map_or(ThresholdChoice::FromBank, ThresholdChoice::Given),
+            top_k: self.top_k,
+            approx: self.approx.params(),
+        }
     }
 }

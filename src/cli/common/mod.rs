@@ -12,7 +12,7 @@ use std::path::PathBuf;
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-pub use detector::{AdaptiveArgs, ApproxArgs, load_bank, scoring_spec};
+pub use detector::{AdaptiveArgs, ApproxArgs, DecisionArgs, load_bank, scoring_spec};
 pub use inputs::ModelCtx;
 pub use model::{ModelArgs, OptModelArgs, RuntimeArgs, load_encoder, model_identity};
 
