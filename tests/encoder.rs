@@ -74,6 +74,51 @@ fn image_embeddings_are_unit_norm_and_batch_independent() {
     assert_eq!(again, all);
 }
 
+/// `model.cpu_run_batch` runs a batch in slices; every image keeps its own row and the same
+/// embedding as in one whole run (slices of 2, 2 and 1 for five distinct images).
+#[test]
+fn a_batch_run_in_slices_gives_each_image_its_whole_batch_embedding() {
+    let dir = common::tiny_model();
+    let with_run_batch = |run: usize| {
+        let m = ModelManifest::load(&dir).unwrap();
+        let mut opts = EncoderOptions {
+            device: Device::Cpu,
+            intra_threads: 1,
+            ..Default::default()
+        };
+        opts.tuning.cpu_run_batch = run;
+        OrtEncoder::load(m, opts).unwrap()
+    };
+    let mut whole = with_run_batch(0);
+    let mut sliced = with_run_batch(2);
+    let pre = Preprocessor::from_manifest(whole.manifest(), Limits::default());
+    let batch = images(
+        &pre,
+        &[
+            "chelsea.jpg",
+            "coffee.jpg",
+            "rocket.jpg",
+            "palette.png",
+            "tiny.png",
+        ],
+    );
+    let a = whole.embed_images(batch.view()).unwrap();
+    let b = sliced.embed_images(batch.view()).unwrap();
+    assert_eq!(b.shape(), &[5, 64]);
+    for i in 0..5 {
+        let d = (&a.row(i) - &b.row(i))
+            .iter()
+            .fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-5, "image {i}: sliced vs whole differ by {d}");
+        for j in (0..5).filter(|&j| j != i) {
+            let other = (&a.row(j) - &b.row(i))
+                .iter()
+                .fold(0f32, |m, v| m.max(v.abs()));
+            assert!(other > d, "image {i}'s sliced row is closer to image {j}'s");
+        }
+    }
+}
+
 #[test]
 fn text_embeddings_follow_the_tokens() {
     let dir = common::tiny_model();

@@ -62,6 +62,12 @@ pub struct BenchArgs {
     /// ONNX Runtime's weight prepacking (model.prepacking).
     #[arg(long, default_value_t = SessionTuning::default().prepacking, action = clap::ArgAction::Set)]
     pub prepacking: bool,
+    /// On CPU, the most images per ONNX Runtime run (model.cpu_run_batch; 0: the whole batch).
+    #[arg(long, default_value_t = SessionTuning::default().cpu_run_batch)]
+    pub cpu_run_batch: usize,
+    /// On CPU, return the heap's free pages after each batch (model.trim_heap).
+    #[arg(long, default_value_t = SessionTuning::default().trim_heap, action = clap::ArgAction::Set)]
+    pub trim_heap: bool,
     /// The fast JPEG path (preprocess.jpeg_draft) in the preprocessing and end-to-end runs.
     #[arg(long)]
     pub jpeg_draft: bool,
@@ -99,6 +105,8 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     s.model.cpu_arena = a.cpu_arena;
     s.model.memory_pattern = a.memory_pattern;
     s.model.prepacking = a.prepacking;
+    s.model.cpu_run_batch = a.cpu_run_batch;
+    s.model.trim_heap = a.trim_heap;
     s.preprocess.jpeg_draft = a.jpeg_draft;
     s.model.warm_up = true;
     s.detector.bank = Some(a.bank.clone());
@@ -259,11 +267,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         drop(blobs);
         // The filter stage's freed buffers stay in glibc's heaps; hand them back so that the
         // serve-shaped peak starts from what a worker would hold.
-        #[cfg(all(target_os = "linux", target_env = "gnu"))]
-        // SAFETY: malloc_trim only returns free heap memory to the system.
-        unsafe {
-            libc::malloc_trim(0);
-        }
+        oodgate::model::heap::release_free();
         reset = reset_peak_rss();
         let stats = Arc::new(Stats::default());
         let ready = Arc::new(AtomicBool::new(false));
@@ -312,7 +316,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let report = serde_json::json!({
         "model": a.model, "weights_random": random, "provider": provider, "batch": a.batch,
         "intra_threads": threads, "decode_workers": decode_workers, "cores": cores,
-        "jpeg_draft": a.jpeg_draft, "intra_spinning": a.intra_spinning, "prepacking": a.prepacking, "cpu_arena": a.cpu_arena, "memory_pattern": a.memory_pattern,
+        "jpeg_draft": a.jpeg_draft, "intra_spinning": a.intra_spinning, "prepacking": a.prepacking, "cpu_run_batch": a.cpu_run_batch, "trim_heap": a.trim_heap, "cpu_arena": a.cpu_arena, "memory_pattern": a.memory_pattern,
         "images": n_images, "messages": total,
         "encoder_images_per_s": encoder_ips,
         "preprocess_images_per_s_per_core": pre_one,

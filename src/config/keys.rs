@@ -442,6 +442,16 @@ pub const KEYS: &[KeyInfo] = &[
         "ONNX Runtime repacks matrix weights for its CPU kernels at load: faster, and a second copy of them while loading.",
     ),
     key(
+        "model.cpu_run_batch",
+        Kind::Integer,
+        "On CPU, the most images per ONNX Runtime run: a larger batch runs in slices of this size, which bounds activation memory (0: the whole batch in one run; CUDA always runs the whole batch).",
+    ),
+    key(
+        "model.trim_heap",
+        Kind::Bool,
+        "On CPU, hand the heap's free pages back to the system after each batch (glibc's malloc_trim): the activations a batch freed do not stay resident.",
+    ),
+    key(
         "model.warm_up",
         Kind::Bool,
         "Run every batch size once before reporting ready.",

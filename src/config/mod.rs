@@ -398,6 +398,10 @@ pub struct ModelSettings {
     pub memory_pattern: bool,
     /// ONNX Runtime's weight prepacking.
     pub prepacking: bool,
+    /// On CPU, the most images per ONNX Runtime run (0: the whole batch).
+    pub cpu_run_batch: usize,
+    /// On CPU, return the heap's free pages after each batch.
+    pub trim_heap: bool,
     pub warm_up: bool,
 }
 
@@ -413,6 +417,8 @@ impl Default for ModelSettings {
             cpu_arena: tuning.cpu_arena,
             memory_pattern: tuning.memory_pattern,
             prepacking: tuning.prepacking,
+            cpu_run_batch: tuning.cpu_run_batch,
+            trim_heap: tuning.trim_heap,
             warm_up: true,
         }
     }

@@ -57,13 +57,15 @@ impl ModelSettings {
     }
 
     /// The ONNX Runtime session settings (`model.intra_spinning`, `model.cpu_arena`,
-    /// `model.memory_pattern`).
+    /// `model.memory_pattern`, `model.prepacking`, `model.cpu_run_batch`, `model.trim_heap`).
     pub fn tuning(&self) -> crate::model::encoder::SessionTuning {
         crate::model::encoder::SessionTuning {
             spinning: self.intra_spinning,
             cpu_arena: self.cpu_arena,
             memory_pattern: self.memory_pattern,
             prepacking: self.prepacking,
+            cpu_run_batch: self.cpu_run_batch,
+            trim_heap: self.trim_heap,
         }
     }
 

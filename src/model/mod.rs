@@ -3,6 +3,7 @@
 //! of scores.
 
 pub mod encoder;
+pub mod heap;
 pub mod manifest;
 pub mod pipeline;
 pub mod preprocess;

@@ -7,7 +7,7 @@ use oodgate::detect::adaptive::{AdaptiveCalibration, AdaptiveMemory, AdaptivePar
 use oodgate::detect::detector::{Detector, DetectorSpec, ThresholdChoice};
 use oodgate::detect::method::Method;
 use oodgate::model::preprocess::Limits;
-use oodgate::model::{Encoder, OrtEncoder, Preprocessor};
+use oodgate::model::{Encoder, OrtEncoder, Preprocessor, heap};
 
 use super::model::fingerprint_for_bank;
 use super::{load_bank, load_encoder};
@@ -94,14 +94,21 @@ pub fn load_worker(
     s: &Settings,
     threshold: ThresholdChoice,
 ) -> anyhow::Result<(OrtEncoder, Detector, Preprocessor)> {
+    // Each weight in a mapping of its own while loading: the load's transient copies go
+    // straight back to the system instead of fragmenting the heap (README "Performance").
+    heap::map_large_buffers();
     let mut enc = load_encoder(&s.model.dir, s.model.encoder_options()?)
         .with_context(|| format!("model.dir = {}", s.model.dir.display()))?;
     tracing::info!(provider = %enc.info().provider, threads = enc.info().intra_threads, "encoder loaded");
+    heap::reuse_large_buffers();
     if s.model.warm_up {
         let mut sizes = vec![1, s.batch.max_size];
         sizes.dedup();
         enc.warm_up(&sizes)?;
     }
+    // What loading and the warm-up freed goes back to the system: serve's resident size when
+    // ready fell from about 500 to 380 MiB for a 335 MiB model (README "Performance").
+    heap::release_free();
     let Some(bank_path) = &s.detector.bank else {
         bail!("detector.bank is required for serve")
     };
