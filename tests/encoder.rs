@@ -4,7 +4,7 @@
 mod common;
 
 use ndarray::{Array4, Axis, s};
-use oodgate::model::encoder::EncoderOptions;
+use oodgate::model::encoder::{EncoderOptions, IoBindingMode};
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{ClipTokenizer, Device, Encoder, ModelManifest, OrtEncoder, Preprocessor};
 
@@ -117,6 +117,38 @@ fn a_batch_run_in_slices_gives_each_image_its_whole_batch_embedding() {
             assert!(other > d, "image {i}'s sliced row is closer to image {j}'s");
         }
     }
+}
+
+/// The I/O binding path (CUDA's by default) forced on a CPU session: the same embeddings as a
+/// plain run, for a whole batch and for a batch run in slices.
+#[test]
+fn io_binding_gives_the_plain_runs_embeddings() {
+    let dir = common::tiny_model();
+    let load_with = |mode: IoBindingMode, run: usize| {
+        let m = ModelManifest::load(&dir).unwrap();
+        let mut opts = EncoderOptions {
+            device: Device::Cpu,
+            intra_threads: 1,
+            ..Default::default()
+        };
+        opts.tuning.io_binding = mode;
+        opts.tuning.cpu_run_batch = run;
+        OrtEncoder::load(m, opts).unwrap()
+    };
+    let mut plain = load_with(IoBindingMode::Never, 0);
+    let pre = Preprocessor::from_manifest(plain.manifest(), Limits::default());
+    let batch = images(&pre, &["chelsea.jpg", "coffee.jpg", "rocket.jpg"]);
+    let want = plain.embed_images(batch.view()).unwrap();
+    for run in [0, 2] {
+        let mut bound = load_with(IoBindingMode::Always, run);
+        let got = bound.embed_images(batch.view()).unwrap();
+        assert_eq!(got.shape(), want.shape());
+        let d = (&got - &want).iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(d < 1e-5, "run batch {run}: bound vs plain differ by {d}");
+    }
+    // The default binds on CUDA only: on CPU the plain path runs.
+    let mut default = load_with(IoBindingMode::Cuda, 0);
+    assert_eq!(default.embed_images(batch.view()).unwrap(), want);
 }
 
 #[test]

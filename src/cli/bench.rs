@@ -68,6 +68,9 @@ pub struct BenchArgs {
     /// On CPU, return the heap's free pages after each batch (model.trim_heap).
     #[arg(long, default_value_t = SessionTuning::default().trim_heap, action = clap::ArgAction::Set)]
     pub trim_heap: bool,
+    /// On CUDA, run batches through ONNX Runtime's I/O binding (model.io_binding).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    pub io_binding: bool,
     /// The fast JPEG path (preprocess.jpeg_draft) in the preprocessing and end-to-end runs.
     #[arg(long)]
     pub jpeg_draft: bool,
@@ -107,6 +110,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     s.model.prepacking = a.prepacking;
     s.model.cpu_run_batch = a.cpu_run_batch;
     s.model.trim_heap = a.trim_heap;
+    s.model.io_binding = a.io_binding;
     s.preprocess.jpeg_draft = a.jpeg_draft;
     s.model.warm_up = true;
     s.detector.bank = Some(a.bank.clone());
@@ -316,7 +320,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
     let report = serde_json::json!({
         "model": a.model, "weights_random": random, "provider": provider, "batch": a.batch,
         "intra_threads": threads, "decode_workers": decode_workers, "cores": cores,
-        "jpeg_draft": a.jpeg_draft, "intra_spinning": a.intra_spinning, "prepacking": a.prepacking, "cpu_run_batch": a.cpu_run_batch, "trim_heap": a.trim_heap, "cpu_arena": a.cpu_arena, "memory_pattern": a.memory_pattern,
+        "jpeg_draft": a.jpeg_draft, "intra_spinning": a.intra_spinning, "prepacking": a.prepacking, "cpu_run_batch": a.cpu_run_batch, "trim_heap": a.trim_heap, "io_binding": a.io_binding, "cpu_arena": a.cpu_arena, "memory_pattern": a.memory_pattern,
         "images": n_images, "messages": total,
         "encoder_images_per_s": encoder_ips,
         "preprocess_images_per_s_per_core": pre_one,

@@ -452,6 +452,11 @@ pub const KEYS: &[KeyInfo] = &[
         "On CPU, hand the heap's free pages back to the system after each batch (glibc's malloc_trim): the activations a batch freed do not stay resident.",
     ),
     key(
+        "model.io_binding",
+        Kind::Bool,
+        "On CUDA, batches go to the device from page-locked host memory and embeddings come back into it (ONNX Runtime's I/O binding); no effect on CPU.",
+    ),
+    key(
         "model.warm_up",
         Kind::Bool,
         "Run every batch size once before reporting ready.",

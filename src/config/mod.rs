@@ -402,6 +402,8 @@ pub struct ModelSettings {
     pub cpu_run_batch: usize,
     /// On CPU, return the heap's free pages after each batch.
     pub trim_heap: bool,
+    /// On CUDA, run batches through ONNX Runtime's I/O binding.
+    pub io_binding: bool,
     pub warm_up: bool,
 }
 
@@ -419,6 +421,7 @@ impl Default for ModelSettings {
             prepacking: tuning.prepacking,
             cpu_run_batch: tuning.cpu_run_batch,
             trim_heap: tuning.trim_heap,
+            io_binding: tuning.io_binding != crate::model::encoder::IoBindingMode::Never,
             warm_up: true,
         }
     }

@@ -57,7 +57,7 @@ impl ModelSettings {
     }
 
     /// The ONNX Runtime session settings (`model.intra_spinning`, `model.cpu_arena`,
-    /// `model.memory_pattern`, `model.prepacking`, `model.cpu_run_batch`, `model.trim_heap`).
+    /// `model.memory_pattern`, `model.prepacking`, `model.cpu_run_batch`, `model.trim_heap`, `model.io_binding`).
     pub fn tuning(&self) -> crate::model::encoder::SessionTuning {
         crate::model::encoder::SessionTuning {
             spinning: self.intra_spinning,
@@ -66,6 +66,11 @@ impl ModelSettings {
             prepacking: self.prepacking,
             cpu_run_batch: self.cpu_run_batch,
             trim_heap: self.trim_heap,
+            io_binding: if self.io_binding {
+                crate::model::encoder::IoBindingMode::Cuda
+            } else {
+                crate::model::encoder::IoBindingMode::Never
+            },
         }
     }
 

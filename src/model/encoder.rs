@@ -6,8 +6,9 @@
 use std::path::PathBuf;
 
 use ndarray::{Array2, ArrayView2, ArrayView4, ArrayViewD};
+use ort::memory::{AllocationDevice, Allocator, AllocatorType, MemoryInfo, MemoryType};
 use ort::session::{Session, builder::GraphOptimizationLevel};
-use ort::value::TensorRef;
+use ort::value::{Tensor, TensorRef};
 
 use super::manifest::{ManifestError, ModelManifest};
 use super::runtime::{self, Device, RuntimeError};
@@ -120,6 +121,23 @@ pub struct SessionTuning {
     /// `malloc_trim`). ONNX Runtime frees a run's activations, but glibc keeps them resident
     /// for reuse; trimming costs a page fault per reused page on the next batch.
     pub trim_heap: bool,
+    /// When the batch reaches the session through ONNX Runtime's I/O binding.
+    pub io_binding: IoBindingMode,
+}
+
+/// Where [`SessionTuning::io_binding`] applies. With I/O binding the batch is copied once
+/// into memory of the session's choosing and the embeddings come back into it; on CUDA that
+/// is page-locked host memory, which the device reads and writes directly, where a plain run
+/// stages both through pageable buffers. On CPU it only adds a copy.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoBindingMode {
+    /// On CUDA sessions only (`model.io_binding = true`).
+    #[default]
+    Cuda,
+    /// On every session, CPU included (tests the binding path without a GPU).
+    Always,
+    /// Never (`model.io_binding = false`).
+    Never,
 }
 
 impl Default for SessionTuning {
@@ -131,6 +149,7 @@ impl Default for SessionTuning {
             prepacking: true,
             cpu_run_batch: 8,
             trim_heap: true,
+            io_binding: IoBindingMode::Cuda,
         }
     }
 }
@@ -139,6 +158,8 @@ impl Default for SessionTuning {
 pub struct OrtEncoder {
     manifest: ModelManifest,
     image: Session,
+    /// Set when the image session runs through I/O binding.
+    binding: Option<BindingMemory>,
     text: Option<Session>,
     info: EncoderInfo,
     opts: EncoderOptions,
@@ -162,6 +183,15 @@ impl OrtEncoder {
             &[&manifest.image.input],
             &manifest.image.output,
         )?;
+        let binding = match (opts.tuning.io_binding, provider.as_str()) {
+            (IoBindingMode::Never, _) | (IoBindingMode::Cuda, "cpu") => None,
+            _ => Some(
+                BindingMemory::new(&image, &provider).map_err(|e| EncoderError::Load {
+                    path: image_path.clone(),
+                    reason: format!("I/O binding: {e}"),
+                })?,
+            ),
+        };
         let super::manifest::Identity {
             fingerprint,
             image_digest,
@@ -186,6 +216,7 @@ impl OrtEncoder {
         let mut enc = OrtEncoder {
             manifest,
             image,
+            binding,
             text: None,
             info,
             opts,
@@ -234,6 +265,9 @@ impl OrtEncoder {
     /// One ONNX Runtime run of a standard-layout `[n, 3, s, s]` batch, normalised.
     fn run_images(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, EncoderError> {
         let n = batch.shape()[0];
+        if let Some(mem) = &self.binding {
+            return run_bound(&mut self.image, mem, &self.manifest, batch);
+        }
         let input = TensorRef::from_array_view(batch)
             .map_err(|e| EncoderError::Inference(e.to_string()))?;
         let outputs = self
@@ -431,6 +465,65 @@ fn check_names(
 
 /// Builds a session on the requested device and returns it with the provider that registered.
 /// `cuda` fails loudly; `auto` falls back to CPU with a WARN that names the reason.
+/// The memory an I/O-bound run uses: an allocator for the input and where the output goes.
+/// Page-locked host memory on CUDA (the device copies to and from it directly); ONNX
+/// Runtime's CPU allocator otherwise.
+struct BindingMemory {
+    allocator: Allocator,
+    output: MemoryInfo<'static>,
+}
+
+impl BindingMemory {
+    fn new(session: &Session, provider: &str) -> ort::Result<Self> {
+        if let Some(id) = provider.strip_prefix("cuda:") {
+            let id = id.parse().unwrap_or(0);
+            let pinned =
+                |t| MemoryInfo::new(AllocationDevice::CUDA_PINNED, id, AllocatorType::Device, t);
+            Ok(BindingMemory {
+                allocator: Allocator::new(session, pinned(MemoryType::CPUInput)?)?,
+                output: pinned(MemoryType::CPUOutput)?,
+            })
+        } else {
+            let allocator = Allocator::default();
+            let output = allocator.memory_info().to_owned();
+            Ok(BindingMemory { allocator, output })
+        }
+    }
+}
+
+/// [`OrtEncoder::run_images`] through I/O binding: the batch is copied into a tensor from the
+/// binding's allocator (page-locked on CUDA) and the output is bound to its memory.
+fn run_bound(
+    session: &mut Session,
+    mem: &BindingMemory,
+    manifest: &ModelManifest,
+    batch: ArrayView4<'_, f32>,
+) -> Result<Array2<f32>, EncoderError> {
+    let err = |e: ort::Error| EncoderError::Inference(format!("I/O binding: {e}"));
+    let n = batch.shape()[0];
+    let mut input = Tensor::<f32>::new(&mem.allocator, batch.shape().to_vec()).map_err(err)?;
+    {
+        let (_, dst) = input.extract_tensor_mut();
+        match batch.as_slice() {
+            Some(src) if src.len() == dst.len() => dst.copy_from_slice(src),
+            _ => dst.iter_mut().zip(batch.iter()).for_each(|(d, s)| *d = *s),
+        }
+    }
+    let mut binding = session.create_binding().map_err(err)?;
+    binding
+        .bind_input(manifest.image.input.as_str(), &input)
+        .map_err(err)?;
+    binding
+        .bind_output_to_device(manifest.image.output.as_str(), &mem.output)
+        .map_err(err)?;
+    let outputs = session.run_binding(&binding).map_err(err)?;
+    binding.synchronize_outputs().map_err(err)?;
+    let view = outputs[manifest.image.output.as_str()]
+        .try_extract_array::<f32>()
+        .map_err(err)?;
+    normalized(view, n, manifest.embed_dim)
+}
+
 fn build_session(
     env: &ort::environment::Environment,
     path: &std::path::Path,
