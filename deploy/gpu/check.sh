@@ -54,12 +54,16 @@ fi
   echo "| model | batch | encoder-only img/s | end-to-end img/s | ratio | preprocess img/s (all cores) | score µs/img | serve-shaped peak RSS MiB |"
   echo "|---|---|---|---|---|---|---|---|"
 } > "$out/table.md"
-for variant in fp32 fp16; do
+# fp32 and fp16 with I/O binding (model.io_binding, the default), then fp32 without it at
+# batch 128: what page-locked transfers buy.
+for variant in fp32 fp16 fp32-unbound; do
   m="$model"; [ "$variant" = fp16 ] && m="$fp16"
+  binding=true; sizes="32 128 256"
+  [ "$variant" = fp32-unbound ] && { binding=false; sizes=128; }
   [ -f "$m/model.toml" ] || continue
-  for b in 32 128 256; do
+  for b in $sizes; do
     "$bin" bench --model "$m" --bank "$bank" --images "$images" --device cuda --batch "$b" \
-      --messages $((b * 8)) --json > "$out/bench-$variant-$b.json" || continue
+      --io-binding "$binding" --messages $((b * 8)) --json > "$out/bench-$variant-$b.json" || continue
     python3 - "$out/bench-$variant-$b.json" "$variant" >> "$out/table.md" <<'PY'
 import json, sys
 r = json.load(open(sys.argv[1]))
