@@ -185,12 +185,14 @@ impl OrtEncoder {
         )?;
         let binding = match (opts.tuning.io_binding, provider.as_str()) {
             (IoBindingMode::Never, _) | (IoBindingMode::Cuda, "cpu") => None,
-            _ => Some(
-                BindingMemory::new(&image, &provider).map_err(|e| EncoderError::Load {
-                    path: image_path.clone(),
-                    reason: format!("I/O binding: {e}"),
-                })?,
-            ),
+            // The binding is a speed-up, never a reason not to run: without it, plain runs.
+            _ => match BindingMemory::new(&image, &provider) {
+                Ok(m) => Some(m),
+                Err(e) => {
+                    tracing::warn!(%provider, error = %e, "I/O binding unavailable; running without it");
+                    None
+                }
+            },
         };
         let super::manifest::Identity {
             fingerprint,
@@ -266,7 +268,15 @@ impl OrtEncoder {
     fn run_images(&mut self, batch: ArrayView4<'_, f32>) -> Result<Array2<f32>, EncoderError> {
         let n = batch.shape()[0];
         if let Some(mem) = &self.binding {
-            return run_bound(&mut self.image, mem, &self.manifest, batch);
+            match run_bound(&mut self.image, mem, &self.manifest, batch) {
+                Ok(e) => return Ok(e),
+                // A bound run that fails is retried plain, and binding stays off: a provider
+                // that cannot bind must not cost the worker its batches.
+                Err(e) => {
+                    tracing::warn!(error = %e, "I/O-bound run failed; running without I/O binding from now on");
+                    self.binding = None;
+                }
+            }
         }
         let input = TensorRef::from_array_view(batch)
             .map_err(|e| EncoderError::Inference(e.to_string()))?;
