@@ -141,6 +141,7 @@ fn io_binding_gives_the_plain_runs_embeddings() {
     let want = plain.embed_images(batch.view()).unwrap();
     for run in [0, 2] {
         let mut bound = load_with(IoBindingMode::Always, run);
+        assert!(bound.io_binding());
         let got = bound.embed_images(batch.view()).unwrap();
         assert_eq!(got.shape(), want.shape());
         let d = (&got - &want).iter().fold(0f32, |m, v| m.max(v.abs()));
@@ -148,6 +149,7 @@ fn io_binding_gives_the_plain_runs_embeddings() {
     }
     // The default binds on CUDA only: on CPU the plain path runs.
     let mut default = load_with(IoBindingMode::Cuda, 0);
+    assert!(!default.io_binding());
     assert_eq!(default.embed_images(batch.view()).unwrap(), want);
 }
 

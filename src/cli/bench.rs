@@ -133,6 +133,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         || encoder.info().weights == oodgate::model::Weights::Random;
     let provider = encoder.info().provider.clone();
     let threads = encoder.info().intra_threads;
+    let io_binding_active = encoder.io_binding();
     let files = collect_images(&[a
         .images
         .clone()
@@ -318,7 +319,7 @@ pub fn run(a: BenchArgs) -> anyhow::Result<ExitCode> {
         .map(|m| m.len() as f64 / (1024.0 * 1024.0))
         .sum::<f64>();
     let report = serde_json::json!({
-        "model": a.model, "weights_random": random, "provider": provider, "batch": a.batch,
+        "model": a.model, "weights_random": random, "provider": provider, "io_binding_active": io_binding_active, "batch": a.batch,
         "intra_threads": threads, "decode_workers": decode_workers, "cores": cores,
         "jpeg_draft": a.jpeg_draft, "intra_spinning": a.intra_spinning, "prepacking": a.prepacking, "cpu_run_batch": a.cpu_run_batch, "trim_heap": a.trim_heap, "io_binding": a.io_binding, "cpu_arena": a.cpu_arena, "memory_pattern": a.memory_pattern,
         "images": n_images, "messages": total,

@@ -48,6 +48,7 @@ pub fn run(a: InfoArgs) -> anyhow::Result<ExitCode> {
         )?;
         info["model"] = summary;
         info["provider"] = enc.info().provider.clone().into();
+        info["io_binding"] = enc.io_binding().into();
         info["fingerprint"] = enc.info().fingerprint.clone().into();
         if enc.manifest().is_random() {
             eprintln!("{}", oodgate::model::RANDOM_WEIGHTS_WARNING);
@@ -69,8 +70,13 @@ pub fn run(a: InfoArgs) -> anyhow::Result<ExitCode> {
         );
         if let Some(m) = info.get("model") {
             println!(
-                "execution provider: {}",
-                info["provider"].as_str().unwrap_or("?")
+                "execution provider: {}{}",
+                info["provider"].as_str().unwrap_or("?"),
+                if info["io_binding"].as_bool() == Some(true) {
+                    " (I/O binding)"
+                } else {
+                    ""
+                }
             );
             println!("model: {}", m["dir"].as_str().unwrap_or(""));
             println!(

@@ -233,6 +233,12 @@ impl OrtEncoder {
         &self.manifest
     }
 
+    /// Whether image batches run through I/O binding (see [`IoBindingMode`]); false after a
+    /// bound run failed and the encoder fell back to plain runs.
+    pub fn io_binding(&self) -> bool {
+        self.binding.is_some()
+    }
+
     fn ensure_text(&mut self) -> Result<&mut Session, EncoderError> {
         if self.text.is_none() {
             let spec = self
