@@ -4,9 +4,20 @@
 mod common;
 
 use ndarray::{Array4, Axis, s};
-use oodgate::model::encoder::{EncoderOptions, IoBindingMode};
+use oodgate::model::encoder::{EncoderOptions, IoBindingMode, SessionTuning};
 use oodgate::model::preprocess::Limits;
 use oodgate::model::{ClipTokenizer, Device, Encoder, ModelManifest, OrtEncoder, Preprocessor};
+
+/// The image encoder on CPU, one thread, with these session settings.
+fn load_tuned(dir: &std::path::Path, tuning: impl FnOnce(&mut SessionTuning)) -> OrtEncoder {
+    let mut opts = EncoderOptions {
+        device: Device::Cpu,
+        intra_threads: 1,
+        ..Default::default()
+    };
+    tuning(&mut opts.tuning);
+    OrtEncoder::load(ModelManifest::load(dir).unwrap(), opts).unwrap()
+}
 
 fn load(dir: &std::path::Path, load_text: bool) -> OrtEncoder {
     let m = ModelManifest::load(dir).unwrap();
@@ -79,16 +90,7 @@ fn image_embeddings_are_unit_norm_and_batch_independent() {
 #[test]
 fn a_batch_run_in_slices_gives_each_image_its_whole_batch_embedding() {
     let dir = common::tiny_model();
-    let with_run_batch = |run: usize| {
-        let m = ModelManifest::load(&dir).unwrap();
-        let mut opts = EncoderOptions {
-            device: Device::Cpu,
-            intra_threads: 1,
-            ..Default::default()
-        };
-        opts.tuning.cpu_run_batch = run;
-        OrtEncoder::load(m, opts).unwrap()
-    };
+    let with_run_batch = |run: usize| load_tuned(&dir, |t| t.cpu_run_batch = run);
     let mut whole = with_run_batch(0);
     let mut sliced = with_run_batch(2);
     let pre = Preprocessor::from_manifest(whole.manifest(), Limits::default());
@@ -125,15 +127,10 @@ fn a_batch_run_in_slices_gives_each_image_its_whole_batch_embedding() {
 fn io_binding_gives_the_plain_runs_embeddings() {
     let dir = common::tiny_model();
     let load_with = |mode: IoBindingMode, run: usize| {
-        let m = ModelManifest::load(&dir).unwrap();
-        let mut opts = EncoderOptions {
-            device: Device::Cpu,
-            intra_threads: 1,
-            ..Default::default()
-        };
-        opts.tuning.io_binding = mode;
-        opts.tuning.cpu_run_batch = run;
-        OrtEncoder::load(m, opts).unwrap()
+        load_tuned(&dir, |t| {
+            t.io_binding = mode;
+            t.cpu_run_batch = run;
+        })
     };
     let mut plain = load_with(IoBindingMode::Never, 0);
     let pre = Preprocessor::from_manifest(plain.manifest(), Limits::default());

@@ -275,9 +275,9 @@ impl OrtEncoder {
         let n = batch.shape()[0];
         if let Some(mem) = &self.binding {
             match run_bound(&mut self.image, mem, &self.manifest, batch) {
-                Ok(e) => return Ok(e),
-                // A bound run that fails is retried plain, and binding stays off: a provider
-                // that cannot bind must not cost the worker its batches.
+                Ok(raw) => return normalized(raw.view(), n, self.manifest.embed_dim),
+                // A bound run that ONNX Runtime refuses is retried plain, and binding stays
+                // off: a provider that cannot bind must not cost the worker its batches.
                 Err(e) => {
                     tracing::warn!(error = %e, "I/O-bound run failed; running without I/O binding from now on");
                     self.binding = None;
@@ -508,16 +508,15 @@ impl BindingMemory {
 }
 
 /// [`OrtEncoder::run_images`] through I/O binding: the batch is copied into a tensor from the
-/// binding's allocator (page-locked on CUDA) and the output is bound to its memory.
+/// binding's allocator (page-locked on CUDA) and the output is bound to its memory. Returns
+/// the raw output: only ONNX Runtime's errors count as the binding's failures.
 fn run_bound(
     session: &mut Session,
     mem: &BindingMemory,
     manifest: &ModelManifest,
     batch: ArrayView4<'_, f32>,
-) -> Result<Array2<f32>, EncoderError> {
-    let err = |e: ort::Error| EncoderError::Inference(format!("I/O binding: {e}"));
-    let n = batch.shape()[0];
-    let mut input = Tensor::<f32>::new(&mem.allocator, batch.shape().to_vec()).map_err(err)?;
+) -> ort::Result<ndarray::ArrayD<f32>> {
+    let mut input = Tensor::<f32>::new(&mem.allocator, batch.shape().to_vec())?;
     {
         let (_, dst) = input.extract_tensor_mut();
         match batch.as_slice() {
@@ -525,19 +524,14 @@ fn run_bound(
             _ => dst.iter_mut().zip(batch.iter()).for_each(|(d, s)| *d = *s),
         }
     }
-    let mut binding = session.create_binding().map_err(err)?;
-    binding
-        .bind_input(manifest.image.input.as_str(), &input)
-        .map_err(err)?;
-    binding
-        .bind_output_to_device(manifest.image.output.as_str(), &mem.output)
-        .map_err(err)?;
-    let outputs = session.run_binding(&binding).map_err(err)?;
-    binding.synchronize_outputs().map_err(err)?;
-    let view = outputs[manifest.image.output.as_str()]
-        .try_extract_array::<f32>()
-        .map_err(err)?;
-    normalized(view, n, manifest.embed_dim)
+    let mut binding = session.create_binding()?;
+    binding.bind_input(manifest.image.input.as_str(), &input)?;
+    binding.bind_output_to_device(manifest.image.output.as_str(), &mem.output)?;
+    let outputs = session.run_binding(&binding)?;
+    binding.synchronize_outputs()?;
+    Ok(outputs[manifest.image.output.as_str()]
+        .try_extract_array::<f32>()?
+        .to_owned())
 }
 
 fn build_session(
